@@ -1,0 +1,1 @@
+"""Real-time in-app delivery over WebSocket (Django Channels)."""

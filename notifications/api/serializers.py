@@ -1,0 +1,284 @@
+"""Request validation and the documented response shapes of the v1 API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from notifications.models import CHANNEL_ORDER, DevicePlatform, Priority
+from notifications.services import RECIPIENT_FIELDS
+
+CHANNEL_CHOICES = [(c, c) for c in CHANNEL_ORDER]
+
+
+class RecipientContactSerializer(serializers.Serializer):
+    email = serializers.EmailField(required=False, allow_blank=True, allow_null=True)
+    phone = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        allow_null=True,
+        max_length=32,
+        help_text="E.164, e.g. +14155550100",
+    )
+    locale = serializers.RegexField(
+        r"^[A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})*$",
+        required=False,
+        allow_blank=True,
+        allow_null=True,
+        max_length=35,
+    )
+    timezone = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        allow_null=True,
+        max_length=64,
+        help_text="IANA name, e.g. Europe/Paris",
+    )
+
+
+class InlineRecipientSerializer(RecipientContactSerializer):
+    id = serializers.CharField(max_length=255)
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "maxLength": 255, "description": "A recipient id"},
+            {
+                "type": "object",
+                "description": "A recipient to upsert before sending",
+                "properties": {
+                    "id": {"type": "string", "maxLength": 255},
+                    "email": {"type": "string", "format": "email", "nullable": True},
+                    "phone": {"type": "string", "nullable": True},
+                    "locale": {"type": "string", "nullable": True},
+                    "timezone": {"type": "string", "nullable": True},
+                },
+                "required": ["id"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+)
+class RecipientRefField(serializers.Field):
+    default_error_messages = {"invalid": "Must be a recipient id or an object with an 'id'."}
+
+    def to_internal_value(self, data: Any) -> str | dict[str, Any]:
+        if isinstance(data, str):
+            if not data.strip() or len(data) > 255:
+                raise serializers.ValidationError("A recipient id is 1 to 255 characters.")
+            return data
+        if isinstance(data, dict):
+            unknown = set(data) - {"id", *RECIPIENT_FIELDS}
+            if unknown:
+                raise serializers.ValidationError(
+                    {name: ["Unknown field."] for name in sorted(unknown)}
+                )
+            inline = InlineRecipientSerializer(data=data)
+            inline.is_valid(raise_exception=True)
+            return {k: v for k, v in inline.validated_data.items()}
+        self.fail("invalid")
+        raise AssertionError("unreachable")
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class NotificationCreateSerializer(serializers.Serializer):
+    recipient = RecipientRefField()
+    template = serializers.SlugField(max_length=100)
+    # DRF moves declared fields off the class, so `data` does not shadow Serializer.data.
+    data = serializers.DictField(required=False, default=dict)  # type: ignore[assignment]
+    channels = serializers.ListField(
+        child=serializers.ChoiceField(choices=CHANNEL_CHOICES),
+        required=False,
+        allow_empty=False,
+        max_length=len(CHANNEL_ORDER),
+        help_text="Default: every channel the template has.",
+    )
+    priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.NORMAL)
+    send_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+
+    def validate_channels(self, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
+class BulkItemSerializer(NotificationCreateSerializer):
+    idempotency_key = serializers.CharField(required=False, max_length=255)
+
+
+class BulkCreateSerializer(serializers.Serializer):
+    notifications = serializers.ListField(child=serializers.DictField(), max_length=1000)
+
+
+class DeliveryAcceptedSerializer(serializers.Serializer):
+    channel = serializers.ChoiceField(choices=CHANNEL_CHOICES)
+    status = serializers.CharField()
+    reason = serializers.CharField(required=False)
+
+
+class NotificationAcceptedSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.CharField()
+    deliveries = DeliveryAcceptedSerializer(many=True)
+
+
+class BulkItemResultSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    status = serializers.IntegerField(help_text="The status this item alone would have had.")
+    id = serializers.UUIDField(required=False)
+    deliveries = DeliveryAcceptedSerializer(many=True, required=False)
+    error = serializers.DictField(required=False)
+
+
+class BulkResultSerializer(serializers.Serializer):
+    accepted = serializers.IntegerField()
+    rejected = serializers.IntegerField()
+    results = BulkItemResultSerializer(many=True)
+
+
+class AttemptSerializer(serializers.Serializer):
+    number = serializers.IntegerField()
+    provider = serializers.CharField()
+    outcome = serializers.ChoiceField(choices=["ok", "transient", "permanent"])
+    status_code = serializers.IntegerField(allow_null=True)
+    provider_message_id = serializers.CharField(allow_null=True)
+    error = serializers.CharField(allow_null=True)
+    started_at = serializers.DateTimeField()
+    latency_ms = serializers.FloatField()
+
+
+class DeliveryDetailSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    channel = serializers.ChoiceField(choices=CHANNEL_CHOICES)
+    status = serializers.CharField()
+    reason = serializers.CharField(allow_null=True)
+    provider = serializers.CharField(allow_null=True)
+    provider_message_id = serializers.CharField(allow_null=True)
+    attempt_count = serializers.IntegerField()
+    last_error = serializers.CharField(allow_null=True)
+    next_attempt_at = serializers.DateTimeField(allow_null=True)
+    sent_at = serializers.DateTimeField(allow_null=True)
+    delivered_at = serializers.DateTimeField(allow_null=True)
+    read_at = serializers.DateTimeField(allow_null=True)
+    attempts = AttemptSerializer(many=True)
+
+
+class NotificationDetailSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.CharField()
+    recipient = serializers.CharField()
+    template = serializers.CharField()
+    category = serializers.CharField()
+    priority = serializers.CharField()
+    locale = serializers.CharField()
+    data = serializers.DictField()  # type: ignore[assignment]
+    send_at = serializers.DateTimeField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    deliveries = DeliveryDetailSerializer(many=True)
+
+
+class RecipientSerializer(serializers.Serializer):
+    id = serializers.CharField(source="external_id", read_only=True)
+    email = serializers.CharField(read_only=True)
+    phone = serializers.CharField(read_only=True)
+    locale = serializers.CharField(read_only=True)
+    timezone = serializers.CharField(read_only=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True)
+
+
+class PreferencesSerializer(serializers.Serializer):
+    channels = serializers.DictField(child=serializers.BooleanField(), required=False)
+    categories = serializers.DictField(
+        child=serializers.DictField(child=serializers.BooleanField()), required=False
+    )
+
+
+class DeviceCreateSerializer(serializers.Serializer):
+    platform = serializers.ChoiceField(choices=DevicePlatform.choices)
+    token = serializers.CharField(max_length=512, trim_whitespace=True)
+
+
+class DeviceSerializer(serializers.Serializer):
+    id = serializers.IntegerField(read_only=True)
+    platform = serializers.CharField(read_only=True)
+    token = serializers.CharField(read_only=True)
+    active = serializers.BooleanField(read_only=True)
+    created_at = serializers.DateTimeField(read_only=True)
+
+
+class TemplateSerializer(serializers.Serializer):
+    key = serializers.SlugField(max_length=100)
+    category = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    locale = serializers.RegexField(
+        r"^[A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})*$", max_length=35, required=False, default="en"
+    )
+    content = serializers.DictField(
+        help_text="Per channel: email {subject, body, html}, sms {body}, push {title, body, url},"
+        " web {title, body, url}; values are Jinja templates over the notification's data."
+    )
+    translations = serializers.DictField(
+        child=serializers.DictField(),
+        required=False,
+        default=dict,
+        help_text="Other locales: {locale: content}.",
+    )
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True)
+
+
+class TemplateUpdateSerializer(TemplateSerializer):
+    key = serializers.SlugField(max_length=100, required=False)
+
+
+class SandboxMessageSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    channel = serializers.CharField()
+    notification_id = serializers.UUIDField()
+    delivery_id = serializers.IntegerField()
+    to = serializers.JSONField()
+    content = serializers.DictField()
+    created_at = serializers.DateTimeField()
+
+
+class DeadLetterSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    notification_id = serializers.UUIDField()
+    delivery_id = serializers.IntegerField()
+    recipient = serializers.CharField(source="notification.recipient.external_id")
+    channel = serializers.CharField()
+    provider = serializers.CharField()
+    error = serializers.CharField()
+    attempts = serializers.IntegerField()
+    attempt_history = serializers.ListField(child=serializers.DictField())
+    payload = serializers.DictField()
+    status = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    resolved_at = serializers.DateTimeField(allow_null=True)
+
+
+class DeadLetterFilterSerializer(serializers.Serializer):
+    channel = serializers.ChoiceField(choices=CHANNEL_CHOICES, required=False)
+    error = serializers.CharField(required=False, max_length=200, help_text="Substring")
+    older_than = serializers.IntegerField(
+        required=False, min_value=0, help_text="Dead for at least this many seconds"
+    )
+    newer_than = serializers.IntegerField(
+        required=False, min_value=0, help_text="Dead for at most this many seconds"
+    )
+    status = serializers.ChoiceField(
+        choices=["open", "replayed", "discarded", "any"], required=False, default="open"
+    )
+
+
+class DeadLetterCountsSerializer(serializers.Serializer):
+    channels = serializers.DictField(child=serializers.IntegerField())
+    threshold = serializers.IntegerField()
+    over_threshold = serializers.ListField(child=serializers.CharField())
+
+
+class CountSerializer(serializers.Serializer):
+    count = serializers.IntegerField()

@@ -1,0 +1,46 @@
+"""Routes of the v1 API."""
+
+from django.urls import path
+
+from notifications.api import dead_letters, views
+
+urlpatterns = [
+    path("notifications", views.NotificationCreateView.as_view(), name="notification-create"),
+    path("notifications/bulk", views.NotificationBulkView.as_view(), name="notification-bulk"),
+    path(
+        "notifications/<str:notification_id>",
+        views.NotificationDetailView.as_view(),
+        name="notification-detail",
+    ),
+    path("recipients/<str:rid>", views.RecipientView.as_view(), name="recipient"),
+    path(
+        "recipients/<str:rid>/preferences",
+        views.PreferencesView.as_view(),
+        name="recipient-preferences",
+    ),
+    path("recipients/<str:rid>/devices", views.DevicesView.as_view(), name="recipient-devices"),
+    path("templates", views.TemplateListView.as_view(), name="template-list"),
+    path("templates/<slug:key>", views.TemplateDetailView.as_view(), name="template-detail"),
+    path("sandbox/messages", views.SandboxMessagesView.as_view(), name="sandbox-messages"),
+    path("dead-letters", dead_letters.DeadLetterListView.as_view(), name="dead-letters"),
+    path(
+        "dead-letters/replay",
+        dead_letters.DeadLetterBulkReplayView.as_view(),
+        name="dead-letters-replay",
+    ),
+    path(
+        "dead-letters/counts",
+        dead_letters.DeadLetterCountsView.as_view(),
+        name="dead-letters-counts",
+    ),
+    path(
+        "dead-letters/<int:dead_letter_id>/replay",
+        dead_letters.DeadLetterReplayView.as_view(),
+        name="dead-letter-replay",
+    ),
+    path(
+        "dead-letters/<int:dead_letter_id>/discard",
+        dead_letters.DeadLetterDiscardView.as_view(),
+        name="dead-letter-discard",
+    ),
+]

@@ -1,0 +1,373 @@
+"""Thin views of the v1 API: validate with a serializer, call one service, shape the answer."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, cast
+
+from django.http import Http404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import APIException
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from notifications import idempotency, selectors, services
+from notifications.api import serializers as s
+from notifications.api.errors import (
+    Conflict,
+    FieldErrors,
+    IdempotencyMismatch,
+    describe,
+    error_body,
+)
+from notifications.models import Owner, Recipient
+
+ERRORS = {
+    400: OpenApiResponse(description="Invalid body: {error, detail, fields}"),
+    401: OpenApiResponse(description="Missing or invalid API key"),
+    404: OpenApiResponse(description="Not found for this API key's owner"),
+}
+IDEMPOTENCY_HEADER = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description="Up to 255 characters; a retry with the same key and body within 24 h "
+    "answers 200 with the original body and `Idempotent-Replayed: true`.",
+)
+
+
+def _owner(request: Request) -> Owner:
+    # ApiKeyAuthentication puts the key's owner in request.auth.
+    return cast(Owner, request.auth)
+
+
+def _recipient_or_404(owner: Owner, rid: str) -> Recipient:
+    recipient = selectors.recipient_get(owner=owner, external_id=rid)
+    if recipient is None:
+        raise Http404
+    return recipient
+
+
+def _validated(serializer_class: type, data: Any, **kwargs: Any) -> dict[str, Any]:
+    serializer = serializer_class(data=data, **kwargs)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def _create_one(
+    *, owner: Owner, payload: dict[str, Any], idem_key: str | None, fp: str
+) -> tuple[int, dict[str, Any], bool]:
+    """Create one notification under an optional idempotency key.
+    Returns (status, body, replayed); raises the API errors for 409 and 422."""
+    create_args = {
+        "owner": owner,
+        "recipient": payload["recipient"],
+        "template_key": payload["template"],
+        "data": payload["data"],
+        "channels": payload.get("channels"),
+        "priority": payload["priority"],
+        "send_at": payload["send_at"],
+    }
+    if idem_key is None:
+        try:
+            return 202, services.notification_create(**create_args), False
+        except services.ValidationFailed as exc:
+            raise FieldErrors(exc.fields) from exc
+    try:
+        claim = idempotency.begin(owner_id=owner.pk, key=idem_key, fp=fp)
+    except idempotency.InFlight as exc:
+        raise Conflict from exc
+    except idempotency.Mismatch as exc:
+        raise IdempotencyMismatch from exc
+    if isinstance(claim, idempotency.Replay):
+        return 200, claim.body, True
+    try:
+        body = services.notification_create(
+            **create_args,
+            idempotency=services.IdempotencyClaim(key=idem_key, fingerprint=fp),
+        )
+    except services.ValidationFailed as exc:
+        idempotency.release(owner_id=owner.pk, claim=claim)
+        raise FieldErrors(exc.fields) from exc
+    except services.IdempotencyRecordExists:
+        # Redis lost the key and a twin request committed first: answer as it did.
+        try:
+            replay = idempotency.replay_from_database(owner_id=owner.pk, key=idem_key, fp=fp)
+        except idempotency.Mismatch as exc:
+            raise IdempotencyMismatch from exc
+        if replay is None:
+            raise Conflict from None
+        return 200, replay.body, True
+    except BaseException:
+        idempotency.release(owner_id=owner.pk, claim=claim)
+        raise
+    idempotency.complete(owner_id=owner.pk, claim=claim, status_code=202, body=body)
+    return 202, body, False
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not key or len(key) > idempotency.MAX_KEY_LENGTH:
+        raise FieldErrors({"Idempotency-Key": ["Must be 1 to 255 characters."]})
+    return key
+
+
+class NotificationCreateView(APIView):
+    @extend_schema(
+        operation_id="notifications_create",
+        request=s.NotificationCreateSerializer,
+        parameters=[IDEMPOTENCY_HEADER],
+        responses={
+            202: s.NotificationAcceptedSerializer,
+            200: OpenApiResponse(s.NotificationAcceptedSerializer, "Idempotent replay"),
+            409: OpenApiResponse(description="Same Idempotency-Key still in flight"),
+            413: OpenApiResponse(description="Body too large"),
+            422: OpenApiResponse(description="Same Idempotency-Key, different body"),
+            **ERRORS,
+        },
+    )
+    def post(self, request: Request) -> Response:
+        owner = _owner(request)
+        idem_key = _idempotency_key(request)
+        payload = _validated(s.NotificationCreateSerializer, request.data)
+        fp = idempotency.fingerprint(method="POST", path=request.path, body=request.data)
+        code, body, replayed = _create_one(owner=owner, payload=payload, idem_key=idem_key, fp=fp)
+        headers = {"Location": f"/api/v1/notifications/{body['id']}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(body, status=code, headers=headers)
+
+
+class NotificationBulkView(APIView):
+    @extend_schema(
+        operation_id="notifications_bulk_create",
+        request=s.BulkCreateSerializer,
+        responses={
+            200: s.BulkResultSerializer,
+            413: OpenApiResponse(description="Too large"),
+            **ERRORS,
+        },
+        description="Up to 1000 notifications; each item is validated and accepted on its "
+        "own and may carry its own `idempotency_key`.",
+    )
+    def post(self, request: Request) -> Response:
+        owner = _owner(request)
+        items = _validated(s.BulkCreateSerializer, request.data)["notifications"]
+        results: list[dict[str, Any]] = []
+        for index, item in enumerate(items):
+            try:
+                payload = _validated(s.BulkItemSerializer, item)
+                idem_key = payload.get("idempotency_key")
+                fp = idempotency.fingerprint(method="POST", path="bulk-item", body=item)
+                code, body, _ = _create_one(owner=owner, payload=payload, idem_key=idem_key, fp=fp)
+                results.append(
+                    {
+                        "index": index,
+                        "status": code,
+                        "id": body["id"],
+                        "deliveries": body["deliveries"],
+                    }
+                )
+            except APIException as exc:
+                results.append({"index": index, "status": exc.status_code, "error": describe(exc)})
+        accepted = sum(1 for r in results if r["status"] in (200, 202))
+        return Response(
+            {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
+        )
+
+
+class NotificationDetailView(APIView):
+    @extend_schema(
+        operation_id="notifications_retrieve",
+        responses={200: s.NotificationDetailSerializer, **ERRORS},
+    )
+    def get(self, request: Request, notification_id: str) -> Response:
+        try:
+            pk = uuid.UUID(notification_id)
+        except ValueError:
+            raise Http404 from None
+        notification = selectors.notification_get(owner=_owner(request), notification_id=pk)
+        if notification is None:
+            raise Http404
+        return Response(selectors.notification_detail(notification=notification))
+
+
+def _recipient_body(recipient: Recipient) -> dict[str, Any]:
+    return dict(s.RecipientSerializer(recipient).data)
+
+
+class RecipientView(APIView):
+    @extend_schema(
+        operation_id="recipients_retrieve", responses={200: s.RecipientSerializer, **ERRORS}
+    )
+    def get(self, request: Request, rid: str) -> Response:
+        return Response(_recipient_body(_recipient_or_404(_owner(request), rid)))
+
+    @extend_schema(
+        operation_id="recipients_upsert",
+        request=s.RecipientContactSerializer,
+        responses={200: s.RecipientSerializer, 201: s.RecipientSerializer, **ERRORS},
+    )
+    def put(self, request: Request, rid: str) -> Response:
+        if len(rid) > 255:
+            raise FieldErrors({"id": ["A recipient id is at most 255 characters."]})
+        if isinstance(request.data, dict):
+            unknown = set(request.data) - set(services.RECIPIENT_FIELDS) - {"id"}
+            if unknown:
+                raise FieldErrors({name: ["Unknown field."] for name in sorted(unknown)})
+        contact = _validated(s.RecipientContactSerializer, request.data)
+        try:
+            recipient, created = services.recipient_upsert(
+                owner=_owner(request), external_id=rid, **contact
+            )
+        except services.ValidationFailed as exc:
+            raise FieldErrors(exc.fields) from exc
+        return Response(_recipient_body(recipient), status=201 if created else 200)
+
+
+class PreferencesView(APIView):
+    @extend_schema(
+        operation_id="preferences_retrieve", responses={200: s.PreferencesSerializer, **ERRORS}
+    )
+    def get(self, request: Request, rid: str) -> Response:
+        recipient = _recipient_or_404(_owner(request), rid)
+        return Response(selectors.preferences_document(recipient=recipient))
+
+    @extend_schema(
+        operation_id="preferences_update",
+        request=s.PreferencesSerializer,
+        responses={200: s.PreferencesSerializer, **ERRORS},
+        description="Partial update: channels and categories not named keep their value.",
+    )
+    def put(self, request: Request, rid: str) -> Response:
+        recipient = _recipient_or_404(_owner(request), rid)
+        try:
+            services.preferences_update(recipient=recipient, document=request.data)
+        except services.ValidationFailed as exc:
+            raise FieldErrors(exc.fields) from exc
+        return Response(selectors.preferences_document(recipient=recipient))
+
+
+class DevicesView(APIView):
+    @extend_schema(
+        operation_id="devices_register",
+        request=s.DeviceCreateSerializer,
+        responses={201: s.DeviceSerializer, 200: s.DeviceSerializer, **ERRORS},
+    )
+    def post(self, request: Request, rid: str) -> Response:
+        recipient = _recipient_or_404(_owner(request), rid)
+        payload = _validated(s.DeviceCreateSerializer, request.data)
+        device, created = services.device_register(
+            recipient=recipient, platform=payload["platform"], token=payload["token"]
+        )
+        return Response(s.DeviceSerializer(device).data, status=201 if created else 200)
+
+
+class TemplateListView(APIView):
+    @extend_schema(
+        operation_id="templates_list", responses={200: s.TemplateSerializer(many=True), **ERRORS}
+    )
+    def get(self, request: Request) -> Response:
+        templates = selectors.template_list(owner=_owner(request))
+        return Response(s.TemplateSerializer(templates, many=True).data)
+
+    @extend_schema(
+        operation_id="templates_create",
+        request=s.TemplateSerializer,
+        responses={
+            201: s.TemplateSerializer,
+            409: OpenApiResponse(description="Key already exists"),
+            **ERRORS,
+        },
+    )
+    def post(self, request: Request) -> Response:
+        payload = _validated(s.TemplateSerializer, request.data)
+        owner = _owner(request)
+        if selectors.template_get(owner=owner, key=payload["key"]) is not None:
+            return Response(
+                error_body("conflict", f"Template '{payload['key']}' already exists; PUT it."),
+                status=status.HTTP_409_CONFLICT,
+            )
+        template = _template_save(owner, payload, create_only=True)
+        return Response(s.TemplateSerializer(template).data, status=201)
+
+
+def _template_save(owner: Owner, payload: dict[str, Any], *, create_only: bool) -> Any:
+    try:
+        template, _ = services.template_save(
+            owner=owner,
+            key=payload["key"],
+            category=payload.get("category", ""),
+            locale=payload.get("locale", "en"),
+            content=payload["content"],
+            translations=payload.get("translations") or {},
+            create_only=create_only,
+        )
+    except services.ValidationFailed as exc:
+        raise FieldErrors(exc.fields) from exc
+    return template
+
+
+class TemplateDetailView(APIView):
+    @extend_schema(
+        operation_id="templates_retrieve", responses={200: s.TemplateSerializer, **ERRORS}
+    )
+    def get(self, request: Request, key: str) -> Response:
+        template = selectors.template_get(owner=_owner(request), key=key)
+        if template is None:
+            raise Http404
+        return Response(s.TemplateSerializer(template).data)
+
+    @extend_schema(
+        operation_id="templates_upsert",
+        request=s.TemplateUpdateSerializer,
+        responses={200: s.TemplateSerializer, 201: s.TemplateSerializer, **ERRORS},
+    )
+    def put(self, request: Request, key: str) -> Response:
+        payload = _validated(s.TemplateUpdateSerializer, request.data)
+        if payload.get("key", key) != key:
+            raise FieldErrors({"key": ["Does not match the key in the URL."]})
+        owner = _owner(request)
+        existed = selectors.template_get(owner=owner, key=key) is not None
+        template = _template_save(owner, {**payload, "key": key}, create_only=False)
+        return Response(s.TemplateSerializer(template).data, status=200 if existed else 201)
+
+    @extend_schema(operation_id="templates_destroy", responses={204: None, **ERRORS})
+    def delete(self, request: Request, key: str) -> Response:
+        template = selectors.template_get(owner=_owner(request), key=key)
+        if template is None:
+            raise Http404
+        services.template_delete(template=template)
+        return Response(status=204)
+
+
+class SandboxMessagesView(APIView):
+    @extend_schema(
+        operation_id="sandbox_messages_list",
+        parameters=[
+            OpenApiParameter("notification", OpenApiTypes.UUID, description="Filter"),
+            OpenApiParameter("channel", OpenApiTypes.STR, description="Filter"),
+        ],
+        responses={200: s.SandboxMessageSerializer(many=True), **ERRORS},
+        description="What the sandbox providers would have sent (newest first, at most 500).",
+    )
+    def get(self, request: Request) -> Response:
+        from workers.selectors import sandbox_messages_list
+
+        notification = request.query_params.get("notification")
+        if notification:
+            try:
+                uuid.UUID(notification)
+            except ValueError:
+                raise FieldErrors({"notification": ["Must be a UUID."]}) from None
+        messages = sandbox_messages_list(
+            owner=_owner(request),
+            notification_id=notification or None,
+            channel=request.query_params.get("channel") or None,
+        )
+        return Response(s.SandboxMessageSerializer(messages, many=True).data)

@@ -1,0 +1,43 @@
+"""Print what `make run` serves: the URLs, a fresh demo API key, and a first request."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from notifications.services import api_key_create
+
+
+class Command(BaseCommand):
+    help = "Create a demo API key (and, on first run, an admin user) and print the URLs."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        _, raw_key = api_key_create(owner_name="demo", name="demo")
+        base = f"http://127.0.0.1:{settings.PORT}"
+        admin_line = "existing superuser"
+        user_model = get_user_model()
+        if settings.EMBEDDED and not user_model.objects.filter(is_superuser=True).exists():
+            password = secrets.token_urlsafe(12)
+            user_model.objects.create_superuser("admin", "admin@localhost", password)
+            admin_line = f"user admin, password {password} (shown once)"
+        self.stdout.write(
+            f"""
+Clarion is starting.
+  API       {base}/api/v1/
+  Docs      {base}/api/docs/
+  Admin     {base}/admin/   ({admin_line})
+  Health    {base}/readyz
+  Flower    http://127.0.0.1:{settings.FLOWER_PORT}/
+  API key   {raw_key}
+
+Try it:
+  curl -s -X POST {base}/api/v1/notifications \\
+    -H 'Authorization: Bearer {raw_key}' -H 'Content-Type: application/json' \\
+    -d '{{"recipient": "user-42", "template": "order_shipped", "data": {{"order_id": "A-1001"}}}}'
+  curl -s {base}/api/v1/sandbox/messages -H 'Authorization: Bearer {raw_key}'
+"""
+        )

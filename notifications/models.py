@@ -1,0 +1,289 @@
+"""Clarion's data model. The database is the truth: a Delivery row, not a broker message,
+says what still has to be sent."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+
+class Channel(models.TextChoices):
+    EMAIL = "email", "Email"
+    SMS = "sms", "SMS"
+    PUSH = "push", "Push"
+    WEB = "web", "In-app"
+
+
+CHANNEL_ORDER = [c.value for c in Channel]
+
+
+class Priority(models.TextChoices):
+    LOW = "low", "Low"
+    NORMAL = "normal", "Normal"
+    HIGH = "high", "High"
+    CRITICAL = "critical", "Critical"
+
+
+class DeliveryStatus(models.TextChoices):
+    SCHEDULED = "scheduled", "Scheduled"
+    QUEUED = "queued", "Queued"
+    SENT = "sent", "Sent"
+    DELIVERED = "delivered", "Delivered"
+    READ = "read", "Read"
+    RETRYING = "retrying", "Retrying"
+    DEAD = "dead", "Dead"
+    SKIPPED = "skipped", "Skipped"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+# Statuses in which a delivery still waits for a worker; every other status is final for the
+# worker (delivered/read only move forward through client acknowledgements).
+PENDING_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING)
+FINAL_STATUSES = (
+    DeliveryStatus.SENT,
+    DeliveryStatus.DELIVERED,
+    DeliveryStatus.READ,
+    DeliveryStatus.DEAD,
+    DeliveryStatus.SKIPPED,
+    DeliveryStatus.CANCELLED,
+)
+
+
+class SkipReason(models.TextChoices):
+    OPTED_OUT = "opted_out", "Opted out"
+    NO_ADDRESS = "no_address", "No address"
+    NOT_IN_TEMPLATE = "not_in_template", "Not in template"
+
+
+class Owner(models.Model):
+    """A tenant: the service (or team) that owns API keys and every object they create."""
+
+    name = models.CharField(max_length=100, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiKey(models.Model):
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    # The first characters of the raw key, enough for an operator to tell keys apart.
+    prefix = models.CharField(max_length=16)
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+
+class Recipient(models.Model):
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="recipients")
+    external_id = models.CharField(max_length=255)
+    email = models.EmailField(max_length=254, blank=True)
+    phone = models.CharField(max_length=20, blank=True, help_text="E.164, e.g. +14155550100")
+    locale = models.CharField(max_length=35, blank=True)
+    timezone = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "external_id"], name="recipient_owner_id")
+        ]
+
+    def __str__(self) -> str:
+        return self.external_id
+
+
+class Preference(models.Model):
+    """One opt-out (or explicit opt-in) switch: a channel, for all categories when `category`
+    is blank, or for one category."""
+
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="preferences")
+    category = models.CharField(max_length=100, blank=True, help_text="Blank: every category")
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["recipient", "category", "channel"], name="preference_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        scope = self.category or "all categories"
+        return f"{self.channel} / {scope}: {'on' if self.enabled else 'off'}"
+
+
+class DevicePlatform(models.TextChoices):
+    FCM = "fcm", "Firebase Cloud Messaging"
+    APNS = "apns", "Apple Push Notification service"
+
+
+class Device(models.Model):
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="devices")
+    platform = models.CharField(max_length=10, choices=DevicePlatform.choices)
+    token = models.CharField(max_length=512)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["recipient", "platform", "token"], name="device_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.token[:12]}…"
+
+
+class Template(models.Model):
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="templates")
+    key = models.SlugField(max_length=100)
+    category = models.CharField(max_length=100, blank=True)
+    locale = models.CharField(max_length=35, default="en", help_text="Default locale")
+    # {"email": {"subject", "body", "html"}, "sms": {"body"}, "push": {...}, "web": {...}}
+    content = models.JSONField(default=dict)
+    # {"fr": {<channel content as above>}, ...}: other locales of the same template.
+    translations = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "key"], name="template_owner_key")]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class Notification(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="notifications")
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="notifications")
+    template = models.ForeignKey(Template, on_delete=models.SET_NULL, null=True, blank=True)
+    template_key = models.CharField(max_length=100)
+    category = models.CharField(max_length=100, blank=True)
+    priority = models.CharField(max_length=10, choices=Priority.choices, default=Priority.NORMAL)
+    locale = models.CharField(max_length=35, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    send_at = models.DateTimeField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["owner", "-created_at"], name="notification_owner_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.template_key} → {self.recipient_id}"
+
+
+class Delivery(models.Model):
+    notification = models.ForeignKey(
+        Notification, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    status = models.CharField(max_length=10, choices=DeliveryStatus.choices)
+    skip_reason = models.CharField(max_length=20, choices=SkipReason.choices, blank=True)
+    # The address snapshot taken at acceptance: an email or phone; push resolves devices
+    # when it sends, so a token registered or revoked meanwhile is honoured.
+    address = models.CharField(max_length=254, blank=True)
+    # Rendered content for this channel, fixed at acceptance.
+    content = models.JSONField(default=dict, blank=True)
+    provider = models.CharField(max_length=30, blank=True)
+    provider_message_id = models.CharField(max_length=255, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # When the delivery was last handed to the broker; the sweeper re-enqueues a pending
+    # delivery whose message has not been taken for too long.
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    # A worker's claim: while it holds, no other worker sends this delivery.
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    read_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=["notification", "channel"], name="delivery_unique")
+        ]
+        indexes = [
+            models.Index(fields=["status", "next_attempt_at"], name="delivery_status_due"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} #{self.pk} ({self.status})"
+
+
+class AttemptOutcome(models.TextChoices):
+    OK = "ok", "OK"
+    TRANSIENT = "transient", "Transient failure"
+    PERMANENT = "permanent", "Permanent failure"
+
+
+class DeliveryAttempt(models.Model):
+    """One provider call for one delivery, as the SQL delivery log records it."""
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="attempt_log")
+    number = models.PositiveIntegerField()
+    provider = models.CharField(max_length=30)
+    outcome = models.CharField(max_length=10, choices=AttemptOutcome.choices)
+    status_code = models.IntegerField(null=True, blank=True)
+    provider_message_id = models.CharField(max_length=255, blank=True)
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField()
+    latency_ms = models.FloatField()
+
+    class Meta:
+        ordering = ["delivery_id", "number"]
+        indexes = [models.Index(fields=["delivery", "number"], name="attempt_delivery_number")]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of delivery {self.delivery_id}: {self.outcome}"
+
+
+class DeliveryEvent(models.Model):
+    """A delivery entering a status, as the SQL delivery log records it."""
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="events")
+    status = models.CharField(max_length=10, choices=DeliveryStatus.choices)
+    detail = models.TextField(blank=True)
+    at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["delivery", "at"], name="event_delivery_at")]
+
+    def __str__(self) -> str:
+        return f"delivery {self.delivery_id} → {self.status}"
+
+
+class IdempotencyRecord(models.Model):
+    """The database backstop for Idempotency-Key: unique per owner and key, written in the
+    same transaction as the notification, so a lost Redis entry cannot cause a duplicate."""
+
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE)
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    status_code = models.PositiveSmallIntegerField()
+    response = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "key"], name="idempotency_owner_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.status_code})"

@@ -1,0 +1,218 @@
+"""Reads: cached lookups on the creation path and the shapes the API returns."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db.models import Prefetch, QuerySet
+
+from notifications import cache as keys
+from notifications.models import (
+    CHANNEL_ORDER,
+    Delivery,
+    DeliveryStatus,
+    Device,
+    Notification,
+    Owner,
+    Preference,
+    Recipient,
+    Template,
+)
+
+
+@dataclass(frozen=True)
+class RecipientContext:
+    """What routing needs to know of a recipient, as cached for CACHE_TTL_PREFERENCES."""
+
+    id: int
+    external_id: str
+    email: str
+    phone: str
+    locale: str
+    timezone: str
+    # (category, channel) -> enabled; category "" is the channel-wide switch.
+    preferences: dict[tuple[str, str], bool]
+
+    def allows(self, *, channel: str, category: str) -> bool:
+        if category and (category, channel) in self.preferences:
+            return self.preferences[(category, channel)]
+        return self.preferences.get(("", channel), True)
+
+
+def _recipient_context(recipient: Recipient, preferences: list[Preference]) -> RecipientContext:
+    return RecipientContext(
+        id=recipient.pk,
+        external_id=recipient.external_id,
+        email=recipient.email,
+        phone=recipient.phone,
+        locale=recipient.locale,
+        timezone=recipient.timezone,
+        preferences={(p.category, p.channel): p.enabled for p in preferences},
+    )
+
+
+def recipient_context_get(*, owner_id: int, external_id: str) -> RecipientContext | None:
+    key = keys.recipient_key(owner_id, external_id)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    recipient = (
+        Recipient.objects.filter(owner_id=owner_id, external_id=external_id)
+        .prefetch_related("preferences")
+        .first()
+    )
+    if recipient is None:
+        return None
+    context = _recipient_context(recipient, list(recipient.preferences.all()))
+    cache.set(key, context, settings.CACHE_TTL_PREFERENCES)
+    return context
+
+
+def devices_active_get(*, recipient_id: int) -> list[tuple[str, str]]:
+    """Active push devices as (platform, token), cached for CACHE_TTL_DEVICES."""
+    key = keys.devices_key(recipient_id)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    devices = list(
+        Device.objects.filter(recipient_id=recipient_id, active=True)
+        .order_by("created_at")
+        .values_list("platform", "token")
+    )
+    cache.set(key, devices, settings.CACHE_TTL_DEVICES)
+    return devices
+
+
+@dataclass(frozen=True)
+class TemplateSnapshot:
+    id: int
+    key: str
+    category: str
+    locale: str
+    content: dict[str, dict[str, str]]
+    translations: dict[str, dict[str, dict[str, str]]]
+
+
+def template_snapshot_get(*, owner_id: int, key: str) -> TemplateSnapshot | None:
+    cache_key = keys.template_key(owner_id, key)
+    cached = cache.get(cache_key)
+    if cached is not None:
+        return cached
+    template = Template.objects.filter(owner_id=owner_id, key=key).first()
+    if template is None:
+        return None
+    snapshot = TemplateSnapshot(
+        id=template.pk,
+        key=template.key,
+        category=template.category,
+        locale=template.locale,
+        content=template.content,
+        translations=template.translations,
+    )
+    cache.set(cache_key, snapshot, settings.CACHE_TTL_TEMPLATES)
+    return snapshot
+
+
+def recipient_get(*, owner: Owner, external_id: str) -> Recipient | None:
+    return Recipient.objects.filter(owner=owner, external_id=external_id).first()
+
+
+def preferences_document(*, recipient: Recipient) -> dict[str, Any]:
+    """The API's preferences shape: every channel's switch, and explicit category rules."""
+    channels = {channel: True for channel in CHANNEL_ORDER}
+    categories: dict[str, dict[str, bool]] = {}
+    for pref in recipient.preferences.order_by("category", "channel"):
+        if pref.category:
+            categories.setdefault(pref.category, {})[pref.channel] = pref.enabled
+        else:
+            channels[pref.channel] = pref.enabled
+    return {"channels": channels, "categories": categories}
+
+
+def template_list(*, owner: Owner) -> QuerySet[Template]:
+    return Template.objects.filter(owner=owner).order_by("key")
+
+
+def template_get(*, owner: Owner, key: str) -> Template | None:
+    return Template.objects.filter(owner=owner, key=key).first()
+
+
+def notification_get(*, owner: Owner, notification_id: uuid.UUID) -> Notification | None:
+    return (
+        Notification.objects.filter(owner=owner, pk=notification_id)
+        .select_related("recipient")
+        .prefetch_related(Prefetch("deliveries", queryset=Delivery.objects.order_by("id")))
+        .first()
+    )
+
+
+_IN_PROGRESS = {DeliveryStatus.QUEUED, DeliveryStatus.RETRYING}
+_DONE = {DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.READ}
+
+
+def notification_summary_status(statuses: list[str]) -> str:
+    """One word for a notification from its deliveries' statuses:
+    scheduled / in_progress while any is waiting; then sent, partially_failed, failed,
+    skipped or cancelled once all are final."""
+    active = [s for s in statuses if s not in (DeliveryStatus.SKIPPED, DeliveryStatus.CANCELLED)]
+    if not active:
+        if statuses and all(s == DeliveryStatus.CANCELLED for s in statuses):
+            return "cancelled"
+        return "skipped"
+    if any(s in _IN_PROGRESS for s in active):
+        return "in_progress"
+    if any(s == DeliveryStatus.SCHEDULED for s in active):
+        return "scheduled"
+    dead = sum(1 for s in active if s == DeliveryStatus.DEAD)
+    if dead == len(active):
+        return "failed"
+    if dead:
+        return "partially_failed"
+    if all(s == DeliveryStatus.READ for s in active):
+        return "read"
+    if all(s in (DeliveryStatus.DELIVERED, DeliveryStatus.READ) for s in active):
+        return "delivered"
+    return "sent"
+
+
+def notification_detail(*, notification: Notification) -> dict[str, Any]:
+    from workers.delivery_log import get_delivery_log
+
+    deliveries = list(notification.deliveries.all())
+    attempts = get_delivery_log().attempts_for_deliveries(
+        notification_id=str(notification.pk), delivery_ids=[d.pk for d in deliveries]
+    )
+    return {
+        "id": str(notification.pk),
+        "status": notification_summary_status([d.status for d in deliveries]),
+        "recipient": notification.recipient.external_id,
+        "template": notification.template_key,
+        "category": notification.category,
+        "priority": notification.priority,
+        "locale": notification.locale,
+        "data": notification.data,
+        "send_at": notification.send_at,
+        "created_at": notification.created_at,
+        "deliveries": [
+            {
+                "id": d.pk,
+                "channel": d.channel,
+                "status": d.status,
+                "reason": d.skip_reason or None,
+                "provider": d.provider or None,
+                "provider_message_id": d.provider_message_id or None,
+                "attempt_count": d.attempts,
+                "last_error": d.last_error or None,
+                "next_attempt_at": d.next_attempt_at,
+                "sent_at": d.sent_at,
+                "delivered_at": d.delivered_at,
+                "read_at": d.read_at,
+                "attempts": [a.as_api() for a in attempts.get(d.pk, [])],
+            }
+            for d in deliveries
+        ],
+    }

@@ -1,0 +1,477 @@
+"""Writes: API keys, recipients, preferences, devices, templates and notification creation.
+API views, admin actions and management commands all call these."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import zoneinfo
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import phonenumbers
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from notifications import cache as keys
+from notifications import templating
+from notifications.models import (
+    CHANNEL_ORDER,
+    ApiKey,
+    Channel,
+    Delivery,
+    DeliveryStatus,
+    Device,
+    IdempotencyRecord,
+    Notification,
+    Owner,
+    Preference,
+    Priority,
+    Recipient,
+    SkipReason,
+    Template,
+)
+from notifications.selectors import (
+    RecipientContext,
+    TemplateSnapshot,
+    devices_active_get,
+    recipient_context_get,
+    template_snapshot_get,
+)
+
+API_KEY_PREFIX = "clr_"
+
+
+class ValidationFailed(Exception):
+    """Bad input to a service; `fields` maps a field path to messages (a 400 in the API)."""
+
+    def __init__(self, fields: dict[str, list[str]]):
+        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in fields.items()))
+        self.fields = fields
+
+
+class NotFound(Exception):
+    """A referenced object does not exist for this owner (a 404, or a 400 inside a body)."""
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+def api_key_hash(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def api_key_create(*, owner_name: str, name: str) -> tuple[ApiKey, str]:
+    """Create a key for the owner named `owner_name` (created if new); the raw key is
+    returned once and never stored."""
+    raw_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic():
+        owner, _ = Owner.objects.get_or_create(name=owner_name)
+        api_key = ApiKey.objects.create(
+            owner=owner, name=name, prefix=raw_key[:12], key_hash=api_key_hash(raw_key)
+        )
+    return api_key, raw_key
+
+
+def api_key_revoke(*, api_key: ApiKey) -> None:
+    api_key.revoked_at = timezone.now()
+    api_key.save(update_fields=["revoked_at"])
+    keys.invalidate_on_commit(keys.api_key_key(api_key.key_hash))
+
+
+# --- Recipients, preferences, devices -------------------------------------------------------
+
+RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone")
+
+
+def _normalise_contact(values: dict[str, Any]) -> dict[str, str]:
+    errors: dict[str, list[str]] = {}
+    clean: dict[str, str] = {}
+    for field in RECIPIENT_FIELDS:
+        if field not in values:
+            continue
+        value = values[field]
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            errors[field] = ["Must be a string."]
+            continue
+        value = value.strip()
+        if field == "phone" and value:
+            try:
+                number = phonenumbers.parse(value, None)
+            except phonenumbers.NumberParseException:
+                number = None
+            if (
+                number is None
+                or not value.startswith("+")
+                or not phonenumbers.is_valid_number(number)
+            ):
+                errors[field] = ["Enter a valid phone number in E.164 form, e.g. +14155550100."]
+                continue
+            value = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+        if field == "timezone" and value:
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                errors[field] = ["Unknown time zone; use an IANA name such as Europe/Paris."]
+                continue
+        clean[field] = value
+    if errors:
+        raise ValidationFailed(errors)
+    return clean
+
+
+def recipient_invalidate(*, recipient: Recipient) -> None:
+    keys.invalidate_on_commit(
+        keys.recipient_key(recipient.owner_id, recipient.external_id),
+        keys.devices_key(recipient.pk),
+    )
+
+
+def recipient_upsert(*, owner: Owner, external_id: str, **contact: Any) -> tuple[Recipient, bool]:
+    """Create or update a recipient; only the contact fields given are changed."""
+    clean = _normalise_contact(contact)
+    with transaction.atomic():
+        recipient, created = Recipient.objects.get_or_create(
+            owner=owner, external_id=external_id, defaults=clean
+        )
+        if not created:
+            changed = [f for f, v in clean.items() if getattr(recipient, f) != v]
+            if changed:
+                for field in changed:
+                    setattr(recipient, field, clean[field])
+                recipient.save(update_fields=[*changed, "updated_at"])
+        recipient_invalidate(recipient=recipient)
+    return recipient, created
+
+
+def preferences_update(*, recipient: Recipient, document: Any) -> None:
+    """Apply a partial preferences document: {"channels": {ch: bool}, "categories":
+    {category: {ch: bool}}}; whatever is absent keeps its current value."""
+    errors: dict[str, list[str]] = {}
+    rows: dict[tuple[str, str], bool] = {}
+    if not isinstance(document, dict):
+        raise ValidationFailed({"non_field_errors": ["Must be an object."]})
+    for name in document:
+        if name not in ("channels", "categories"):
+            errors[name] = ["Unknown field; use channels and categories."]
+
+    def take(switches: Any, category: str, path: str) -> None:
+        if not isinstance(switches, dict):
+            errors[path] = ["Must be an object of channel: true|false."]
+            return
+        for channel, enabled in switches.items():
+            if channel not in CHANNEL_ORDER:
+                errors[f"{path}.{channel}"] = [f"Unknown channel; use {', '.join(CHANNEL_ORDER)}."]
+            elif not isinstance(enabled, bool):
+                errors[f"{path}.{channel}"] = ["Must be true or false."]
+            else:
+                rows[(category, channel)] = enabled
+
+    take(document.get("channels", {}), "", "channels")
+    categories = document.get("categories", {})
+    if not isinstance(categories, dict):
+        errors["categories"] = ["Must be an object keyed by category."]
+    else:
+        for category, switches in categories.items():
+            if not category or len(category) > 100:
+                errors[f"categories.{category}"] = ["A category name is 1 to 100 characters."]
+                continue
+            take(switches, category, f"categories.{category}")
+    if errors:
+        raise ValidationFailed(errors)
+    with transaction.atomic():
+        for (category, channel), enabled in rows.items():
+            Preference.objects.update_or_create(
+                recipient=recipient,
+                category=category,
+                channel=channel,
+                defaults={"enabled": enabled},
+            )
+        recipient_invalidate(recipient=recipient)
+
+
+def device_register(*, recipient: Recipient, platform: str, token: str) -> tuple[Device, bool]:
+    """Register (or reactivate) a push token. A token belongs to one recipient of an owner at
+    a time: a phone that changes hands stops receiving the previous user's pushes."""
+    with transaction.atomic():
+        moved = Device.objects.filter(
+            recipient__owner_id=recipient.owner_id, platform=platform, token=token
+        ).exclude(recipient=recipient)
+        for previous in moved.select_related("recipient"):
+            recipient_invalidate(recipient=previous.recipient)
+        moved.delete()
+        device, created = Device.objects.get_or_create(
+            recipient=recipient, platform=platform, token=token
+        )
+        if not device.active:
+            device.active = True
+            device.save(update_fields=["active", "updated_at"])
+        recipient_invalidate(recipient=recipient)
+    return device, created
+
+
+# --- Templates ------------------------------------------------------------------------------
+
+
+def _template_validate(content: Any, translations: Any) -> None:
+    errors: dict[str, list[str]] = {}
+    for check, value in (
+        (templating.validate_content, content),
+        (templating.validate_translations, translations),
+    ):
+        try:
+            check(value)
+        except templating.TemplateError as exc:
+            errors.update(exc.fields)
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def template_invalidate(*, template: Template) -> None:
+    keys.invalidate_on_commit(keys.template_key(template.owner_id, template.key))
+
+
+def template_save(
+    *,
+    owner: Owner,
+    key: str,
+    category: str,
+    locale: str,
+    content: dict[str, Any],
+    translations: dict[str, Any] | None = None,
+    create_only: bool = False,
+) -> tuple[Template, bool]:
+    """Create or replace a template after checking every field compiles."""
+    translations = translations or {}
+    _template_validate(content, translations)
+    values = {
+        "category": category,
+        "locale": locale,
+        "content": content,
+        "translations": translations,
+    }
+    with transaction.atomic():
+        if create_only:
+            if Template.objects.filter(owner=owner, key=key).exists():
+                raise ValidationFailed({"key": ["A template with this key already exists."]})
+            template, created = Template.objects.create(owner=owner, key=key, **values), True
+        else:
+            template, created = Template.objects.update_or_create(
+                owner=owner, key=key, defaults=values
+            )
+        template_invalidate(template=template)
+    return template, created
+
+
+def template_delete(*, template: Template) -> None:
+    with transaction.atomic():
+        template_invalidate(template=template)
+        template.delete()
+
+
+# --- Notifications --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    channel: str
+    status: str
+    reason: str = ""
+    address: str = ""
+
+
+def channels_route(
+    *,
+    requested: list[str] | None,
+    template: TemplateSnapshot,
+    recipient: RecipientContext,
+    priority: str,
+    scheduled: bool,
+) -> list[Route]:
+    """requested ∩ template ∩ preferences ∩ addresses, each exclusion with its reason."""
+    template_channels = [c for c in CHANNEL_ORDER if c in template.content]
+    wanted = requested if requested is not None else template_channels
+    pending = DeliveryStatus.SCHEDULED if scheduled else DeliveryStatus.QUEUED
+    routes = []
+    for channel in wanted:
+        if channel not in template.content:
+            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NOT_IN_TEMPLATE))
+            continue
+        if priority != Priority.CRITICAL and not recipient.allows(
+            channel=channel, category=template.category
+        ):
+            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.OPTED_OUT))
+            continue
+        address = ""
+        if channel == Channel.EMAIL:
+            address = recipient.email
+        elif channel == Channel.SMS:
+            address = recipient.phone
+        elif channel == Channel.PUSH:
+            has_device = bool(devices_active_get(recipient_id=recipient.id))
+            address = "devices" if has_device else ""
+        else:
+            address = recipient.external_id
+        if not address:
+            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NO_ADDRESS))
+            continue
+        routes.append(Route(channel, pending, "", address if channel != Channel.PUSH else ""))
+    return routes
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """The key a creation writes its backstop record under, in its own transaction."""
+
+    key: str
+    fingerprint: str
+
+
+class IdempotencyRecordExists(Exception):
+    """Another request committed the same idempotency key first."""
+
+
+def notification_create(
+    *,
+    owner: Owner,
+    recipient: str | dict[str, Any],
+    template_key: str,
+    data: dict[str, Any],
+    channels: list[str] | None = None,
+    priority: str = Priority.NORMAL,
+    send_at: datetime | None = None,
+    idempotency: IdempotencyClaim | None = None,
+) -> dict[str, Any]:
+    """Accept one notification: render it, route it, write it with its deliveries in one
+    transaction, and enqueue the deliveries after commit. Returns the 202 body."""
+    from workers.delivery_log import StatusEvent, get_delivery_log
+    from workers.dispatch import deliveries_enqueue_on_commit
+
+    template = template_snapshot_get(owner_id=owner.pk, key=template_key)
+    if template is None:
+        raise ValidationFailed({"template": [f"Unknown template '{template_key}'."]})
+
+    if isinstance(recipient, dict):
+        external_id = recipient["id"]
+        contact = {k: v for k, v in recipient.items() if k != "id"}
+        recipient_upsert(owner=owner, external_id=external_id, **contact)
+    else:
+        external_id = recipient
+    context = recipient_context_get(owner_id=owner.pk, external_id=external_id)
+    if context is None:
+        raise ValidationFailed(
+            {"recipient": [f"Unknown recipient '{external_id}'; send its contact data."]}
+        )
+
+    now = timezone.now()
+    scheduled = send_at is not None and send_at > now
+    routes = channels_route(
+        requested=channels,
+        template=template,
+        recipient=context,
+        priority=priority,
+        scheduled=scheduled,
+    )
+    locale, content = templating.pick_locale_content(
+        default_locale=template.locale,
+        content=template.content,
+        translations=template.translations,
+        wanted=context.locale,
+    )
+    rendered: dict[str, dict[str, str]] = {}
+    errors: dict[str, list[str]] = {}
+    # Every channel of the template is rendered, even the ones this recipient skips, so a
+    # missing variable fails the request the same way whoever the recipient is.
+    for channel in CHANNEL_ORDER:
+        if channel in content:
+            try:
+                rendered[channel] = templating.render_channel(channel, content[channel], data)
+            except templating.TemplateError as exc:
+                errors.update(exc.fields)
+    if errors:
+        raise ValidationFailed(errors)
+
+    try:
+        with transaction.atomic():
+            notification = Notification.objects.create(
+                owner=owner,
+                recipient_id=context.id,
+                template_id=template.id,
+                template_key=template.key,
+                category=template.category,
+                priority=priority,
+                locale=locale,
+                data=data,
+                send_at=send_at,
+                idempotency_key=idempotency.key if idempotency else "",
+            )
+            deliveries = Delivery.objects.bulk_create(
+                [
+                    Delivery(
+                        notification=notification,
+                        channel=route.channel,
+                        status=route.status,
+                        skip_reason=route.reason,
+                        address=route.address,
+                        content=rendered.get(route.channel, {}),
+                        next_attempt_at=send_at if scheduled else None,
+                        enqueued_at=now if route.status == DeliveryStatus.QUEUED else None,
+                    )
+                    for route in routes
+                ]
+            )
+            get_delivery_log().record_statuses(
+                [
+                    StatusEvent(
+                        delivery_id=d.pk,
+                        notification_id=str(notification.pk),
+                        owner_id=owner.pk,
+                        recipient_id=context.external_id,
+                        channel=d.channel,
+                        status=d.status,
+                        at=now,
+                        detail=d.skip_reason,
+                    )
+                    for d in deliveries
+                ]
+            )
+            body = {
+                "id": str(notification.pk),
+                "status": "accepted",
+                "deliveries": [
+                    {"channel": route.channel, "status": route.status}
+                    | ({"reason": route.reason} if route.reason else {})
+                    for route in routes
+                ],
+            }
+            if idempotency is not None:
+                IdempotencyRecord.objects.create(
+                    owner=owner,
+                    key=idempotency.key,
+                    fingerprint=idempotency.fingerprint,
+                    status_code=202,
+                    response=body,
+                )
+            # bulk_create sets primary keys on PostgreSQL and SQLite alike.
+            deliveries_enqueue_on_commit(
+                [(d.pk, d.channel) for d in deliveries if d.status == DeliveryStatus.QUEUED]
+            )
+    except IntegrityError as exc:
+        if (
+            idempotency is not None
+            and IdempotencyRecord.objects.filter(owner=owner, key=idempotency.key).exists()
+        ):
+            raise IdempotencyRecordExists from exc
+        raise
+    return body
+
+
+def idempotency_records_purge(*, older_than_seconds: int | None = None) -> int:
+    ttl = older_than_seconds if older_than_seconds is not None else settings.IDEMPOTENCY_TTL_SECONDS
+    cutoff = timezone.now() - timedelta(seconds=ttl)
+    deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=cutoff).delete()
+    return deleted

@@ -1,0 +1,162 @@
+"""Template validation and rendering: a sandboxed Jinja environment where an undefined
+variable is an error that names it, and email HTML is autoescaped."""
+
+from __future__ import annotations
+
+import operator
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
+
+# Fields each channel's content may carry, and the ones it must.
+CHANNEL_FIELDS: dict[str, dict[str, bool]] = {
+    "email": {"subject": True, "body": False, "html": False},
+    "sms": {"body": True},
+    "push": {"title": True, "body": True, "url": False},
+    "web": {"title": True, "body": True, "url": False},
+}
+HTML_FIELDS = {("email", "html")}
+# Longest rendered value; a template that multiplies strings past this is refused.
+MAX_RENDERED_CHARS = 100_000
+
+
+class TemplateError(Exception):
+    """A template that cannot be saved or rendered; `fields` maps a field path to messages."""
+
+    def __init__(self, fields: dict[str, list[str]]):
+        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in fields.items()))
+        self.fields = fields
+
+
+class _Environment(SandboxedEnvironment):
+    # Guard the two operators that let a template allocate without bound.
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
+        if operator_name == "**":
+            if isinstance(right, (int, float)) and abs(right) > 100:
+                raise SecurityError("exponent too large")
+            return operator.pow(left, right)
+        if isinstance(left, str) or isinstance(right, str):
+            count = right if isinstance(left, str) else left
+            if (
+                isinstance(count, int)
+                and count * len(str(left if isinstance(left, str) else right)) > MAX_RENDERED_CHARS
+            ):
+                raise SecurityError("string repetition too large")
+        return operator.mul(left, right)
+
+
+_text_env = _Environment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_html_env = _Environment(undefined=StrictUndefined, autoescape=True, keep_trailing_newline=True)
+
+
+def _env(channel: str, field: str) -> _Environment:
+    return _html_env if (channel, field) in HTML_FIELDS else _text_env
+
+
+@lru_cache(maxsize=4096)
+def _parse(source: str, html: bool) -> tuple[Any, frozenset[str]]:
+    env = _html_env if html else _text_env
+    ast: nodes.Template = env.parse(source)
+    variables = frozenset(meta.find_undeclared_variables(ast))
+    return env.from_string(ast), variables
+
+
+def validate_content(content: Any, *, path: str = "content") -> None:
+    """Raise TemplateError unless `content` is a valid per-channel content mapping."""
+    errors: dict[str, list[str]] = {}
+    if not isinstance(content, dict) or not content:
+        raise TemplateError({path: ["Must be an object with at least one channel."]})
+    for channel, fields in content.items():
+        where = f"{path}.{channel}"
+        spec = CHANNEL_FIELDS.get(channel)
+        if spec is None:
+            errors[where] = [f"Unknown channel; use one of {', '.join(CHANNEL_FIELDS)}."]
+            continue
+        if not isinstance(fields, dict):
+            errors[where] = ["Must be an object."]
+            continue
+        for name in fields:
+            if name not in spec:
+                errors.setdefault(f"{where}.{name}", []).append("Unknown field.")
+        for name, required in spec.items():
+            if required and not fields.get(name):
+                errors.setdefault(f"{where}.{name}", []).append("This field is required.")
+        if channel == "email" and not (fields.get("body") or fields.get("html")):
+            errors.setdefault(f"{where}.body", []).append("An email needs a body or html.")
+        for name, source in fields.items():
+            if name not in spec:
+                continue
+            if not isinstance(source, str):
+                errors.setdefault(f"{where}.{name}", []).append("Must be a string.")
+                continue
+            try:
+                _parse(source, (channel, name) in HTML_FIELDS)
+            except TemplateSyntaxError as exc:
+                errors.setdefault(f"{where}.{name}", []).append(
+                    f"Template syntax error on line {exc.lineno}: {exc.message}"
+                )
+    if errors:
+        raise TemplateError(errors)
+
+
+def validate_translations(translations: Any) -> None:
+    if not isinstance(translations, dict):
+        raise TemplateError({"translations": ["Must be an object keyed by locale."]})
+    errors: dict[str, list[str]] = {}
+    for locale, content in translations.items():
+        try:
+            validate_content(content, path=f"translations.{locale}")
+        except TemplateError as exc:
+            errors.update(exc.fields)
+    if errors:
+        raise TemplateError(errors)
+
+
+def pick_locale_content(
+    *, default_locale: str, content: dict, translations: dict, wanted: str
+) -> tuple[str, dict]:
+    """Content for the recipient's locale: exact match, then its language, then the
+    template's default locale; channels missing from a translation fall back too."""
+    if wanted and translations:
+        lowered = {k.lower(): k for k in translations}
+        for candidate in (wanted.lower(), wanted.lower().replace("_", "-").split("-")[0]):
+            if candidate == default_locale.lower():
+                break
+            if candidate in lowered:
+                locale = lowered[candidate]
+                return locale, {**content, **translations[locale]}
+    return default_locale, content
+
+
+def render_channel(channel: str, fields: dict[str, str], data: dict[str, Any]) -> dict[str, str]:
+    """Render one channel's fields with `data`; TemplateError names what is missing."""
+    missing: set[str] = set()
+    compiled = {}
+    for name, source in fields.items():
+        template, variables = _parse(source, (channel, name) in HTML_FIELDS)
+        missing |= variables - data.keys()
+        compiled[name] = template
+    if missing:
+        raise TemplateError(
+            {f"data.{name}": ["Missing template variable."] for name in sorted(missing)}
+        )
+    rendered = {}
+    for name, template in compiled.items():
+        where = f"content.{channel}.{name}"
+        try:
+            value = template.render(data)
+        except UndefinedError as exc:
+            raise TemplateError({"data": [f"{where}: {exc.message}"]}) from exc
+        except SecurityError as exc:
+            raise TemplateError({where: [f"Not allowed in a template: {exc}"]}) from exc
+        except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
+            raise TemplateError({where: [f"Template could not be rendered: {exc}"]}) from exc
+        if len(value) > MAX_RENDERED_CHARS:
+            raise TemplateError({where: ["Rendered value is too long."]})
+        rendered[name] = value
+    return rendered

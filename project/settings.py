@@ -1,0 +1,272 @@
+"""Clarion settings: every value comes from the environment (and `.env` when present), read
+here once; embedded defaults (SQLite and a local Redis under var/) when nothing is set."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from project import embedded_redis
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").exists():
+    environ.Env.read_env(BASE_DIR / ".env")
+
+VAR_DIR = Path(env.str("CLARION_VAR_DIR", default=str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+# Embedded mode: no database configured, so this is a developer's machine or a fresh clone.
+EMBEDDED = "DATABASE_URL" not in env
+DEBUG = env.bool("DEBUG", default=False)
+
+
+def _embedded_secret_key() -> str:
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+if "SECRET_KEY" in env:
+    SECRET_KEY = env.str("SECRET_KEY")
+elif EMBEDDED:
+    SECRET_KEY = _embedded_secret_key()
+else:
+    raise ImproperlyConfigured("SECRET_KEY must be set when DATABASE_URL is set")
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+PORT = env.int("PORT", default=8000)
+FLOWER_PORT = env.int("FLOWER_PORT", default=5555)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "notifications",
+    "workers",
+    "channels_app",
+]
+
+MIDDLEWARE = [
+    "notifications.api.middleware.BodySizeLimitMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+ASGI_APPLICATION = "project.asgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'clarion.sqlite3'}")}
+_db = DATABASES["default"]
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    _db["OPTIONS"] = {
+        # IMMEDIATE takes the write lock at BEGIN, so concurrent writers queue on the busy
+        # timeout instead of failing with "database is locked" mid-transaction.
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    # Worker processes started by the tests open the test database by path.
+    _db["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+elif _db["ENGINE"].startswith("django.db.backends.postgresql") and env.bool(
+    "DATABASE_POOL", default=True
+):
+    # psycopg 3 connection pool per process; CONN_MAX_AGE must stay 0 with a pool.
+    _db["OPTIONS"] = {
+        "pool": {
+            "min_size": env.int("DATABASE_POOL_MIN", default=1),
+            "max_size": env.int("DATABASE_POOL_MAX", default=10),
+            "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: cache, broker, channel layer ----------------------------------------------------
+if "REDIS_URL" in env:
+    REDIS_URL = env.str("REDIS_URL")
+    _redis_socket = None
+else:
+    _redis_socket = embedded_redis.ensure_running(VAR_DIR)
+    REDIS_URL = f"unix://{_redis_socket}"
+
+CELERY_BROKER_URL = env.str(
+    "CELERY_BROKER_URL",
+    default=f"redis+socket://{_redis_socket}" if _redis_socket else REDIS_URL,
+)
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "clarion",
+        "OPTIONS": {"socket_timeout": 2, "socket_connect_timeout": 2},
+    }
+}
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": "clarion-ws:"},
+    }
+}
+
+# Cache lifetimes from the design (seed diagram 6); every write invalidates its entry.
+CACHE_TTL_PREFERENCES = env.int("CACHE_TTL_PREFERENCES", default=300)
+CACHE_TTL_TEMPLATES = env.int("CACHE_TTL_TEMPLATES", default=3600)
+CACHE_TTL_DEVICES = env.int("CACHE_TTL_DEVICES", default=600)
+CACHE_TTL_API_KEYS = env.int("CACHE_TTL_API_KEYS", default=300)
+
+# --- API ------------------------------------------------------------------------------------
+IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=86400)
+# How long a request may hold an idempotency key "in flight" before another may take it over
+# (a process that died mid-request must not lock the key for a whole day).
+IDEMPOTENCY_LOCK_SECONDS = env.int("IDEMPOTENCY_LOCK_SECONDS", default=60)
+# Largest accepted request body; bulk requests carry up to 1000 items.
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=256 * 1024)
+API_MAX_BULK_BODY_BYTES = env.int("API_MAX_BULK_BODY_BYTES", default=8 * 1024 * 1024)
+API_BULK_MAX_ITEMS = 1000
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BULK_BODY_BYTES
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["notifications.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["notifications.api.parsers.LimitedJSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "notifications.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Clarion API",
+    "DESCRIPTION": "Multi-channel notification service: email, SMS, push and in-app.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "ENUM_NAME_OVERRIDES": {"ChannelEnum": ["email", "sms", "push", "web"]},
+}
+
+# --- Delivery -------------------------------------------------------------------------------
+RETRY_MAX_ATTEMPTS = env.int("RETRY_MAX_ATTEMPTS", default=3)
+RETRY_BACKOFF_BASE_SECONDS = env.float("RETRY_BACKOFF_BASE_SECONDS", default=1.0)
+# A worker holds a delivery this long while it talks to the provider; past it, the delivery
+# is considered abandoned (worker killed) and the sweeper hands it out again.
+DELIVERY_LEASE_SECONDS = env.int("DELIVERY_LEASE_SECONDS", default=120)
+# A delivery queued longer than this without being taken is assumed lost by the broker.
+SWEEPER_STALE_SECONDS = env.int("SWEEPER_STALE_SECONDS", default=300)
+SWEEPER_INTERVAL_SECONDS = env.float("SWEEPER_INTERVAL_SECONDS", default=30.0)
+SWEEPER_BATCH_SIZE = env.int("SWEEPER_BATCH_SIZE", default=1000)
+# Redis redelivers an unacknowledged message after this; no countdown may exceed it.
+BROKER_VISIBILITY_TIMEOUT = env.int("BROKER_VISIBILITY_TIMEOUT", default=3600)
+# Publishing happens after commit; a broker that does not answer must not hold the API up.
+BROKER_PUBLISH_MAX_RETRIES = env.int("BROKER_PUBLISH_MAX_RETRIES", default=2)
+
+CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
+CIRCUIT_OPEN_SECONDS = env.int("CIRCUIT_OPEN_SECONDS", default=60)
+CIRCUIT_SUCCESS_THRESHOLD = env.int("CIRCUIT_SUCCESS_THRESHOLD", default=3)
+RATE_LIMITS = env.str("RATE_LIMITS", default="email=1000/m,sms=100/s,push=5000/s,web=10000/s")
+# Tokens a bucket holds: how many sends may go at once after a quiet spell. 1 keeps the pace
+# even, which is what providers that count per second want.
+RATE_LIMIT_BURST = env.float("RATE_LIMIT_BURST", default=1.0)
+# A worker waits in place for a token due within this; a longer wait puts the delivery back
+# on its queue for later instead of holding the worker process.
+RATE_LIMIT_MAX_SLEEP_SECONDS = env.float("RATE_LIMIT_MAX_SLEEP_SECONDS", default=1.0)
+
+DELIVERY_LOG_BACKEND = env.str("DELIVERY_LOG_BACKEND", default="sql")
+CASSANDRA_HOSTS = env.list("CASSANDRA_HOSTS", default=[])
+CASSANDRA_KEYSPACE = env.str("CASSANDRA_KEYSPACE", default="clarion")
+
+# --- Providers ------------------------------------------------------------------------------
+EMAIL_PROVIDER = env.str("EMAIL_PROVIDER", default="sandbox")
+SMS_PROVIDER = env.str("SMS_PROVIDER", default="sandbox")
+PUSH_PROVIDER = env.str("PUSH_PROVIDER", default="sandbox")
+WEB_PROVIDER = env.str("WEB_PROVIDER", default="sandbox")
+
+SMTP_HOST = env.str("SMTP_HOST", default="localhost")
+SMTP_PORT = env.int("SMTP_PORT", default=25)
+SMTP_USER = env.str("SMTP_USER", default="")
+SMTP_PASSWORD = env.str("SMTP_PASSWORD", default="")
+SMTP_USE_TLS = env.bool("SMTP_USE_TLS", default=False)
+# Seconds for connect and each SMTP command; a stalled server is a transient failure.
+SMTP_TIMEOUT_SECONDS = env.float("SMTP_TIMEOUT_SECONDS", default=10.0)
+EMAIL_FROM = env.str("EMAIL_FROM", default="clarion@localhost")
+
+# Vendor adapters. Credentials have no defaults; the *_BASE_URL settings let a local emulator
+# or a proxy stand in for the vendor's API.
+PROVIDER_TIMEOUT_SECONDS = env.float("PROVIDER_TIMEOUT_SECONDS", default=10.0)
+SENDGRID_API_KEY = env.str("SENDGRID_API_KEY", default="")
+SENDGRID_BASE_URL = env.str("SENDGRID_BASE_URL", default="https://api.sendgrid.com")
+TWILIO_ACCOUNT_SID = env.str("TWILIO_ACCOUNT_SID", default="")
+TWILIO_AUTH_TOKEN = env.str("TWILIO_AUTH_TOKEN", default="")
+TWILIO_FROM_NUMBER = env.str("TWILIO_FROM_NUMBER", default="")
+TWILIO_BASE_URL = env.str("TWILIO_BASE_URL", default="https://api.twilio.com")
+FCM_SERVICE_ACCOUNT_FILE = env.str("FCM_SERVICE_ACCOUNT_FILE", default="")
+FCM_PROJECT_ID = env.str("FCM_PROJECT_ID", default="")
+FCM_BASE_URL = env.str("FCM_BASE_URL", default="https://fcm.googleapis.com")
+
+# --- Dead letters ---------------------------------------------------------------------------
+# Dead letters per channel above this raise the alert (seed diagram 11: 10k).
+DEAD_LETTER_ALERT_THRESHOLD = env.int("DEAD_LETTER_ALERT_THRESHOLD", default=10_000)
+
+# --- Flower ---------------------------------------------------------------------------------
+FLOWER_BASIC_AUTH = env.str("FLOWER_BASIC_AUTH", default="")
+
+# --- Celery ---------------------------------------------------------------------------------
+CHANNEL_QUEUES = ("email", "sms", "push", "web")
+CELERY_QUEUES = (*CHANNEL_QUEUES, "maintenance")
+
+# --- Static, i18n, logging ------------------------------------------------------------------
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+USE_TZ = True
+TIME_ZONE = "UTC"
+LANGUAGE_CODE = "en-us"
+USE_I18N = True
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+    },
+}

@@ -1,0 +1,21 @@
+"""URL wiring: the v1 API, schema and docs, health endpoints and the admin."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from notifications.api import health
+
+urlpatterns = [
+    path("api/v1/", include("notifications.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("admin/", admin.site.urls),
+]
+
+handler400 = "notifications.api.errors.bad_request"
+handler403 = "notifications.api.errors.forbidden"
+handler404 = "notifications.api.errors.not_found"
+handler500 = "notifications.api.errors.server_error"

@@ -1,0 +1,255 @@
+"""Shared fixtures: a clean Redis per test, API clients per owner, a real SMTP server, and
+real Celery worker and API server processes on the same database and broker as the test."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiosmtpd.controller import Controller
+from django.conf import settings
+from django.db import connection
+from rest_framework.test import APIClient
+
+from tests.factories import OwnerFactory, TemplateFactory, api_key_for
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> Any:
+    """Poll until `predicate()` is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def clean_redis() -> Iterator[None]:
+    """Each test starts with an empty cache and empty broker queues."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    yield
+    client.flushdb()
+
+
+@pytest.fixture
+def owner(db: None) -> Any:
+    return OwnerFactory(name="acme")
+
+
+@pytest.fixture
+def other_owner(db: None) -> Any:
+    return OwnerFactory(name="globex")
+
+
+def _client_for(owner: Any) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_for(owner)}")
+    return client
+
+
+@pytest.fixture
+def api(owner: Any) -> APIClient:
+    return _client_for(owner)
+
+
+@pytest.fixture
+def other_api(other_owner: Any) -> APIClient:
+    return _client_for(other_owner)
+
+
+@pytest.fixture
+def template(owner: Any) -> Any:
+    return TemplateFactory(owner=owner)
+
+
+# --- A real SMTP server ---------------------------------------------------------------------
+
+
+@dataclass
+class SmtpSink:
+    """Every message the SMTP server received, parsed."""
+
+    host: str
+    port: int
+    messages: list[EmailMessage] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # While set, every RCPT TO is refused with 550 (a bounced address).
+    refuse_recipients: bool = False
+
+    def received(self) -> list[EmailMessage]:
+        with self.lock:
+            return list(self.messages)
+
+
+class _Handler:
+    def __init__(self, sink: SmtpSink):
+        self.sink = sink
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        if self.sink.refuse_recipients:
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        with self.sink.lock:
+            self.sink.messages.append(message)  # type: ignore[arg-type]
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpSink]:
+    sink = SmtpSink(host="127.0.0.1", port=free_port())
+    controller = Controller(_Handler(sink), hostname=sink.host, port=sink.port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
+
+
+# --- Real processes on the test database and broker -----------------------------------------
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] or ""
+    if db["PASSWORD"]:
+        auth += f":{db['PASSWORD']}"
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def process_env(tmp_path: Path, **overrides: Any) -> dict[str, str]:
+    """The environment of a Clarion process that shares this test's database and broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "DJANGO_"))}
+    env.update(
+        DATABASE_URL=_database_url(),
+        REDIS_URL=settings.REDIS_URL,
+        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+        SECRET_KEY=settings.SECRET_KEY,
+        CLARION_VAR_DIR=str(tmp_path),
+        DATABASE_POOL="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.popen.poll() is not None:
+            return
+        os.killpg(self.popen.pid, sig)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    """Start a process in its own group; every one is stopped at teardown."""
+    started: list[Process] = []
+
+    def start(name: str, argv: list[str], env: dict[str, str]) -> Process:
+        log_path = tmp_path / f"{name}.log"
+        popen = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        process = Process(name, popen, log_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture
+def celery_worker_process(spawn: Callable[..., Process], tmp_path: Path) -> Callable[..., Process]:
+    """Start `celery worker` on the given queues and wait until it is ready."""
+
+    def start(
+        queues: str, *, concurrency: int = 2, beat: bool = False, name: str = "worker", **env: Any
+    ) -> Process:
+        argv = [
+            str(BIN / "celery"),
+            "-A",
+            "project",
+            "worker",
+            "-Q",
+            queues,
+            "-n",
+            f"{name}-{os.getpid()}@%h",
+            "--concurrency",
+            str(concurrency),
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "info",
+        ]
+        if beat:
+            argv += ["-B", "-s", str(tmp_path / f"{name}-beat-schedule")]
+        process = spawn(name, argv, process_env(tmp_path, **env))
+
+        def ready() -> bool:
+            if process.popen.poll() is not None:
+                pytest.fail(f"worker exited early:\n{process.log()}")
+            return " ready." in process.log()
+
+        wait_until(ready, timeout=60, message="the Celery worker to be ready")
+        return process
+
+    return start

@@ -1,0 +1,190 @@
+"""The dead-letter queue: a bounced email lands there with its history and payload, and is
+listed, replayed (back to `sent` once the address works) or discarded through the API, the
+admin actions and the management command."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
+
+from notifications.models import Delivery, DeliveryStatus
+from tests.conftest import SmtpSink
+from workers.models import DeadLetter
+from workers.providers import provider_for
+from workers.services import ProcessOutcome, delivery_process
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def smtp(settings: Any, smtp_server: SmtpSink) -> Iterator[SmtpSink]:
+    settings.EMAIL_PROVIDER = "smtp"
+    settings.SMTP_HOST = smtp_server.host
+    settings.SMTP_PORT = smtp_server.port
+    provider_for.cache_clear()
+    yield smtp_server
+    provider_for.cache_clear()
+
+
+def bounce(api: Any, smtp: SmtpSink, n: int, channel_user: str = "user") -> list[int]:
+    """Accept n emails and let the SMTP server refuse each: n dead letters."""
+    smtp.refuse_recipients = True
+    ids = []
+    for i in range(n):
+        response = api.post(
+            "/api/v1/notifications",
+            {
+                "recipient": {
+                    "id": f"{channel_user}-{i}",
+                    "email": f"{channel_user}-{i}@example.com",
+                },
+                "template": "order_shipped",
+                "data": {"order_id": f"D-{i}"},
+                "channels": ["email"],
+            },
+            format="json",
+        )
+        delivery = Delivery.objects.get(notification_id=response.json()["id"])
+        assert delivery_process(delivery_id=delivery.pk) == ProcessOutcome.DEAD
+        ids.append(DeadLetter.objects.get(delivery=delivery).pk)
+    smtp.refuse_recipients = False
+    return ids
+
+
+def test_a_bounce_becomes_a_dead_letter_with_history(
+    api: Any, template: Any, smtp: SmtpSink
+) -> None:
+    [letter_id] = bounce(api, smtp, 1)
+    [listed] = api.get("/api/v1/dead-letters").json()
+    assert listed["id"] == letter_id
+    assert listed["channel"] == "email"
+    assert listed["provider"] == "smtp"
+    assert listed["error"] == "SMTP 550: 5.1.1 mailbox unavailable"
+    assert listed["attempts"] == 1
+    assert listed["status"] == "open"
+    assert listed["recipient"] == "user-0"
+    assert listed["payload"] == {
+        "to": "user-0@example.com",
+        "content": {
+            "subject": "Order D-0 shipped",
+            "body": "Hi, D-0 is on its way.",
+            "html": "<p>Hi, D-0 is on its way.</p>",
+        },
+    }
+    [attempt] = listed["attempt_history"]
+    assert (attempt["number"], attempt["outcome"], attempt["status_code"]) == (1, "permanent", 550)
+    assert api.get("/api/v1/dead-letters/counts").json() == {
+        "channels": {"email": 1, "sms": 0, "push": 0, "web": 0},
+        "threshold": 10000,
+        "over_threshold": [],
+    }
+
+
+def test_replay_through_the_api_sends_once_the_address_works(
+    api: Any, template: Any, smtp: SmtpSink, django_capture_on_commit_callbacks: Any
+) -> None:
+    [letter_id] = bounce(api, smtp, 1)
+    with django_capture_on_commit_callbacks(execute=False):
+        response = api.post(f"/api/v1/dead-letters/{letter_id}/replay")
+    assert response.status_code == 202
+    assert response.json()["status"] == "replayed"
+    delivery = Delivery.objects.get()
+    assert (delivery.status, delivery.attempts, delivery.last_error) == ("queued", 0, "")
+    assert delivery_process(delivery_id=delivery.pk) == ProcessOutcome.SENT
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.SENT, 1)
+    assert len(smtp.received()) == 1
+    again = api.post(f"/api/v1/dead-letters/{letter_id}/replay")
+    assert again.status_code == 409
+    assert again.json() == {"error": "conflict", "detail": "This dead letter is already replayed."}
+    status = api.get(f"/api/v1/notifications/{delivery.notification_id}").json()
+    assert status["deliveries"][0]["status"] == "sent"
+
+
+def test_discard_and_filters(api: Any, template: Any, smtp: SmtpSink) -> None:
+    first, second = bounce(api, smtp, 2)
+    assert [d["id"] for d in api.get("/api/v1/dead-letters?channel=email").json()] == [
+        second,
+        first,
+    ]
+    assert api.get("/api/v1/dead-letters?channel=sms").json() == []
+    assert len(api.get("/api/v1/dead-letters?error=mailbox").json()) == 2
+    assert api.get("/api/v1/dead-letters?error=timeout").json() == []
+    assert api.get("/api/v1/dead-letters?older_than=3600").json() == []
+    assert len(api.get("/api/v1/dead-letters?newer_than=3600").json()) == 2
+    assert api.get("/api/v1/dead-letters?channel=fax").status_code == 400
+    response = api.post(f"/api/v1/dead-letters/{first}/discard")
+    assert response.status_code == 200
+    assert response.json()["status"] == "discarded"
+    assert [d["id"] for d in api.get("/api/v1/dead-letters").json()] == [second]
+    assert [d["id"] for d in api.get("/api/v1/dead-letters?status=discarded").json()] == [first]
+    assert Delivery.objects.get(dead_letters__pk=first).status == DeliveryStatus.DEAD
+
+
+def test_bulk_replay_by_filter(api: Any, template: Any, smtp: SmtpSink) -> None:
+    bounce(api, smtp, 3)
+    response = api.post(
+        "/api/v1/dead-letters/replay", {"channel": "email", "error": "mailbox"}, format="json"
+    )
+    assert response.status_code == 202
+    assert response.json() == {"count": 3}
+    assert Delivery.objects.filter(status=DeliveryStatus.QUEUED).count() == 3
+    assert api.post("/api/v1/dead-letters/replay", {}, format="json").json() == {"count": 0}
+
+
+def test_other_owners_cannot_see_or_touch_dead_letters(
+    api: Any, other_api: Any, template: Any, smtp: SmtpSink
+) -> None:
+    [letter_id] = bounce(api, smtp, 1)
+    assert other_api.get("/api/v1/dead-letters").json() == []
+    assert other_api.post(f"/api/v1/dead-letters/{letter_id}/replay").status_code == 404
+    assert other_api.post(f"/api/v1/dead-letters/{letter_id}/discard").status_code == 404
+    assert other_api.post("/api/v1/dead-letters/replay", {}, format="json").json() == {"count": 0}
+    assert DeadLetter.objects.get().status == "open"
+
+
+def test_admin_actions(api: Any, template: Any, smtp: SmtpSink) -> None:
+    first, second = bounce(api, smtp, 2)
+    staff = Client()
+    staff.force_login(get_user_model().objects.create_superuser("ops", "o@example.com", "pw"))
+    url = reverse("admin:workers_deadletter_changelist")
+    assert staff.get(url).status_code == 200
+    assert staff.get(reverse("admin:workers_deadletter_change", args=[first])).status_code == 200
+    response = staff.post(url, {"action": "replay", "_selected_action": [first]})
+    assert response.status_code == 302
+    response = staff.post(url, {"action": "discard", "_selected_action": [second]})
+    assert response.status_code == 302
+    assert dict(DeadLetter.objects.values_list("pk", "status")) == {
+        first: "replayed",
+        second: "discarded",
+    }
+    assert Delivery.objects.get(dead_letters__pk=first).status == DeliveryStatus.QUEUED
+
+
+def test_management_command(api: Any, template: Any, smtp: SmtpSink) -> None:
+    first, second, third = bounce(api, smtp, 3)
+    out = StringIO()
+    call_command("deadletters", "list", "--channel", "email", stdout=out)
+    rows = [line.split("\t") for line in out.getvalue().splitlines()]
+    assert [int(r[0]) for r in rows] == [third, second, first]
+    assert {r[5] for r in rows} == {"SMTP 550: 5.1.1 mailbox unavailable"}
+    out = StringIO()
+    call_command("deadletters", "replay", str(first), stdout=out)
+    assert out.getvalue() == "Replayed 1 dead letter(s)\n"
+    out = StringIO()
+    call_command("deadletters", "discard", "--all", "--channel", "email", stdout=out)
+    assert out.getvalue() == "Discarded 2 dead letter(s)\n"
+    out = StringIO()
+    call_command("deadletters", "counts", stdout=out)
+    assert out.getvalue() == "email\t0\nsms\t0\npush\t0\nweb\t0\n"
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="pass --all"):
+        call_command("deadletters", "replay")

@@ -1,0 +1,115 @@
+"""Provider registry: which adapter serves each channel, chosen by EMAIL_PROVIDER,
+SMS_PROVIDER, PUSH_PROVIDER and WEB_PROVIDER. A provider selected without its settings
+refuses to start and names what is missing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from workers.providers.base import OutboundMessage, Outcome, Provider, SendResult
+
+__all__ = ["OutboundMessage", "Outcome", "Provider", "SendResult", "check", "provider_for"]
+
+CHANNEL_SETTING = {
+    "email": "EMAIL_PROVIDER",
+    "sms": "SMS_PROVIDER",
+    "push": "PUSH_PROVIDER",
+    "web": "WEB_PROVIDER",
+}
+
+
+def _require(*names: str) -> None:
+    missing = [name for name in names if not getattr(settings, name, "")]
+    if missing:
+        raise ImproperlyConfigured(f"{' and '.join(missing)} must be set for the selected provider")
+
+
+def _sandbox() -> Provider:
+    from workers.providers.sandbox import SandboxProvider
+
+    return SandboxProvider()
+
+
+def _smtp() -> Provider:
+    from workers.providers.smtp import SmtpProvider
+
+    _require("SMTP_HOST", "SMTP_PORT", "EMAIL_FROM")
+    if settings.SMTP_USER and not settings.SMTP_PASSWORD:
+        _require("SMTP_PASSWORD")
+    return SmtpProvider(
+        host=settings.SMTP_HOST,
+        port=settings.SMTP_PORT,
+        username=settings.SMTP_USER,
+        password=settings.SMTP_PASSWORD,
+        use_tls=settings.SMTP_USE_TLS,
+        timeout=settings.SMTP_TIMEOUT_SECONDS,
+        from_email=settings.EMAIL_FROM,
+    )
+
+
+def _sendgrid() -> Provider:
+    from workers.providers.sendgrid import SendGridProvider
+
+    _require("SENDGRID_API_KEY", "EMAIL_FROM")
+    return SendGridProvider(
+        api_key=settings.SENDGRID_API_KEY,
+        base_url=settings.SENDGRID_BASE_URL,
+        from_email=settings.EMAIL_FROM,
+        timeout=settings.PROVIDER_TIMEOUT_SECONDS,
+    )
+
+
+def _twilio() -> Provider:
+    from workers.providers.twilio import TwilioProvider
+
+    _require("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_FROM_NUMBER")
+    return TwilioProvider(
+        account_sid=settings.TWILIO_ACCOUNT_SID,
+        auth_token=settings.TWILIO_AUTH_TOKEN,
+        from_number=settings.TWILIO_FROM_NUMBER,
+        base_url=settings.TWILIO_BASE_URL,
+        timeout=settings.PROVIDER_TIMEOUT_SECONDS,
+    )
+
+
+def _fcm() -> Provider:
+    from workers.providers.fcm import FcmProvider
+
+    _require("FCM_SERVICE_ACCOUNT_FILE", "FCM_PROJECT_ID")
+    return FcmProvider(
+        service_account_file=settings.FCM_SERVICE_ACCOUNT_FILE,
+        project_id=settings.FCM_PROJECT_ID,
+        base_url=settings.FCM_BASE_URL,
+        timeout=settings.PROVIDER_TIMEOUT_SECONDS,
+    )
+
+
+# channel -> provider name -> factory.
+FACTORIES: dict[str, dict[str, Callable[[], Provider]]] = {
+    "email": {"sandbox": _sandbox, "smtp": _smtp, "sendgrid": _sendgrid},
+    "sms": {"sandbox": _sandbox, "twilio": _twilio},
+    "push": {"sandbox": _sandbox, "fcm": _fcm},
+    "web": {"sandbox": _sandbox},
+}
+
+
+@cache
+def provider_for(channel: str) -> Provider:
+    setting = CHANNEL_SETTING[channel]
+    name = getattr(settings, setting)
+    factory = FACTORIES[channel].get(name)
+    if factory is None:
+        choices = ", ".join(sorted(FACTORIES[channel]))
+        raise ImproperlyConfigured(f"{setting}={name!r} is not a provider; use one of {choices}")
+    return factory()
+
+
+def check() -> None:
+    """Build every selected provider once, so a missing setting stops the process at start."""
+    provider_for.cache_clear()
+    for channel in CHANNEL_SETTING:
+        provider_for(channel)

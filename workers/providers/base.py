@@ -1,0 +1,47 @@
+"""The provider interface: one outbound message in, one normalised result out."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"
+    TRANSIENT = "transient"  # worth retrying: timeouts, connection errors, 5xx, 429
+    PERMANENT = "permanent"  # retrying cannot help: other 4xx, bounced address, bad token
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    delivery_id: int
+    notification_id: str
+    owner_id: int
+    channel: str
+    # An email address or phone number; for push, the recipient's device tokens.
+    to: str | list[str]
+    content: dict[str, str]
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    outcome: Outcome
+    provider_message_id: str = ""
+    status_code: int | None = None
+    error: str = ""
+    # Seconds the provider asked us to wait (HTTP Retry-After), if it said so.
+    retry_after: float | None = None
+    # Push tokens the provider reported as no longer registered.
+    invalid_tokens: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+class Provider(Protocol):
+    name: str
+
+    def send(self, message: OutboundMessage) -> SendResult: ...

@@ -1,0 +1,323 @@
+"""The delivery path: claim a delivery, send it through its channel's provider, record the
+attempt, then mark it sent, schedule a retry, or give up; and the sweeper that re-enqueues
+what the broker lost."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from notifications import cache as keys
+from notifications.models import (
+    PENDING_STATUSES,
+    Channel,
+    Delivery,
+    DeliveryStatus,
+    Device,
+)
+from workers import retry
+from workers.circuit_breaker import circuit_allow, circuit_record
+from workers.dead_letters import dead_letter_create
+from workers.delivery_log import AttemptRecord, StatusEvent, get_delivery_log
+from workers.dispatch import deliveries_publish_rollback_unsafe
+from workers.providers import OutboundMessage, Outcome, SendResult, provider_for
+from workers.rate_limiter import rate_limit_take
+
+log = logging.getLogger(__name__)
+
+
+class ProcessOutcome(enum.StrEnum):
+    SENT = "sent"
+    RETRY = "retry"
+    DEAD = "dead"
+    NOT_CLAIMED = "not_claimed"
+    DEFERRED = "deferred"
+
+
+def _max_attempts() -> int:
+    return settings.RETRY_MAX_ATTEMPTS + 1
+
+
+def delivery_claim(*, delivery_id: int) -> Delivery | None:
+    """Take a lease on a pending, due delivery that nobody holds; count the attempt now, so a
+    worker that dies mid-send has still spent one. None when it is not this worker's to send."""
+    now = timezone.now()
+    token = uuid.uuid4()
+    claimed = (
+        Delivery.objects.filter(pk=delivery_id, status__in=PENDING_STATUSES)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
+        .update(
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
+            attempts=F("attempts") + 1,
+            updated_at=now,
+        )
+    )
+    if not claimed:
+        return None
+    return Delivery.objects.select_related("notification", "notification__recipient").get(
+        pk=delivery_id
+    )
+
+
+def _republish_if_early(delivery_id: int) -> None:
+    """A message that arrived before its delivery is due goes back with the time left."""
+    row = (
+        Delivery.objects.filter(pk=delivery_id, status__in=PENDING_STATUSES)
+        .values("channel", "next_attempt_at", "lease_expires_at")
+        .first()
+    )
+    if row is None or row["next_attempt_at"] is None:
+        return
+    remaining = (row["next_attempt_at"] - timezone.now()).total_seconds()
+    if remaining > 0:
+        deliveries_publish_rollback_unsafe([(delivery_id, row["channel"])], countdown=remaining)
+
+
+def _outbound_message(delivery: Delivery) -> OutboundMessage | SendResult:
+    notification = delivery.notification
+    to: str | list[str] = delivery.address
+    if delivery.channel == Channel.PUSH:
+        to = list(
+            Device.objects.filter(recipient_id=notification.recipient_id, active=True)
+            .order_by("created_at")
+            .values_list("token", flat=True)
+        )
+        if not to:
+            return SendResult(Outcome.PERMANENT, error="no active device for this recipient")
+    return OutboundMessage(
+        delivery_id=delivery.pk,
+        notification_id=str(notification.pk),
+        owner_id=notification.owner_id,
+        channel=delivery.channel,
+        to=to,
+        content=delivery.content,
+        data=notification.data,
+    )
+
+
+def delivery_process(*, delivery_id: int) -> ProcessOutcome:
+    delivery = delivery_claim(delivery_id=delivery_id)
+    if delivery is None:
+        _republish_if_early(delivery_id)
+        return ProcessOutcome.NOT_CLAIMED
+    number = delivery.attempts
+    provider_name = ""
+    if number > _max_attempts():
+        # Workers died mid-send on every attempt: stop handing it out.
+        result = SendResult(
+            Outcome.PERMANENT,
+            error=f"abandoned after {number - 1} attempts that did not finish (worker lost)",
+        )
+        return _finish(delivery, result, number=number - 1, provider_name="", record=False)
+    message = _outbound_message(delivery)
+    started_at = timezone.now()
+    t0 = time.perf_counter()
+    if isinstance(message, SendResult):
+        result = message
+    else:
+        provider = provider_for(delivery.channel)
+        provider_name = provider.name
+        wait = rate_limit_take(
+            channel=delivery.channel,
+            provider=provider_name,
+            max_wait=settings.RATE_LIMIT_MAX_SLEEP_SECONDS,
+        )
+        if wait < 0:
+            return _defer(delivery, -wait, reason="rate limited")
+        if wait > 0:
+            time.sleep(wait)
+        wait = circuit_allow(provider=provider_name)
+        if wait > 0:
+            # Spread the deferred deliveries so they do not all ask again at once.
+            return _defer(delivery, wait + random.uniform(0, 1), reason="circuit open")
+        started_at = timezone.now()
+        t0 = time.perf_counter()
+        result = provider.send(message)
+        circuit_record(provider=provider_name, outcome=result.outcome.value)
+    latency_ms = (time.perf_counter() - t0) * 1000
+    if result.invalid_tokens:
+        _devices_deactivate(delivery, result.invalid_tokens)
+    get_delivery_log().record_attempt(
+        AttemptRecord(
+            delivery_id=delivery.pk,
+            notification_id=str(delivery.notification_id),
+            owner_id=delivery.notification.owner_id,
+            recipient_id=delivery.notification.recipient.external_id,
+            channel=delivery.channel,
+            number=number,
+            provider=provider_name or "-",
+            outcome=result.outcome.value,
+            status_code=result.status_code,
+            provider_message_id=result.provider_message_id,
+            error=result.error,
+            started_at=started_at,
+            latency_ms=latency_ms,
+        )
+    )
+    return _finish(delivery, result, number=number, provider_name=provider_name, record=True)
+
+
+def _defer(delivery: Delivery, delay: float, *, reason: str) -> ProcessOutcome:
+    """Put a claimed delivery back for later without spending its attempt."""
+    now = timezone.now()
+    Delivery.objects.filter(pk=delivery.pk, lease_token=delivery.lease_token).update(
+        lease_token=None,
+        lease_expires_at=None,
+        attempts=delivery.attempts - 1,
+        next_attempt_at=now + timedelta(seconds=delay),
+        enqueued_at=now,
+        updated_at=now,
+    )
+    deliveries_publish_rollback_unsafe([(delivery.pk, delivery.channel)], countdown=delay)
+    log.info(
+        "delivery %s deferred %.2fs: %s",
+        delivery.pk,
+        delay,
+        reason,
+        extra={"delivery_id": delivery.pk, "notification_id": str(delivery.notification_id)},
+    )
+    return ProcessOutcome.DEFERRED
+
+
+def delivery_status_events(
+    deliveries: list[Delivery], status: str, *, detail: str = ""
+) -> list[StatusEvent]:
+    """Status events for deliveries loaded with notification__recipient."""
+    now = timezone.now()
+    return [
+        StatusEvent(
+            delivery_id=d.pk,
+            notification_id=str(d.notification_id),
+            owner_id=d.notification.owner_id,
+            recipient_id=d.notification.recipient.external_id,
+            channel=d.channel,
+            status=status,
+            at=now,
+            detail=detail,
+        )
+        for d in deliveries
+    ]
+
+
+def _finish(
+    delivery: Delivery, result: SendResult, *, number: int, provider_name: str, record: bool
+) -> ProcessOutcome:
+    now = timezone.now()
+    ours = Delivery.objects.filter(pk=delivery.pk, lease_token=delivery.lease_token)
+    common: dict[str, Any] = {
+        "lease_token": None,
+        "lease_expires_at": None,
+        "attempts": number,
+        "updated_at": now,
+    }
+    if provider_name:
+        common["provider"] = provider_name
+    context = {"delivery_id": delivery.pk, "notification_id": str(delivery.notification_id)}
+    if result.ok:
+        ours.update(
+            status=DeliveryStatus.SENT,
+            provider_message_id=result.provider_message_id,
+            sent_at=now,
+            next_attempt_at=None,
+            last_error="",
+            **common,
+        )
+        get_delivery_log().record_statuses(
+            delivery_status_events([delivery], DeliveryStatus.SENT, detail=provider_name)
+        )
+        log.info("delivery %s sent via %s", delivery.pk, provider_name, extra=context)
+        return ProcessOutcome.SENT
+    decision = retry.decide(result, attempts_made=number)
+    if decision.retry:
+        ours.update(
+            status=DeliveryStatus.RETRYING,
+            next_attempt_at=now + timedelta(seconds=decision.delay_seconds),
+            enqueued_at=now,
+            last_error=result.error,
+            **common,
+        )
+        get_delivery_log().record_statuses(
+            delivery_status_events([delivery], DeliveryStatus.RETRYING, detail=result.error)
+        )
+        deliveries_publish_rollback_unsafe(
+            [(delivery.pk, delivery.channel)], countdown=decision.delay_seconds
+        )
+        log.info(
+            "delivery %s attempt %s failed (%s), retry in %.2fs",
+            delivery.pk,
+            number,
+            result.error,
+            decision.delay_seconds,
+            extra=context,
+        )
+        return ProcessOutcome.RETRY
+    with transaction.atomic():
+        if ours.update(
+            status=DeliveryStatus.DEAD, next_attempt_at=None, last_error=result.error, **common
+        ):
+            delivery.attempts = number
+            dead_letter_create(delivery=delivery, provider=provider_name, error=result.error)
+            get_delivery_log().record_statuses(
+                delivery_status_events([delivery], DeliveryStatus.DEAD, detail=result.error)
+            )
+    log.warning(
+        "delivery %s dead after %s attempts: %s", delivery.pk, number, result.error, extra=context
+    )
+    return ProcessOutcome.DEAD
+
+
+def _devices_deactivate(delivery: Delivery, tokens: tuple[str, ...]) -> None:
+    recipient_id = delivery.notification.recipient_id
+    Device.objects.filter(recipient_id=recipient_id, token__in=tokens).update(active=False)
+    keys.invalidate_on_commit(keys.devices_key(recipient_id))
+
+
+def deliveries_sweep() -> int:
+    """Enqueue scheduled deliveries that are due, and pending ones whose message was lost
+    (broker restart, crash between commit and publish, worker killed). Returns how many."""
+    now = timezone.now()
+    batch = settings.SWEEPER_BATCH_SIZE
+    due_scheduled = list(
+        Delivery.objects.filter(status=DeliveryStatus.SCHEDULED, next_attempt_at__lte=now)
+        .order_by("next_attempt_at")
+        .values_list("id", "channel")[:batch]
+    )
+    if due_scheduled:
+        with transaction.atomic():
+            Delivery.objects.filter(
+                id__in=[d for d, _ in due_scheduled], status=DeliveryStatus.SCHEDULED
+            ).update(
+                status=DeliveryStatus.QUEUED, next_attempt_at=None, enqueued_at=now, updated_at=now
+            )
+            released = Delivery.objects.filter(id__in=[d for d, _ in due_scheduled]).select_related(
+                "notification__recipient"
+            )
+            get_delivery_log().record_statuses(
+                delivery_status_events(list(released), DeliveryStatus.QUEUED, detail="due")
+            )
+    stale_before = now - timedelta(seconds=settings.SWEEPER_STALE_SECONDS)
+    lost = list(
+        Delivery.objects.filter(status__in=PENDING_STATUSES)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
+        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=stale_before))
+        .order_by("id")
+        .values_list("id", "channel")[:batch]
+    )
+    if lost:
+        Delivery.objects.filter(id__in=[d for d, _ in lost]).update(enqueued_at=now)
+        log.warning("sweeper re-enqueues %s deliveries whose messages were lost", len(lost))
+    published = deliveries_publish_rollback_unsafe(due_scheduled + lost)
+    return published
