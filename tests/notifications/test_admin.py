@@ -161,6 +161,7 @@ def test_every_admin_page_renders(api: Any, template: Any, staff: Client) -> Non
         for url in urls:
             assert staff.get(url).status_code == 200, url
             rendered.append(url)
-    # 10 models: every changelist, a change page for the 9 with a row, an add page for the
-    # 6 that allow adding (API keys, notifications, deliveries, sandbox messages do not).
-    assert len(rendered) == 10 + 9 + 6
+    # 11 models (9 of Clarion's, users and groups): every changelist, a change page for the 9
+    # with a row (no group, no dead letter here), an add page for the 6 that allow adding
+    # (API keys, notifications, deliveries, sandbox messages and dead letters do not).
+    assert len(rendered) == 11 + 9 + 6

@@ -30,10 +30,12 @@ def test_readyz_checks_database_redis_and_broker() -> None:
 @pytest.mark.django_db
 def test_readyz_is_503_when_the_broker_does_not_answer(monkeypatch: Any) -> None:
     closed = f"redis://127.0.0.1:{free_port()}/0"
-    # Celery reads CELERY_BROKER_URL from the environment before its own configuration.
-    monkeypatch.setenv("CELERY_BROKER_URL", closed)
-    monkeypatch.setattr(celery_app.conf, "broker_url", closed)
-    monkeypatch.setattr(celery_app.conf, "broker_write_url", None)
+    # Only the readiness check's connection points at the closed port: changing the app's
+    # configuration would leak into every later test that publishes.
+    connect = celery_app.connection_for_write
+    monkeypatch.setattr(
+        celery_app, "connection_for_write", lambda url=None, **kwargs: connect(closed, **kwargs)
+    )
     response = Client().get("/readyz")
     assert response.status_code == 503
     body = response.json()
