@@ -268,5 +268,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
+        # The Twilio SDK logs every request at INFO.
+        "twilio.http_client": {"level": "WARNING"},
     },
 }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 from django.conf import settings
 
@@ -16,6 +18,23 @@ def classify_http_status(status_code: int) -> Outcome:
     if status_code == 429 or status_code == 408 or status_code >= 500:
         return Outcome.TRANSIENT
     return Outcome.PERMANENT
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """An HTTP Retry-After header: delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def classify_smtp_code(code: int) -> Outcome:

@@ -1,0 +1,1 @@
+"""Provider adapters through their official SDKs against the local emulators."""
