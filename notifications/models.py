@@ -197,7 +197,8 @@ class Delivery(models.Model):
     # Rendered content for this channel, fixed at acceptance.
     content = models.JSONField(default=dict, blank=True)
     provider = models.CharField(max_length=30, blank=True)
-    provider_message_id = models.CharField(max_length=255, blank=True)
+    # Several ids joined by commas when one send went to several devices.
+    provider_message_id = models.TextField(blank=True)
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
@@ -240,7 +241,8 @@ class DeliveryAttempt(models.Model):
     provider = models.CharField(max_length=30)
     outcome = models.CharField(max_length=10, choices=AttemptOutcome.choices)
     status_code = models.IntegerField(null=True, blank=True)
-    provider_message_id = models.CharField(max_length=255, blank=True)
+    # Several ids joined by commas when one send went to several devices.
+    provider_message_id = models.TextField(blank=True)
     error = models.TextField(blank=True)
     started_at = models.DateTimeField()
     latency_ms = models.FloatField()

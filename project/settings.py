@@ -209,6 +209,9 @@ RATE_LIMIT_MAX_SLEEP_SECONDS = env.float("RATE_LIMIT_MAX_SLEEP_SECONDS", default
 DELIVERY_LOG_BACKEND = env.str("DELIVERY_LOG_BACKEND", default="sql")
 CASSANDRA_HOSTS = env.list("CASSANDRA_HOSTS", default=[])
 CASSANDRA_KEYSPACE = env.str("CASSANDRA_KEYSPACE", default="clarion")
+# A worker that cannot reach Cassandra should fail its task, not hang the queue.
+CASSANDRA_CONNECT_TIMEOUT_SECONDS = env.float("CASSANDRA_CONNECT_TIMEOUT_SECONDS", default=5.0)
+CASSANDRA_REQUEST_TIMEOUT_SECONDS = env.float("CASSANDRA_REQUEST_TIMEOUT_SECONDS", default=10.0)
 
 # --- Providers ------------------------------------------------------------------------------
 EMAIL_PROVIDER = env.str("EMAIL_PROVIDER", default="sandbox")

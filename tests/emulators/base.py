@@ -4,7 +4,9 @@ connections). Each vendor's emulator subclasses it with the vendor's paths and b
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -58,6 +60,7 @@ class Emulator:
         self._always: Response | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
         # Seconds every normal answer takes, so that calls are in flight for a while.
         self.latency = 0.0
 
@@ -72,6 +75,16 @@ class Emulator:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with emulator._lock:
+                    emulator._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with emulator._lock:
+                    emulator._connections.discard(self.connection)
+                super().finish()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -119,6 +132,11 @@ class Emulator:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        # Keep-alive connections would otherwise go on being answered after the stop.
+        with self._lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
     # --- faults --------------------------------------------------------------------------
 

@@ -93,7 +93,10 @@ def get_delivery_log() -> DeliveryLog:
         from workers.delivery_log.cassandra import CassandraDeliveryLog
 
         return CassandraDeliveryLog(
-            hosts=settings.CASSANDRA_HOSTS, keyspace=settings.CASSANDRA_KEYSPACE
+            hosts=settings.CASSANDRA_HOSTS,
+            keyspace=settings.CASSANDRA_KEYSPACE,
+            connect_timeout=settings.CASSANDRA_CONNECT_TIMEOUT_SECONDS,
+            request_timeout=settings.CASSANDRA_REQUEST_TIMEOUT_SECONDS,
         )
     raise ImproperlyConfigured(
         f"DELIVERY_LOG_BACKEND={backend!r} is not a backend; use sql or cassandra"
