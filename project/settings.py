@@ -233,6 +233,10 @@ EMAIL_FROM = env.str("EMAIL_FROM", default="clarion@localhost")
 PROVIDER_TIMEOUT_SECONDS = env.float("PROVIDER_TIMEOUT_SECONDS", default=10.0)
 SENDGRID_API_KEY = env.str("SENDGRID_API_KEY", default="")
 SENDGRID_BASE_URL = env.str("SENDGRID_BASE_URL", default="https://api.sendgrid.com")
+# Emails per SendGrid request: a worker that takes one queued email also takes up to this many
+# more waiting ones into the same call. 1000 personalizations is SendGrid's own ceiling; 1
+# turns batching off.
+SENDGRID_MAX_BATCH = env.int("SENDGRID_MAX_BATCH", default=1000)
 TWILIO_ACCOUNT_SID = env.str("TWILIO_ACCOUNT_SID", default="")
 TWILIO_AUTH_TOKEN = env.str("TWILIO_AUTH_TOKEN", default="")
 TWILIO_FROM_NUMBER = env.str("TWILIO_FROM_NUMBER", default="")

@@ -16,13 +16,14 @@ from workers.shared_state import redis_client
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _SPEC = re.compile(r"^\s*(email|sms|push|web)\s*=\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
 
-# Refill, then take a token now, or reserve the next one when it comes within max_wait
-# (the caller sleeps that long), or refuse and say how long until one would be free.
-# Redis's own clock is used so that workers on different hosts agree.
+# Refill, then grant up to `want` tokens: those free now plus those that come within max_wait
+# (the caller sleeps until the last granted one is due); or grant none and say how long until
+# one would be free. Redis's own clock is used so that workers on different hosts agree.
 _TAKE = """
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -33,20 +34,19 @@ if tokens == nil then
   ts = now
 end
 tokens = math.min(capacity, tokens + (now - ts) * rate)
+local granted = 0
 local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+local can = math.floor(tokens + max_wait * rate + 1e-9)
+if can >= 1 then
+  granted = math.min(want, can)
+  tokens = tokens - granted
+  if tokens < 0 then wait = -tokens / rate end
 else
-  wait = (1 - tokens) / rate
-  if wait <= max_wait then
-    tokens = tokens - 1
-  else
-    wait = -wait
-  end
+  wait = -(1 - tokens) / rate
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 60)
-return tostring(wait)
+return {tostring(granted), tostring(wait)}
 """
 
 
@@ -87,11 +87,31 @@ def _script() -> Script:
 def rate_limit_take(*, channel: str, provider: str, max_wait: float) -> float:
     """0: go now. Positive: a token is reserved, go after sleeping that long. Negative: no
     token within max_wait; the next one is free in that many seconds (nothing reserved)."""
+    granted, wait = rate_limit_take_many(
+        channel=channel, provider=provider, max_wait=max_wait, want=1
+    )
+    return wait if granted else -abs(wait)
+
+
+def rate_limit_take_many(
+    *, channel: str, provider: str, max_wait: float, want: int
+) -> tuple[int, float]:
+    """Up to `want` tokens for one batched provider call: (granted, seconds to sleep before
+    sending them); (0, seconds until one is free) when none comes within max_wait."""
     rate = _rates().get(channel)
     if rate is None:
-        return 0.0
-    result = _script()(
-        keys=[f"clarion:ratelimit:{channel}:{provider}"],
-        args=[rate.per_second, rate.capacity, max_wait],
+        return want, 0.0
+    granted, wait = _script()(
+        keys=[_key(channel, provider)], args=[rate.per_second, rate.capacity, max_wait, want]
     )
-    return float(result)
+    return int(granted), abs(float(wait))
+
+
+def rate_limit_refund(*, channel: str, provider: str, count: int) -> None:
+    """Give back tokens granted for sends that did not happen."""
+    if count > 0 and channel in _rates():
+        redis_client().hincrbyfloat(_key(channel, provider), "tokens", count)
+
+
+def _key(channel: str, provider: str) -> str:
+    return f"clarion:ratelimit:{channel}:{provider}"

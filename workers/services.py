@@ -9,7 +9,7 @@ import logging
 import random
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -30,8 +30,8 @@ from workers.circuit_breaker import circuit_allow, circuit_record
 from workers.dead_letters import dead_letter_create
 from workers.delivery_log import AttemptRecord, StatusEvent, get_delivery_log
 from workers.dispatch import deliveries_publish_rollback_unsafe
-from workers.providers import OutboundMessage, Outcome, SendResult, provider_for
-from workers.rate_limiter import rate_limit_take
+from workers.providers import BatchProvider, OutboundMessage, Outcome, SendResult, provider_for
+from workers.rate_limiter import rate_limit_refund, rate_limit_take_many
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,6 @@ def delivery_process(*, delivery_id: int) -> ProcessOutcome:
         _republish_if_early(delivery_id)
         return ProcessOutcome.NOT_CLAIMED
     number = delivery.attempts
-    provider_name = ""
     if number > _max_attempts():
         # Workers died mid-send on every attempt: stop handing it out.
         result = SendResult(
@@ -122,31 +121,118 @@ def delivery_process(*, delivery_id: int) -> ProcessOutcome:
         )
         return _finish(delivery, result, number=number - 1, provider_name="", record=False)
     message = _outbound_message(delivery)
+    if isinstance(message, SendResult):
+        return _complete(delivery, message, provider_name="", started_at=timezone.now())
+    provider = provider_for(delivery.channel)
+    provider_name = provider.name
+    batch_size = provider.max_batch if isinstance(provider, BatchProvider) else 1
+    candidates = _batch_candidates(delivery, batch_size - 1)
+    granted, wait = rate_limit_take_many(
+        channel=delivery.channel,
+        provider=provider_name,
+        max_wait=settings.RATE_LIMIT_MAX_SLEEP_SECONDS,
+        want=1 + len(candidates),
+    )
+    if not granted:
+        return _defer(delivery, wait, reason="rate limited")
+    companions = _claim_companions(delivery, candidates[: granted - 1])
+    rate_limit_refund(
+        channel=delivery.channel, provider=provider_name, count=granted - 1 - len(companions)
+    )
+    batch: list[tuple[Delivery, OutboundMessage]] = [(delivery, message)]
+    for companion in companions:
+        companion_message = _outbound_message(companion)
+        if isinstance(companion_message, SendResult):
+            _complete(companion, companion_message, provider_name="", started_at=timezone.now())
+        else:
+            batch.append((companion, companion_message))
+    if wait > 0:
+        time.sleep(wait)
+    wait = circuit_allow(provider=provider_name)
+    if wait > 0:
+        for held, _ in batch:
+            # Spread the deferred deliveries so they do not all ask again at once.
+            _defer(held, wait + random.uniform(0, 1), reason="circuit open")
+        return ProcessOutcome.DEFERRED
     started_at = timezone.now()
     t0 = time.perf_counter()
-    if isinstance(message, SendResult):
-        result = message
+    if len(batch) == 1:
+        results = [provider.send(message)]
     else:
-        provider = provider_for(delivery.channel)
-        provider_name = provider.name
-        wait = rate_limit_take(
-            channel=delivery.channel,
-            provider=provider_name,
-            max_wait=settings.RATE_LIMIT_MAX_SLEEP_SECONDS,
-        )
-        if wait < 0:
-            return _defer(delivery, -wait, reason="rate limited")
-        if wait > 0:
-            time.sleep(wait)
-        wait = circuit_allow(provider=provider_name)
-        if wait > 0:
-            # Spread the deferred deliveries so they do not all ask again at once.
-            return _defer(delivery, wait + random.uniform(0, 1), reason="circuit open")
-        started_at = timezone.now()
-        t0 = time.perf_counter()
-        result = provider.send(message)
-        circuit_record(provider=provider_name, outcome=result.outcome.value)
+        assert isinstance(provider, BatchProvider)  # only batch providers get companions
+        results = provider.send_batch([m for _, m in batch])
     latency_ms = (time.perf_counter() - t0) * 1000
+    circuit_record(provider=provider_name, outcome=_call_outcome(results).value)
+    outcomes = [
+        _complete(
+            held,
+            result,
+            provider_name=provider_name,
+            started_at=started_at,
+            latency_ms=latency_ms,
+        )
+        for (held, _), result in zip(batch, results, strict=True)
+    ]
+    return outcomes[0]
+
+
+def _call_outcome(results: list[SendResult]) -> Outcome:
+    """What one provider call tells the breaker: it answered if any message went through."""
+    outcomes = {r.outcome for r in results}
+    for outcome in (Outcome.OK, Outcome.TRANSIENT):
+        if outcome in outcomes:
+            return outcome
+    return Outcome.PERMANENT
+
+
+def _batch_candidates(delivery: Delivery, limit: int) -> list[int]:
+    """Other queued deliveries of the same channel, oldest first, that one batched provider
+    call can carry along. Their own messages, when they come, find them final and do nothing."""
+    if limit <= 0:
+        return []
+    now = timezone.now()
+    return list(
+        Delivery.objects.filter(channel=delivery.channel, status=DeliveryStatus.QUEUED)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
+        .exclude(pk=delivery.pk)
+        .order_by("id")
+        .values_list("id", flat=True)[:limit]
+    )
+
+
+def _claim_companions(delivery: Delivery, candidate_ids: list[int]) -> list[Delivery]:
+    """Lease the candidates nobody took meanwhile under the batch's own lease token."""
+    if not candidate_ids:
+        return []
+    now = timezone.now()
+    Delivery.objects.filter(
+        pk__in=candidate_ids, status=DeliveryStatus.QUEUED, attempts__lt=_max_attempts()
+    ).filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)).filter(
+        Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+    ).update(
+        lease_token=delivery.lease_token,
+        lease_expires_at=delivery.lease_expires_at,
+        attempts=F("attempts") + 1,
+        updated_at=now,
+    )
+    return list(
+        Delivery.objects.filter(pk__in=candidate_ids, lease_token=delivery.lease_token)
+        .select_related("notification", "notification__recipient")
+        .order_by("id")
+    )
+
+
+def _complete(
+    delivery: Delivery,
+    result: SendResult,
+    *,
+    provider_name: str,
+    started_at: datetime,
+    latency_ms: float = 0.0,
+) -> ProcessOutcome:
+    """Record the attempt a claimed delivery just made, then settle it."""
+    number = delivery.attempts
     if result.invalid_tokens:
         _devices_deactivate(delivery, result.invalid_tokens)
     get_delivery_log().record_attempt(

@@ -56,6 +56,7 @@ class Emulator:
         self.port = free_port()
         self._lock = threading.Lock()
         self._requests: list[Request] = []
+        self._accepted: list[Request] = []
         self._faults: list[Response] = []
         self._always: Response | None = None
         self._server: ThreadingHTTPServer | None = None
@@ -101,6 +102,9 @@ class Emulator:
                     at=time.monotonic(),
                 )
                 response = emulator._respond(request)
+                if 200 <= response.status < 300:
+                    with emulator._lock:
+                        emulator._accepted.append(request)
                 if response.delay:
                     time.sleep(response.delay)
                 body = response.body
@@ -159,12 +163,24 @@ class Emulator:
     def reset(self) -> None:
         with self._lock:
             self._requests.clear()
+            self._accepted.clear()
             self._faults.clear()
             self._always = None
 
-    def count_by(self, key: str) -> Counter[str]:
-        """How many requests carried each value of `key` (see `trace_id`)."""
-        return Counter(self.trace_id(r, key) for r in self.requests())
+    def accepted_requests(self) -> list[Request]:
+        """The requests that were answered with a 2xx."""
+        with self._lock:
+            return list(self._accepted)
+
+    def count_by(self, key: str, *, accepted_only: bool = False) -> Counter[str]:
+        """How many messages carried each value of `key` (see `trace_ids`): what reached the
+        provider, or with `accepted_only`, what the provider took."""
+        requests = self.accepted_requests() if accepted_only else self.requests()
+        return Counter(value for r in requests for value in self.trace_ids(r, key))
+
+    def trace_ids(self, request: Request, key: str) -> list[str]:
+        """One value per message the request carries; a batched request carries several."""
+        return [self.trace_id(request, key)]
 
     def trace_id(self, request: Request, key: str) -> str:
         """The value a vendor's request carries for `key` (e.g. the notification id)."""

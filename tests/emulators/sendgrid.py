@@ -11,6 +11,8 @@ from typing import Any
 from tests.emulators.base import Emulator, Request, Response
 
 MAIL_SEND_PATH = "/v3/mail/send"
+MAX_PERSONALIZATIONS = 1000
+MAX_SUBSTITUTION_BYTES = 10_000
 # Loose on purpose: SendGrid rejects what has no local part, "@" or dotted domain.
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -54,19 +56,24 @@ class SendGridEmulator(Emulator):
             self._accepted_ids.clear()
 
     def trace_id(self, request: Request, key: str) -> str:
-        """The `custom_args[key]` the request carried; a personalization's own custom_args
-        win over the message-wide ones, as at SendGrid. "" when absent or not JSON."""
+        """The `custom_args[key]` of the request's first personalization."""
+        return (self.trace_ids(request, key) or [""])[0]
+
+    def trace_ids(self, request: Request, key: str) -> list[str]:
+        """`custom_args[key]` for each personalization (one email each); a personalization's
+        own custom_args win over the message-wide ones, as at SendGrid. [] when not JSON."""
         try:
             body = request.json()
         except ValueError:
-            return ""
+            return []
         if not isinstance(body, dict):
-            return ""
-        values = dict(body.get("custom_args") or {})
-        for personalization in body.get("personalizations") or []:
-            values.update(personalization.get("custom_args") or {})
-            break
-        return str(values.get(key, ""))
+            return []
+        shared = dict(body.get("custom_args") or {})
+        return [
+            str({**shared, **(p.get("custom_args") or {})}.get(key, ""))
+            for p in body.get("personalizations") or []
+            if isinstance(p, dict)
+        ]
 
     # --- faults in SendGrid's formats ----------------------------------------------------
 
@@ -136,6 +143,13 @@ def _validate(body: dict[str, Any]) -> list[tuple[str, str | None]]:
             )
         )
         personalizations = []
+    if len(personalizations) > MAX_PERSONALIZATIONS:
+        errors.append(
+            (
+                f"The personalizations field must have at most {MAX_PERSONALIZATIONS} items.",
+                "personalizations",
+            )
+        )
     for i, personalization in enumerate(personalizations):
         tos = personalization.get("to") if isinstance(personalization, dict) else None
         if not isinstance(tos, list) or not tos:
@@ -147,6 +161,16 @@ def _validate(body: dict[str, Any]) -> list[tuple[str, str | None]]:
                 )
             )
             continue
+        substitutions = personalization.get("substitutions") or {}
+        size = sum(len(str(k)) + len(str(v)) for k, v in substitutions.items())
+        if size > MAX_SUBSTITUTION_BYTES:
+            errors.append(
+                (
+                    f"The total size of substitutions may not exceed {MAX_SUBSTITUTION_BYTES} "
+                    "bytes per personalization object.",
+                    f"personalizations.{i}.substitutions",
+                )
+            )
         for j, to in enumerate(tos):
             address = to.get("email") if isinstance(to, dict) else None
             if not isinstance(address, str) or not EMAIL_RE.match(address):

@@ -10,9 +10,17 @@ from functools import cache
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from workers.providers.base import OutboundMessage, Outcome, Provider, SendResult
+from workers.providers.base import BatchProvider, OutboundMessage, Outcome, Provider, SendResult
 
-__all__ = ["OutboundMessage", "Outcome", "Provider", "SendResult", "check", "provider_for"]
+__all__ = [
+    "BatchProvider",
+    "OutboundMessage",
+    "Outcome",
+    "Provider",
+    "SendResult",
+    "check",
+    "provider_for",
+]
 
 CHANNEL_SETTING = {
     "email": "EMAIL_PROVIDER",
@@ -60,6 +68,7 @@ def _sendgrid() -> Provider:
         base_url=settings.SENDGRID_BASE_URL,
         from_email=settings.EMAIL_FROM,
         timeout=settings.PROVIDER_TIMEOUT_SECONDS,
+        max_batch=settings.SENDGRID_MAX_BATCH,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class Outcome(enum.StrEnum):
@@ -45,3 +45,17 @@ class Provider(Protocol):
     name: str
 
     def send(self, message: OutboundMessage) -> SendResult: ...
+
+
+@runtime_checkable
+class BatchProvider(Protocol):
+    """A provider whose API takes many messages in one call (SendGrid personalizations)."""
+
+    name: str
+    max_batch: int
+
+    def send(self, message: OutboundMessage) -> SendResult: ...
+
+    def send_batch(self, messages: list[OutboundMessage]) -> list[SendResult]:
+        """One result per message, in order."""
+        ...

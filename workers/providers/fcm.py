@@ -24,7 +24,7 @@ from pyfcm.errors import (
 from requests.adapters import HTTPAdapter
 
 from workers.providers.base import OutboundMessage, Outcome, SendResult
-from workers.retry import classify_http_status
+from workers.retry import classify_http_status, retry_after_seconds
 
 SCOPES = ["https://www.googleapis.com/auth/firebase.messaging"]
 # Keys FCM refuses in `data` (400 for the whole message), dropped rather than failing the push.
@@ -190,7 +190,7 @@ def _refused(token: str, response: Any) -> SendResult:
         outcome,
         status_code=status,
         error=text,
-        retry_after=_retry_after(response.headers.get("Retry-After")),
+        retry_after=retry_after_seconds(response.headers.get("Retry-After")),
         invalid_tokens=(token,) if dead else (),
     )
 
@@ -217,14 +217,6 @@ def _aggregate(results: list[SendResult]) -> SendResult:
         retry_after=max(waits) if waits else None,
         invalid_tokens=invalid,
     )
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        seconds = float(value) if value else None
-    except ValueError:
-        return None  # an HTTP date: FCM sends seconds, and the backoff still applies
-    return seconds if seconds is not None and seconds >= 0 else None
 
 
 def _describe(exc: Exception) -> str:

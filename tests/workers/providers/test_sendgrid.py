@@ -225,3 +225,101 @@ def test_selected_without_credentials_refuses_naming_the_variable(
 
     assert str(raised.value) == message
     assert emulator.requests() == []
+
+
+# --- Batches: many emails in one request ----------------------------------------------------
+
+
+def _batch(count: int, *, html: bool = False, first: int = 0) -> list[OutboundMessage]:
+    return [
+        replace(
+            MESSAGE,
+            delivery_id=100 + n,
+            notification_id=f"n-{n}",
+            to=f"user-{n}@example.com",
+            content={"subject": f"Order {n}", "body": f"Order {n} is on its way."}
+            | ({"html": f"<p>Order {n}</p>"} if html else {}),
+        )
+        for n in range(first, first + count)
+    ]
+
+
+def test_a_batch_is_one_request_with_one_personalization_per_email(
+    emulator: SendGridEmulator,
+) -> None:
+    messages = _batch(3, html=True)
+
+    results = adapter(emulator).send_batch(messages)
+
+    [message_id] = emulator.accepted_ids()
+    assert results == [SendResult(Outcome.OK, provider_message_id=message_id, status_code=202)] * 3
+    [request] = emulator.requests()
+    assert request.json() == {
+        "from": {"email": "clarion@example.com"},
+        "content": [
+            {"type": "text/plain", "value": "-clarion-body-"},
+            {"type": "text/html", "value": "-clarion-html-"},
+        ],
+        "personalizations": [
+            {
+                "to": [{"email": f"user-{n}@example.com"}],
+                "subject": f"Order {n}",
+                "substitutions": {
+                    "-clarion-body-": f"Order {n} is on its way.",
+                    "-clarion-html-": f"<p>Order {n}</p>",
+                },
+                "custom_args": {"notification_id": f"n-{n}", "delivery_id": str(100 + n)},
+            }
+            for n in range(3)
+        ],
+    }
+    assert emulator.count_by("notification_id") == {"n-0": 1, "n-1": 1, "n-2": 1}
+
+
+def test_batches_are_cut_at_max_batch_and_split_by_html(emulator: SendGridEmulator) -> None:
+    messages = _batch(5) + _batch(2, html=True, first=5)
+
+    results = adapter(emulator, max_batch=2).send_batch(messages)
+
+    assert [r.outcome for r in results] == [Outcome.OK] * 7
+    sizes = [len(r.json()["personalizations"]) for r in emulator.requests()]
+    # Plain: 2 + 2 + 1 (the single one goes as an ordinary message); html: 2.
+    assert sizes == [2, 2, 1, 2]
+    assert sorted(emulator.count_by("notification_id").values()) == [1] * 7
+
+
+def test_a_batch_refused_for_one_bad_address_is_resent_one_by_one(
+    emulator: SendGridEmulator,
+) -> None:
+    messages = _batch(3)
+    messages[1] = replace(messages[1], to="not-an-address")
+
+    results = adapter(emulator).send_batch(messages)
+
+    assert [r.outcome for r in results] == [Outcome.OK, Outcome.PERMANENT, Outcome.OK]
+    assert results[1].status_code == 400
+    assert "Does not contain a valid address." in results[1].error
+    # The batch (refused), then each message alone.
+    assert [len(r.json()["personalizations"]) for r in emulator.requests()] == [3, 1, 1, 1]
+    assert emulator.count_by("notification_id", accepted_only=True) == {"n-0": 1, "n-2": 1}
+
+
+def test_a_transient_batch_failure_is_every_message_s_result(emulator: SendGridEmulator) -> None:
+    emulator.fail_next(SendGridEmulator.server_error(503))
+
+    results = adapter(emulator).send_batch(_batch(3))
+
+    assert [(r.outcome, r.status_code) for r in results] == [(Outcome.TRANSIENT, 503)] * 3
+    assert len(emulator.requests()) == 1
+
+
+def test_an_email_too_long_for_substitutions_goes_alone(emulator: SendGridEmulator) -> None:
+    messages = _batch(3)
+    messages[0] = replace(messages[0], content={"subject": "Long", "body": "x" * 10_000})
+
+    results = adapter(emulator).send_batch(messages)
+
+    assert [r.outcome for r in results] == [Outcome.OK] * 3
+    bodies = [r.json() for r in emulator.requests()]
+    assert [len(b["personalizations"]) for b in bodies] == [1, 2]
+    assert bodies[0]["content"] == [{"type": "text/plain", "value": "x" * 10_000}]

@@ -1,0 +1,149 @@
+"""Batched sends: a worker that takes one queued email through SendGrid carries the other
+queued emails along in the same request, as far as the shared rate limit allows, and each
+delivery still gets its own attempt, status and dead letter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from notifications.models import Delivery, DeliveryAttempt, DeliveryStatus
+from tests.emulators.sendgrid import SendGridEmulator
+from workers import rate_limiter
+from workers.models import DeadLetter
+from workers.providers import provider_for
+from workers.rate_limiter import rate_limit_refund, rate_limit_take_many
+from workers.services import ProcessOutcome, delivery_process
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def sendgrid(settings: Any) -> Iterator[SendGridEmulator]:
+    emulator = SendGridEmulator().start()
+    for name, value in emulator.settings_overrides().items():
+        setattr(settings, name, value)
+    settings.RATE_LIMITS = "sms=100/s"  # email unlimited unless a test says otherwise
+    provider_for.cache_clear()
+    rate_limiter._rates.cache_clear()
+    yield emulator
+    emulator.stop()
+    provider_for.cache_clear()
+    rate_limiter._rates.cache_clear()
+
+
+def accept_emails(api: Any, count: int, *, bad: frozenset[int] = frozenset()) -> list[Delivery]:
+    """Accept one email each for `count` recipients; the ones in `bad` get an address that
+    SendGrid refuses (set behind the API, which would refuse it itself)."""
+    deliveries = []
+    for n in range(count):
+        response = api.post(
+            "/api/v1/notifications",
+            {
+                "recipient": {"id": f"user-{n}", "email": f"user-{n}@example.com"},
+                "template": "order_shipped",
+                "data": {"order_id": f"A-{n}"},
+                "channels": ["email"],
+            },
+            format="json",
+        )
+        assert response.status_code == 202, response.content
+        delivery = Delivery.objects.get(notification_id=response.json()["id"])
+        if n in bad:
+            Delivery.objects.filter(pk=delivery.pk).update(address="not-an-address")
+        deliveries.append(delivery)
+    return deliveries
+
+
+def test_one_task_sends_every_queued_email_in_one_request(
+    api: Any, template: Any, sendgrid: SendGridEmulator
+) -> None:
+    deliveries = accept_emails(api, 30)
+
+    assert delivery_process(delivery_id=deliveries[0].pk) == ProcessOutcome.SENT
+
+    [request] = sendgrid.requests()
+    assert len(request.json()["personalizations"]) == 30
+    expected = {str(d.notification_id): 1 for d in deliveries}
+    assert sendgrid.count_by("notification_id", accepted_only=True) == expected
+    [message_id] = sendgrid.accepted_ids()
+    rows = Delivery.objects.order_by("id").values_list(
+        "status", "attempts", "provider", "provider_message_id"
+    )
+    assert list(rows) == [(DeliveryStatus.SENT, 1, "sendgrid", message_id)] * 30
+    assert DeliveryAttempt.objects.filter(number=1, outcome="ok").count() == 30
+    # The other deliveries' own messages arrive later and find nothing to do.
+    assert delivery_process(delivery_id=deliveries[7].pk) == ProcessOutcome.NOT_CLAIMED
+    assert len(sendgrid.requests()) == 1
+
+
+def test_the_batch_takes_no_more_than_the_rate_limit_grants(
+    api: Any, template: Any, sendgrid: SendGridEmulator, settings: Any
+) -> None:
+    settings.RATE_LIMITS = "email=600/m"  # 10 a second
+    settings.RATE_LIMIT_MAX_SLEEP_SECONDS = 1.0
+    rate_limiter._rates.cache_clear()
+    deliveries = accept_emails(api, 30)
+
+    delivery_process(delivery_id=deliveries[0].pk)
+
+    # The one token in the bucket plus the ten that come within the second it may wait.
+    [request] = sendgrid.requests()
+    assert len(request.json()["personalizations"]) == 11
+    assert Delivery.objects.filter(status=DeliveryStatus.SENT).count() == 11
+    assert Delivery.objects.filter(status=DeliveryStatus.QUEUED, lease_token=None).count() == 19
+
+
+def test_a_refused_address_kills_only_its_own_delivery(
+    api: Any, template: Any, sendgrid: SendGridEmulator
+) -> None:
+    deliveries = accept_emails(api, 5, bad=frozenset({2}))
+
+    delivery_process(delivery_id=deliveries[0].pk)
+
+    statuses = list(Delivery.objects.order_by("id").values_list("status", flat=True))
+    assert statuses == ["sent", "sent", "dead", "sent", "sent"]
+    dead_letter = DeadLetter.objects.get()
+    assert dead_letter.delivery_id == deliveries[2].pk
+    assert "Does not contain a valid address." in dead_letter.error
+
+
+def test_an_open_breaker_defers_the_whole_batch_without_spending_attempts(
+    api: Any, template: Any, sendgrid: SendGridEmulator
+) -> None:
+    from workers.circuit_breaker import circuit_record
+
+    deliveries = accept_emails(api, 4)
+    for _ in range(5):
+        circuit_record(provider="sendgrid", outcome="transient")
+
+    assert delivery_process(delivery_id=deliveries[0].pk) == ProcessOutcome.DEFERRED
+
+    assert sendgrid.requests() == []
+    rows = Delivery.objects.values_list("status", "attempts", "lease_token")
+    assert sorted(rows) == [(DeliveryStatus.QUEUED, 0, None)] * 4
+    assert Delivery.objects.filter(next_attempt_at__isnull=False).count() == 4
+
+
+def test_take_many_grants_what_comes_within_max_wait_and_refunds(settings: Any) -> None:
+    settings.RATE_LIMITS = "sms=2/s"
+    settings.RATE_LIMIT_BURST = 1
+    rate_limiter._rates.cache_clear()
+    try:
+        granted, wait = rate_limit_take_many(channel="sms", provider="p", max_wait=2.5, want=50)
+        assert granted == 6  # one now, five more within two and a half seconds
+        assert 2.4 < wait <= 2.5
+        # Nothing within half a second: refused, nothing reserved.
+        granted, wait = rate_limit_take_many(channel="sms", provider="p", max_wait=0.5, want=5)
+        assert granted == 0
+        assert 2.9 < wait <= 3.0
+        rate_limit_refund(channel="sms", provider="p", count=5)
+        granted, _ = rate_limit_take_many(channel="sms", provider="p", max_wait=0.0, want=50)
+        assert granted == 0  # the bucket stands near 0 after the refund: not a whole token
+        rate_limit_refund(channel="sms", provider="p", count=1)
+        granted, wait = rate_limit_take_many(channel="sms", provider="p", max_wait=0.0, want=50)
+        assert (granted, wait) == (1, 0.0)
+    finally:
+        rate_limiter._rates.cache_clear()
