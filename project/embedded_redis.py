@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,8 @@ def stop(var_dir: Path) -> bool:
 
 
 if __name__ == "__main__":
-    var = Path(__file__).resolve().parent.parent / "var"
+    # The same folder the settings use, so `make stop` stops the Redis they started.
+    var = Path(os.environ.get("CLARION_VAR_DIR") or Path(__file__).resolve().parent.parent / "var")
     command = sys.argv[1] if len(sys.argv) > 1 else "start"
     if command == "start":
         print(ensure_running(var))
