@@ -1,21 +1,29 @@
-"""Django admin for operators: templates, recipients with preferences and devices,
-notifications with their deliveries and attempts, API keys. Saves go through the services
-so caches are invalidated exactly as the API does."""
+"""Django admin for operators: templates (live preview, send a test), recipients with
+preferences and devices, notifications with their delivery timeline, and API keys. Saves
+go through the services, or invalidate the caches exactly as they do."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.core.exceptions import PermissionDenied
+from django.db.models import Exists, OuterRef, Prefetch, QuerySet
 from django.forms import ModelForm
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 
-from notifications import services, templating
+from notifications import admin_views, services, templating
+from notifications import cache as keys
 from notifications.models import (
     ApiKey,
+    Channel,
     Delivery,
-    DeliveryAttempt,
+    DeliveryStatus,
     Device,
     Notification,
     Owner,
@@ -23,6 +31,7 @@ from notifications.models import (
     Recipient,
     Template,
 )
+from notifications.selectors import notification_summary_status
 
 
 @admin.register(Owner)
@@ -31,17 +40,66 @@ class OwnerAdmin(admin.ModelAdmin):
     search_fields = ["name"]
 
 
+class ApiKeyCreateForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ["owner", "name"]
+        help_texts = {"name": "What uses this key, e.g. orders-service (production)."}
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["name", "owner", "prefix", "created_at", "revoked_at"]
+    list_display = [
+        "name",
+        "owner",
+        "prefix",
+        "rate_limit_per_second",
+        "created_at",
+        "revoked_at",
+    ]
     list_filter = ["owner", "revoked_at"]
     search_fields = ["name", "prefix", "owner__name"]
-    readonly_fields = ["owner", "name", "prefix", "key_hash", "created_at", "revoked_at"]
+    list_select_related = ["owner"]
     actions = ["revoke"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        # Keys are created with `manage.py create_api_key`, which shows the raw key once.
-        return False
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
+        if obj is None:
+            return ["owner", "name"]
+        return ["owner", "name", "prefix", "rate_limit_per_second", "created_at", "revoked_at"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+        if obj is None:
+            return []
+        return ["owner", "name", "prefix", "created_at", "revoked_at"]
+
+    def get_form(
+        self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs: Any
+    ) -> type[ModelForm]:
+        if obj is None:
+            kwargs["form"] = ApiKeyCreateForm
+        return super().get_form(request, obj, change, **kwargs)
+
+    def add_view(
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        # A valid POST creates the key through the service (which hashes it) and answers
+        # with the raw key right away; anything else is the stock add form.
+        if request.method == "POST":
+            if not self.has_add_permission(request):
+                raise PermissionDenied
+            form = self.get_form(request, None, change=False)(request.POST)
+            if form.is_valid():
+                api_key, raw_key = services.api_key_create(
+                    owner_name=form.cleaned_data["owner"].name, name=form.cleaned_data["name"]
+                )
+                self.log_addition(request, api_key, [{"added": {}}])
+                return admin_views.api_key_created_response(request, self, api_key, raw_key)
+        return super().add_view(request, form_url, extra_context)
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: ModelForm, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        # The authentication cache holds the key's rate limit; an edit applies at once.
+        keys.invalidate_on_commit(keys.api_key_key(obj.key_hash))
 
     @admin.action(description="Revoke selected API keys")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
@@ -55,6 +113,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
 class PreferenceInline(admin.TabularInline):
     model = Preference
     extra = 1
+    verbose_name = "channel switch"
+    verbose_name_plural = "preferences (untick 'enabled' to opt out; blank category: all)"
 
 
 class DeviceInline(admin.TabularInline):
@@ -64,8 +124,26 @@ class DeviceInline(admin.TabularInline):
     readonly_fields = ["created_at"]
 
 
+class RecipientAdminForm(ModelForm):
+    class Meta:
+        model = Recipient
+        fields = ["owner", "external_id", "email", "phone", "locale", "timezone"]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        # The same checks as the API: a phone the SMS provider accepts, a real time zone.
+        contact = {f: cleaned[f] for f in services.RECIPIENT_FIELDS if f in cleaned}
+        try:
+            cleaned.update(services.recipient_contact_normalise(values=contact))
+        except services.ValidationFailed as exc:
+            for field, problems in exc.fields.items():
+                self.add_error(field, problems)
+        return cleaned
+
+
 @admin.register(Recipient)
 class RecipientAdmin(admin.ModelAdmin):
+    form = RecipientAdminForm
     list_display = ["external_id", "owner", "email", "phone", "locale", "timezone", "updated_at"]
     list_filter = ["owner", "locale"]
     search_fields = ["external_id", "email", "phone"]
@@ -92,7 +170,7 @@ class RecipientAdmin(admin.ModelAdmin):
 @admin.register(Preference)
 class PreferenceAdmin(admin.ModelAdmin):
     list_display = ["recipient", "channel", "category", "enabled"]
-    list_filter = ["channel", "enabled"]
+    list_filter = ["channel", "enabled", "recipient__owner"]
     search_fields = ["recipient__external_id", "category"]
     list_select_related = ["recipient"]
     autocomplete_fields = ["recipient"]
@@ -108,10 +186,34 @@ class PreferenceAdmin(admin.ModelAdmin):
         super().delete_model(request, obj)
 
 
+_JSON_BOX = forms.Textarea(attrs={"rows": 14, "cols": 90, "spellcheck": "false"})
+
+
 class TemplateAdminForm(ModelForm):
+    content = admin_views.PrettyJSONField(
+        arrange=admin_views.content_in_channel_order,
+        widget=_JSON_BOX,
+        help_text=(
+            'One entry per channel: "email" (subject, body, html), "sms" (body), "push" and '
+            '"web" (title, body, url). Write variables as {{ order_id }}.'
+        ),
+    )
+    translations = admin_views.PrettyJSONField(
+        required=False,
+        arrange=admin_views.translations_in_channel_order,
+        widget=forms.Textarea(attrs={"rows": 6, "cols": 90, "spellcheck": "false"}),
+        help_text='Other locales, e.g. {"fr": {"sms": {"body": "Commande {{ order_id }}"}}}.',
+    )
+    sample_data = admin_views.PrettyJSONField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 6, "cols": 90, "spellcheck": "false"}),
+        help_text='Example variables for the preview and "Send a test", e.g. '
+        '{"order_id": "A-1001"}.',
+    )
+
     class Meta:
         model = Template
-        fields = ["owner", "key", "category", "locale", "content", "translations"]
+        fields = ["owner", "key", "category", "locale", "content", "translations", "sample_data"]
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
@@ -124,16 +226,69 @@ class TemplateAdminForm(ModelForm):
                     check(cleaned[field] if cleaned[field] is not None else {})
                 except templating.TemplateError as exc:
                     self.add_error(field, [f"{k}: {' '.join(v)}" for k, v in exc.fields.items()])
+        if cleaned.get("translations") is None and "translations" in cleaned:
+            cleaned["translations"] = {}
+        sample = cleaned.get("sample_data")
+        if sample is None and "sample_data" in cleaned:
+            cleaned["sample_data"] = {}
+        elif sample is not None and not isinstance(sample, dict):
+            self.add_error("sample_data", 'Must be a JSON object, e.g. {"order_id": "A-1"}.')
         return cleaned
 
 
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
     form = TemplateAdminForm
-    list_display = ["key", "owner", "category", "locale", "updated_at"]
+    list_display = ["key", "owner", "category", "locale", "channels", "updated_at"]
     list_filter = ["owner", "category", "locale"]
     search_fields = ["key", "category"]
     list_select_related = ["owner"]
+    fieldsets = [
+        (None, {"fields": ["owner", "key", "category", "locale"]}),
+        ("Content", {"fields": ["content", "translations", "sample_data"]}),
+    ]
+
+    class Media:
+        css = {"all": ["clarion_admin/admin.css"]}
+        js = ["clarion_admin/template_preview.js"]
+
+    @admin.display(description="channels")
+    def channels(self, obj: Template) -> str:
+        return ", ".join(c for c in Channel.values if c in obj.content)
+
+    def get_urls(self) -> list[URLPattern]:
+        wrap = self.admin_site.admin_view
+        return [
+            path(
+                "preview/",
+                wrap(partial(admin_views.template_preview_view, model_admin=self)),
+                name="notifications_template_preview",
+            ),
+            path(
+                "<path:object_id>/send-test/",
+                wrap(partial(admin_views.template_send_test_view, model_admin=self)),
+                name="notifications_template_send_test",
+            ),
+            *super().get_urls(),
+        ]
+
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra = {
+            "preview_url": reverse("admin:notifications_template_preview"),
+            "preview_channels": Channel.choices,
+            **(extra_context or {}),
+        }
+        if object_id is not None:
+            extra["send_test_url"] = reverse(
+                "admin:notifications_template_send_test", args=[object_id]
+            )
+        return super().changeform_view(request, object_id, form_url, extra)
 
     def save_model(
         self, request: HttpRequest, obj: Template, form: ModelForm, change: bool
@@ -155,6 +310,7 @@ class DeliveryInline(admin.TabularInline):
         "channel",
         "status",
         "skip_reason",
+        "address",
         "provider",
         "attempts",
         "last_error",
@@ -168,13 +324,85 @@ class DeliveryInline(admin.TabularInline):
         return False
 
 
+class _DeliveryExistsFilter(admin.SimpleListFilter):
+    """Notifications with at least one delivery whose `field` has the chosen value; an
+    EXISTS keeps one row per notification however many deliveries match."""
+
+    field = ""
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if not value:
+            return queryset
+        match = Delivery.objects.filter(notification=OuterRef("pk"), **{self.field: value})
+        return queryset.filter(Exists(match))
+
+
+class DeliveryStatusFilter(_DeliveryExistsFilter):
+    title = "delivery status"
+    parameter_name = "delivery_status"
+    field = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(DeliveryStatus.choices)
+
+
+class DeliveryChannelFilter(_DeliveryExistsFilter):
+    title = "channel"
+    parameter_name = "channel"
+    field = "channel"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(Channel.choices)
+
+
 @admin.register(Notification)
 class NotificationAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "recipient", "template_key", "priority", "created_at"]
-    list_filter = ["owner", "priority", "category", "created_at"]
+    list_display = [
+        "short_id",
+        "created_at",
+        "recipient",
+        "template_key",
+        "priority",
+        "status",
+        "deliveries_summary",
+        "owner",
+    ]
+    list_filter = [
+        DeliveryStatusFilter,
+        DeliveryChannelFilter,
+        "priority",
+        "owner",
+        "created_at",
+        "category",
+    ]
     search_fields = ["=id", "recipient__external_id", "template_key", "idempotency_key"]
+    search_help_text = "Notification id, recipient id, template key or idempotency key."
     list_select_related = ["owner", "recipient"]
     date_hierarchy = "created_at"
+    ordering = ["-created_at"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "id",
+                    "owner",
+                    "recipient",
+                    "template",
+                    "template_key",
+                    "category",
+                    "priority",
+                    "locale",
+                    "data",
+                    "send_at",
+                    "idempotency_key",
+                    "created_at",
+                ]
+            },
+        ),
+        ("Timeline: every status change and provider attempt", {"fields": ["timeline"]}),
+    ]
     readonly_fields = [
         "id",
         "owner",
@@ -188,30 +416,48 @@ class NotificationAdmin(admin.ModelAdmin):
         "send_at",
         "idempotency_key",
         "created_at",
+        "timeline",
     ]
     inlines = [DeliveryInline]
 
+    class Media:
+        css = {"all": ["clarion_admin/admin.css"]}
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Notification]:
+        # One query for the deliveries of a whole page, not one per row.
+        deliveries = Delivery.objects.only("id", "notification_id", "channel", "status")
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(Prefetch("deliveries", queryset=deliveries.order_by("id")))
+        )
+
+    @admin.display(description="id", ordering="id")
+    def short_id(self, obj: Notification) -> str:
+        # The whole id is in the tooltip, on the change page and searchable; eight characters
+        # tell the rows apart and keep the list readable.
+        return format_html('<span title="{}">{}…</span>', obj.pk, str(obj.pk)[:8])
+
+    @admin.display(description="status")
+    def status(self, obj: Notification) -> str:
+        return notification_summary_status([d.status for d in obj.deliveries.all()])
+
+    @admin.display(description="deliveries")
+    def deliveries_summary(self, obj: Notification) -> SafeString:
+        return format_html_join(
+            "",
+            '<span class="clarion-status clarion-status-{}">{}: {}</span>',
+            ((d.status, d.channel, d.status) for d in obj.deliveries.all()),
+        )
+
+    @admin.display(description="timeline")
+    def timeline(self, obj: Notification) -> str:
+        deliveries = list(obj.deliveries.all())
+        return admin_views.timeline_html(
+            admin_views.delivery_timeline(notification_id=str(obj.pk), deliveries=deliveries)
+        )
+
     def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-
-class AttemptInline(admin.TabularInline):
-    model = DeliveryAttempt
-    extra = 0
-    can_delete = False
-    fields = (
-        "number",
-        "provider",
-        "outcome",
-        "status_code",
-        "provider_message_id",
-        "error",
-        "started_at",
-        "latency_ms",
-    )
-    readonly_fields = fields
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
 
@@ -219,18 +465,44 @@ class AttemptInline(admin.TabularInline):
 class DeliveryAdmin(admin.ModelAdmin):
     list_display = [
         "id",
-        "notification_id",
+        "notification_link",
         "channel",
         "status",
         "skip_reason",
         "provider",
         "attempts",
+        "short_error",
         "updated_at",
     ]
-    list_filter = ["channel", "status", "skip_reason", "provider"]
-    search_fields = ["=notification__id", "provider_message_id", "address"]
-    readonly_fields = [f.name for f in Delivery._meta.fields]
-    inlines = [AttemptInline]
+    list_filter = ["status", "channel", "provider", "skip_reason", "notification__owner"]
+    search_fields = [
+        "=notification__id",
+        "notification__recipient__external_id",
+        "address",
+        "provider_message_id",
+    ]
+    search_help_text = "Notification id, recipient id, address or provider message id."
+    ordering = ["-id"]
+    readonly_fields = [*(f.name for f in Delivery._meta.fields), "timeline"]
+
+    class Media:
+        css = {"all": ["clarion_admin/admin.css"]}
+
+    @admin.display(description="notification", ordering="notification_id")
+    def notification_link(self, obj: Delivery) -> str:
+        return admin_views.notification_link(obj.notification_id)
+
+    @admin.display(description="last error")
+    def short_error(self, obj: Delivery) -> str:
+        return obj.last_error if len(obj.last_error) <= 60 else obj.last_error[:59] + "…"
+
+    @admin.display(description="timeline")
+    def timeline(self, obj: Delivery) -> str:
+        return admin_views.timeline_html(
+            admin_views.delivery_timeline(
+                notification_id=str(obj.notification_id), deliveries=[obj], only_delivery=obj.pk
+            )
+        )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

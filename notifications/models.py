@@ -37,6 +37,19 @@ class DeliveryStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
+# A web delivery is in the recipient's inbox from acceptance on, whether or not the worker
+# has pushed it yet: the database is the inbox, the WebSocket push only makes it instant.
+INBOX_STATUSES = (
+    DeliveryStatus.QUEUED,
+    DeliveryStatus.RETRYING,
+    DeliveryStatus.SENT,
+    DeliveryStatus.DELIVERED,
+    DeliveryStatus.READ,
+)
+# No socket has acknowledged (acked or read) these yet.
+UNACKNOWLEDGED_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING, DeliveryStatus.SENT)
+UNREAD_STATUSES = (*UNACKNOWLEDGED_STATUSES, DeliveryStatus.DELIVERED)
+
 # Statuses in which a delivery still waits for a worker; every other status is final for the
 # worker (delivered/read only move forward through client acknowledgements).
 PENDING_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING)
@@ -74,6 +87,12 @@ class ApiKey(models.Model):
     key_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # The API gateway's limit for this key (notifications.api.throttling).
+    rate_limit_per_second = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Requests per second; empty: the API_RATE_LIMIT_PER_SECOND setting; 0: no limit.",
+    )
 
     class Meta:
         verbose_name = "API key"
@@ -153,6 +172,8 @@ class Template(models.Model):
     content = models.JSONField(default=dict)
     # {"fr": {<channel content as above>}, ...}: other locales of the same template.
     translations = models.JSONField(default=dict, blank=True)
+    # Example `data` for the admin's live preview and "send a test"; never used for real sends.
+    sample_data = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -211,6 +232,9 @@ class Delivery(models.Model):
     sent_at = models.DateTimeField(null=True, blank=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
     read_at = models.DateTimeField(null=True, blank=True)
+    # In-app only: the recipient archived this entry of its inbox (it is not a status: an
+    # archived notification may still be unread).
+    archived_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -221,6 +245,13 @@ class Delivery(models.Model):
         ]
         indexes = [
             models.Index(fields=["status", "next_attempt_at"], name="delivery_status_due"),
+            # The queue-lag gauge (notifications.metrics.queue_oldest_ages): the oldest due
+            # queued delivery per channel in two seeks; partial, so it holds only the backlog.
+            models.Index(
+                fields=["channel", "next_attempt_at", "enqueued_at"],
+                condition=models.Q(status="queued"),
+                name="delivery_queued_lag",
+            ),
         ]
 
     def __str__(self) -> str:

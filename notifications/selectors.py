@@ -8,11 +8,15 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 
 from notifications import cache as keys
 from notifications.models import (
     CHANNEL_ORDER,
+    INBOX_STATUSES,
+    UNACKNOWLEDGED_STATUSES,
+    UNREAD_STATUSES,
+    Channel,
     Delivery,
     DeliveryStatus,
     Device,
@@ -216,3 +220,115 @@ def notification_detail(*, notification: Notification) -> dict[str, Any]:
             for d in deliveries
         ],
     }
+
+
+# --- In-app inbox ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InboxRecipient:
+    """Whom a verified recipient token speaks for."""
+
+    owner_id: int
+    recipient_id: int
+    external_id: str
+
+
+def recipient_for_token(*, token: str) -> InboxRecipient | None:
+    """The recipient a token was issued for: None when the token is forged, expired, or its
+    recipient (or owner) has been deleted since."""
+    from channels_app.tokens import recipient_token_claims
+
+    claims = recipient_token_claims(token)
+    if claims is None:
+        return None
+    external_id = (
+        Recipient.objects.filter(pk=claims.recipient_id, owner_id=claims.owner_id)
+        .values_list("external_id", flat=True)
+        .first()
+    )
+    if external_id is None:
+        return None
+    return InboxRecipient(
+        owner_id=claims.owner_id, recipient_id=claims.recipient_id, external_id=external_id
+    )
+
+
+def inbox_deliveries(*, recipient_id: int) -> QuerySet[Delivery]:
+    """The recipient's inbox: its web deliveries from acceptance on (see INBOX_STATUSES)."""
+    return Delivery.objects.filter(
+        channel=Channel.WEB,
+        notification__recipient_id=recipient_id,
+        status__in=INBOX_STATUSES,
+    )
+
+
+def inbox_list(
+    *, recipient_id: int, unread: bool | None = None, archived: bool = False
+) -> QuerySet[Delivery]:
+    """Archived or not-archived entries; unread True/False narrows to unread/read ones.
+    Unordered: the paginator orders it, newest first."""
+    entries = inbox_deliveries(recipient_id=recipient_id).filter(archived_at__isnull=not archived)
+    if unread is True:
+        entries = entries.filter(status__in=UNREAD_STATUSES)
+    elif unread is False:
+        entries = entries.exclude(status__in=UNREAD_STATUSES)
+    return entries.select_related("notification")
+
+
+def inbox_unread_count(*, recipient_id: int) -> int:
+    return (
+        inbox_deliveries(recipient_id=recipient_id)
+        .filter(status__in=UNREAD_STATUSES, archived_at__isnull=True)
+        .count()
+    )
+
+
+def inbox_entry_get(*, recipient_id: int, notification_id: uuid.UUID) -> Delivery | None:
+    return (
+        inbox_deliveries(recipient_id=recipient_id)
+        .filter(notification_id=notification_id)
+        .select_related("notification")
+        .first()
+    )
+
+
+def inbox_entry(delivery: Delivery) -> dict[str, Any]:
+    """The API's shape of an inbox entry (a web delivery loaded with its notification)."""
+    return {
+        "id": str(delivery.notification_id),
+        "title": delivery.content.get("title", ""),
+        "body": delivery.content.get("body", ""),
+        "data": delivery.notification.data,
+        "created_at": delivery.notification.created_at,
+        "status": delivery.status,
+        "read_at": delivery.read_at,
+    }
+
+
+def inbox_backlog(*, recipient_id: int, since: uuid.UUID | None, limit: int) -> list[Delivery]:
+    """Unread, not archived entries a connecting socket missed, oldest first: all of them, or
+    those created after the notification `since` (ignored when it is not this recipient's)
+    plus older ones that no socket has acknowledged yet. The latter catch a notification
+    that committed after a newer one the client already saw, and one whose ack was lost."""
+    entries = (
+        inbox_deliveries(recipient_id=recipient_id)
+        .filter(status__in=UNREAD_STATUSES, archived_at__isnull=True)
+        .select_related("notification")
+    )
+    if since is not None:
+        mark = (
+            Delivery.objects.filter(
+                channel=Channel.WEB, notification__recipient_id=recipient_id, notification_id=since
+            )
+            .values("pk", "created_at")
+            .first()
+        )
+        if mark is not None:
+            # (created_at, pk) orders ties within one clock tick too.
+            entries = entries.filter(
+                Q(created_at__gt=mark["created_at"])
+                | Q(created_at=mark["created_at"], pk__gt=mark["pk"])
+                | Q(status__in=UNACKNOWLEDGED_STATUSES)
+            )
+    return list(entries.order_by("created_at", "pk")[:limit])

@@ -1,24 +1,33 @@
-"""Writes: API keys, recipients, preferences, devices, templates and notification creation.
-API views, admin actions and management commands all call these."""
+"""Writes: API keys, recipients, preferences, devices, templates, notification creation and
+the in-app inbox. API views, consumers, admin actions and management commands call these."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
+import uuid
 import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import phonenumbers
+import structlog
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from notifications import cache as keys
-from notifications import templating
+from notifications import metrics, templating
+from notifications.logs import scoped_log_context
 from notifications.models import (
     CHANNEL_ORDER,
+    INBOX_STATUSES,
+    UNACKNOWLEDGED_STATUSES,
+    UNREAD_STATUSES,
     ApiKey,
     Channel,
     Delivery,
@@ -42,6 +51,8 @@ from notifications.selectors import (
 )
 
 API_KEY_PREFIX = "clr_"
+
+log = logging.getLogger(__name__)
 
 
 class ValidationFailed(Exception):
@@ -335,6 +346,7 @@ class IdempotencyRecordExists(Exception):
     """Another request committed the same idempotency key first."""
 
 
+@scoped_log_context
 def notification_create(
     *,
     owner: Owner,
@@ -409,6 +421,7 @@ def notification_create(
                 send_at=send_at,
                 idempotency_key=idempotency.key if idempotency else "",
             )
+            structlog.contextvars.bind_contextvars(notification_id=str(notification.pk))
             deliveries = Delivery.objects.bulk_create(
                 [
                     Delivery(
@@ -460,6 +473,11 @@ def notification_create(
             deliveries_enqueue_on_commit(
                 [(d.pk, d.channel) for d in deliveries if d.status == DeliveryStatus.QUEUED]
             )
+            metrics.notifications_accepted_on_commit(
+                d.channel
+                for d in deliveries
+                if d.status in (DeliveryStatus.QUEUED, DeliveryStatus.SCHEDULED)
+            )
     except IntegrityError as exc:
         if (
             idempotency is not None
@@ -467,6 +485,11 @@ def notification_create(
         ):
             raise IdempotencyRecordExists from exc
         raise
+    log.info(
+        "notification %s accepted: %s",
+        notification.pk,
+        ", ".join(f"{route.channel} {route.status}" for route in routes),
+    )
     return body
 
 
@@ -475,3 +498,114 @@ def idempotency_records_purge(*, older_than_seconds: int | None = None) -> int:
     cutoff = timezone.now() - timedelta(seconds=ttl)
     deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=cutoff).delete()
     return deleted
+
+
+# --- In-app inbox ---------------------------------------------------------------------------
+
+
+def _inbox_transition(
+    *,
+    recipient_id: int,
+    notification_id: uuid.UUID | None,
+    from_statuses: tuple[str, ...],
+    to_status: str,
+    source: str,
+) -> int:
+    """Move the recipient's web deliveries (one, or all when notification_id is None) from
+    `from_statuses` to delivered or read, record each change in the delivery log, and return
+    how many changed. Repeating it changes nothing (idempotent)."""
+    from workers.delivery_log import get_delivery_log
+    from workers.services import delivery_status_events
+
+    now = timezone.now()
+    at = Value(now, output_field=models.DateTimeField())
+    wanted = Delivery.objects.filter(
+        channel=Channel.WEB, notification__recipient_id=recipient_id, status__in=from_statuses
+    )
+    if notification_id is not None:
+        wanted = wanted.filter(notification_id=notification_id)
+    changes: dict[str, Any] = {
+        "status": to_status,
+        "updated_at": now,
+        # A browser can ack a frame before the worker that pushed it has marked it sent.
+        # Dropping the worker's lease makes its late "sent" write match nothing, so the
+        # delivery never moves back from delivered/read; and a delivery a browser already
+        # has is never pushed again.
+        "lease_token": None,
+        "lease_expires_at": None,
+        "next_attempt_at": None,
+        "sent_at": Coalesce(F("sent_at"), at),
+    }
+    if to_status == DeliveryStatus.DELIVERED:
+        changes["delivered_at"] = now
+    else:
+        changes["delivered_at"] = Coalesce(F("delivered_at"), at)
+        changes["read_at"] = now
+    with transaction.atomic():
+        deliveries = list(
+            wanted.select_related("notification__recipient")
+            .select_for_update(of=("self",))
+            .order_by("pk")
+        )
+        if not deliveries:
+            return 0
+        Delivery.objects.filter(pk__in=[d.pk for d in deliveries], status__in=from_statuses).update(
+            **changes
+        )
+        get_delivery_log().record_statuses(
+            delivery_status_events(deliveries, to_status, detail=source)
+        )
+    return len(deliveries)
+
+
+def inbox_acknowledge(*, recipient_id: int, notification_id: uuid.UUID, source: str) -> bool:
+    """A browser received the notification (WebSocket ack): `delivered`. Only the
+    recipient's own web delivery moves; an id of anyone else's does nothing."""
+    changed = _inbox_transition(
+        recipient_id=recipient_id,
+        notification_id=notification_id,
+        from_statuses=UNACKNOWLEDGED_STATUSES,
+        to_status=DeliveryStatus.DELIVERED,
+        source=source,
+    )
+    return changed > 0
+
+
+def inbox_mark_read(*, recipient_id: int, notification_id: uuid.UUID, source: str) -> bool:
+    changed = _inbox_transition(
+        recipient_id=recipient_id,
+        notification_id=notification_id,
+        from_statuses=UNREAD_STATUSES,
+        to_status=DeliveryStatus.READ,
+        source=source,
+    )
+    return changed > 0
+
+
+def inbox_mark_all_read(*, recipient_id: int, source: str) -> int:
+    return _inbox_transition(
+        recipient_id=recipient_id,
+        notification_id=None,
+        from_statuses=UNREAD_STATUSES,
+        to_status=DeliveryStatus.READ,
+        source=source,
+    )
+
+
+def inbox_archive(*, recipient_id: int, notification_id: uuid.UUID) -> bool:
+    """Hide an entry from the inbox (it stays readable under ?archived=true); idempotent."""
+    now = timezone.now()
+    changed = Delivery.objects.filter(
+        channel=Channel.WEB,
+        notification__recipient_id=recipient_id,
+        notification_id=notification_id,
+        status__in=INBOX_STATUSES,
+        archived_at__isnull=True,
+    ).update(archived_at=now, updated_at=now)
+    return changed > 0
+
+
+def recipient_contact_normalise(*, values: dict[str, Any]) -> dict[str, str]:
+    """Contact fields as recipient_upsert stores them (E.164 phone, a known time zone), or
+    ValidationFailed; for write paths that save a Recipient themselves, as the admin does."""
+    return _normalise_contact(values)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_shutdown,
+)
 from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -62,3 +68,47 @@ def _check_providers(**kwargs: object) -> None:
     from workers import providers
 
     providers.check()
+
+
+@setup_logging.connect
+def _configure_logging(**kwargs: object) -> None:
+    """A receiver here stops Celery from installing its own text handlers: workers and beat
+    log through settings.LOGGING, one JSON object per line like the API (LOG_LEVEL applies,
+    not `-l`)."""
+    from notifications.logs import configure
+
+    configure(settings.LOGGING)
+
+
+@task_prerun.connect
+def _bind_task_log_context(task_id: str = "", task: object = None, **kwargs: object) -> None:
+    """Each task's lines carry its id and name, and nothing bound by the task before it."""
+    import structlog
+
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", ""))
+
+
+@task_postrun.connect
+def _clear_task_log_context(**kwargs: object) -> None:
+    import structlog
+
+    structlog.contextvars.clear_contextvars()
+
+
+@worker_init.connect
+def _start_worker_metrics(**kwargs: object) -> None:
+    """Metrics in the multiprocess directory: forget the live gauges of processes that died
+    without a clean exit, then, on a host with workers but no API server (multi-host
+    deployments), serve this host's directory on WORKER_METRICS_PORT from the main process."""
+    from notifications import metrics
+
+    metrics.multiprocess_dir_cleanup()
+    metrics.worker_metrics_server_start()
+
+
+@worker_process_shutdown.connect
+def _pool_process_exited(pid: int | None = None, **kwargs: object) -> None:
+    from notifications import metrics
+
+    metrics.process_exited(pid or os.getpid())

@@ -3,7 +3,9 @@ here once; embedded defaults (SQLite and a local Redis under var/) when nothing 
 
 from __future__ import annotations
 
+import os
 import secrets
+import warnings
 from pathlib import Path
 
 import environ
@@ -19,6 +21,15 @@ if (BASE_DIR / ".env").exists():
 
 VAR_DIR = Path(env.str("CLARION_VAR_DIR", default=str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+# Prometheus multiprocess mode: every process (API servers, each Celery pool child) writes its
+# metrics to files here and /metrics adds them up. prometheus_client reads the variable when
+# it is imported, and settings load before any Clarion code imports it, so setting it here
+# covers every process. One directory per host (or container), never shared between them;
+# empty it when the whole service (re)starts on that host, not while any process runs.
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default=str(VAR_DIR / "prometheus"))
+Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
 
 # Embedded mode: no database configured, so this is a developer's machine or a fresh clone.
 EMBEDDED = "DATABASE_URL" not in env
@@ -61,8 +72,12 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost, so request_id, the request log line and the metrics cover every answer.
+    "notifications.api.middleware.RequestContextMiddleware",
     "notifications.api.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ (the browser client, the admin's assets): uvicorn serves no files.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -139,7 +154,24 @@ CACHES = {
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "clarion-ws:"},
+        "CONFIG": {
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    # Longer than channels-redis' 5 s blocking receive (BZPOPMIN): redis-py's
+                    # default read timeout is also 5 s, and hitting it ends the consumer, so
+                    # an idle socket would drop.
+                    "socket_timeout": env.float("CHANNEL_LAYER_SOCKET_TIMEOUT", default=15.0),
+                    "socket_connect_timeout": 5,
+                }
+            ],
+            "prefix": "clarion-ws:",
+            # A connection's channel holds this many frames, for this many seconds, before
+            # the layer drops them. Nothing relies on the layer alone: the database is the
+            # inbox and a client gets what it missed when it reconnects with `since`.
+            "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=100),
+            "expiry": env.int("CHANNEL_LAYER_EXPIRY_SECONDS", default=60),
+        },
     }
 }
 
@@ -168,6 +200,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "notifications.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_THROTTLE_CLASSES": ["notifications.api.throttling.ApiKeyRateThrottle"],
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Clarion API",
@@ -178,7 +211,37 @@ SPECTACULAR_SETTINGS = {
     "SERVE_AUTHENTICATION": [],
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "ENUM_NAME_OVERRIDES": {"ChannelEnum": ["email", "sms", "push", "web"]},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "notifications.api.throttling.document_rate_limit",
+    ],
 }
+
+# --- In-app (WebSocket and inbox) ----------------------------------------------------------
+# Lifetime of a recipient token (WebSocket + inbox API): long enough for a page session,
+# short enough that a leaked token soon stops opening new connections.
+RECIPIENT_TOKEN_TTL_SECONDS = env.int("RECIPIENT_TOKEN_TTL_SECONDS", default=3600)
+# A socket opened without ?token= must authenticate with its first frame within this; until
+# then it holds a server connection without being anyone.
+WS_AUTH_TIMEOUT_SECONDS = env.float("WS_AUTH_TIMEOUT_SECONDS", default=5.0)
+# Client frames are tiny (auth, ack, read, pong); anything larger is abuse or a bug.
+WS_MAX_FRAME_BYTES = env.int("WS_MAX_FRAME_BYTES", default=4096)
+# Per connection: a sustained rate and a burst of client frames. The burst lets a client ack
+# a full backlog at once; past the rate the server stops reading that socket (backpressure),
+# so one client cannot turn into more than this many database writes a second.
+WS_CLIENT_FRAMES_PER_SECOND = env.float("WS_CLIENT_FRAMES_PER_SECOND", default=20.0)
+WS_CLIENT_FRAMES_BURST = env.int("WS_CLIENT_FRAMES_BURST", default=200)
+# Application-level heartbeat: a {"type": "ping"} this often; a client silent for interval +
+# timeout is dead (laptop asleep, network gone) and is closed. Below common proxy idle
+# timeouts (60 s), so the pings also keep idle connections open through them.
+WS_PING_INTERVAL_SECONDS = env.float("WS_PING_INTERVAL_SECONDS", default=25.0)
+WS_PING_TIMEOUT_SECONDS = env.float("WS_PING_TIMEOUT_SECONDS", default=20.0)
+# Most unread notifications replayed on connect (oldest first); the inbox API pages the rest.
+WS_BACKLOG_MAX = env.int("WS_BACKLOG_MAX", default=1000)
+# Notification ids remembered per connection to drop a live frame already sent (backlog
+# overlap, a worker retry that had already published).
+WS_SENT_IDS_MAX = env.int("WS_SENT_IDS_MAX", default=5000)
+INBOX_PAGE_SIZE = env.int("INBOX_PAGE_SIZE", default=50)
 
 # --- Delivery -------------------------------------------------------------------------------
 RETRY_MAX_ATTEMPTS = env.int("RETRY_MAX_ATTEMPTS", default=3)
@@ -217,7 +280,8 @@ CASSANDRA_REQUEST_TIMEOUT_SECONDS = env.float("CASSANDRA_REQUEST_TIMEOUT_SECONDS
 EMAIL_PROVIDER = env.str("EMAIL_PROVIDER", default="sandbox")
 SMS_PROVIDER = env.str("SMS_PROVIDER", default="sandbox")
 PUSH_PROVIDER = env.str("PUSH_PROVIDER", default="sandbox")
-WEB_PROVIDER = env.str("WEB_PROVIDER", default="sandbox")
+# The in-app channel is delivered over WebSocket; `sandbox` only records.
+WEB_PROVIDER = env.str("WEB_PROVIDER", default="websocket")
 
 SMTP_HOST = env.str("SMTP_HOST", default="localhost")
 SMTP_PORT = env.int("SMTP_PORT", default=25)
@@ -259,23 +323,72 @@ CELERY_QUEUES = (*CHANNEL_QUEUES, "maintenance")
 # --- Static, i18n, logging ------------------------------------------------------------------
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves the apps' static files straight from their folders (indexed once at
+# start), so neither `make run` nor a deployment needs a collectstatic step.
+WHITENOISE_USE_FINDERS = True
+# STATIC_ROOT exists only after a collectstatic; without one, finders are the source.
+warnings.filterwarnings("ignore", message="No directory at", category=UserWarning)
 USE_TZ = True
 TIME_ZONE = "UTC"
 LANGUAGE_CODE = "en-us"
 USE_I18N = True
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+# json: one JSON object per line on stderr, for log shippers (the default everywhere);
+# console: readable lines for a person at a terminal (`LOG_FORMAT=console make run`).
+LOG_FORMAT = env.str("LOG_FORMAT", default="json")
+if LOG_FORMAT not in ("json", "console"):
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use json or console")
+# Django calls this with LOGGING in every process; Celery workers and beat too (setup_logging
+# signal in project/celery.py), so Celery's own lines take the same format.
+LOGGING_CONFIG = "notifications.logs.configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    "formatters": {"clarion": {"()": "notifications.logs.formatter", "fmt": LOG_FORMAT}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "clarion",
+            "stream": "ext://sys.stderr",
+        }
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # Django's defaults add a plain-text console handler under DEBUG; ours is the root's.
+        "django": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
         "django.db.backends": {"level": "INFO"},
+        # uvicorn configures its own text handlers before Django loads; these replace them.
+        "uvicorn": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "uvicorn.error": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
+        # The API logs every request itself, with request_id and client_ip.
+        "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": True},
         # The Twilio SDK logs every request at INFO.
         "twilio.http_client": {"level": "WARNING"},
     },
 }
+
+# --- Metrics --------------------------------------------------------------------------------
+# Who may read /metrics: addresses or CIDR networks, comma-separated; empty lets anyone.
+METRICS_ALLOWED_IPS = env.list("METRICS_ALLOWED_IPS", default=[])
+# Seconds a scrape waits for the broker before leaving the queue depths out.
+METRICS_SOURCE_TIMEOUT_SECONDS = env.float("METRICS_SOURCE_TIMEOUT_SECONDS", default=2.0)
+# Set on hosts that run workers but no API server: the worker's main process serves that
+# host's multiprocess directory on this port (0: off). Hosts with an API server leave it off,
+# or the same counters would be scraped twice.
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=0)
+WORKER_METRICS_ADDR = env.str("WORKER_METRICS_ADDR", default="0.0.0.0")  # noqa: S104 - opt-in
+
+# --- API gateway ----------------------------------------------------------------------------
+# Requests per second per API key when the key sets no rate_limit_per_second of its own; 0
+# turns the limit off. A key's bucket holds this many seconds' worth, so a quiet client may
+# send a burst of rate times burst requests at once.
+API_RATE_LIMIT_PER_SECOND = env.int("API_RATE_LIMIT_PER_SECOND", default=100)
+API_RATE_LIMIT_BURST_SECONDS = env.float("API_RATE_LIMIT_BURST_SECONDS", default=1.0)
+# Reverse proxies in front of the API that append to X-Forwarded-For; the client address is
+# taken that many entries from the right (0: REMOTE_ADDR, for a server reached directly).
+NUM_PROXIES = env.int("NUM_PROXIES", default=0)
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto (and strips a client's own).
+TRUST_X_FORWARDED_PROTO = env.bool("TRUST_X_FORWARDED_PROTO", default=False)
+if TRUST_X_FORWARDED_PROTO:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

@@ -1,9 +1,12 @@
-"""URL wiring: the v1 API, schema and docs, health endpoints and the admin."""
+"""URL wiring: the v1 API, schema and docs, health and metrics endpoints, the inbox page and
+the admin."""
 
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from channels_app.views import inbox_page
+from notifications import metrics
 from notifications.api import health
 
 urlpatterns = [
@@ -12,6 +15,8 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
+    path("inbox/", inbox_page, name="inbox-page"),
     path("admin/", admin.site.urls),
 ]
 

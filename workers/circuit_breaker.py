@@ -120,3 +120,21 @@ def circuit_state(*, provider: str) -> CircuitState:
     if isinstance(state, bytes):
         state = state.decode()
     return CircuitState(state) if state else CircuitState.CLOSED
+
+
+def circuit_states_present(providers: list[str]) -> dict[str, CircuitState]:
+    """The state of each of these providers that has a breaker in Redis (one round trip);
+    a provider never called has none and is left out."""
+    pipe = redis_client().pipeline(transaction=False)
+    for provider in providers:
+        pipe.exists(_key(provider))
+        pipe.hget(_key(provider), "state")
+    replies = pipe.execute()
+    states = {}
+    for index, provider in enumerate(providers):
+        exists, state = replies[2 * index], replies[2 * index + 1]
+        if exists:
+            if isinstance(state, bytes):
+                state = state.decode()
+            states[provider] = CircuitState(state) if state else CircuitState.CLOSED
+    return states

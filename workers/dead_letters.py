@@ -134,3 +134,15 @@ def dead_letter_counts(*, owner: Owner | None = None) -> dict[str, Any]:
         "threshold": threshold,
         "over_threshold": sorted(c for c, n in counts.items() if n > threshold),
     }
+
+
+def dead_letter_groups(*, limit: int = 20) -> list[dict[str, Any]]:
+    """Open dead letters counted per channel and exact error, largest groups first: what an
+    operator looks at to decide what to replay."""
+    rows = (
+        DeadLetter.objects.filter(status=DeadLetterStatus.OPEN)
+        .values("channel", "error")
+        .annotate(count=Count("id"))
+        .order_by("-count", "channel", "error")[:limit]
+    )
+    return [{"channel": r["channel"], "error": r["error"], "count": r["count"]} for r in rows]

@@ -1,5 +1,6 @@
-"""A token bucket per provider, shared by every worker process through one Redis script.
-Celery's own `rate_limit` is per worker process, so it multiplies with the pool size."""
+"""Token buckets shared by every process through one Redis script: one per provider for the
+workers (Celery's own `rate_limit` is per worker process, so it multiplies with the pool
+size), and one per API key for the API (notifications.api.throttling)."""
 
 from __future__ import annotations
 
@@ -101,9 +102,22 @@ def rate_limit_take_many(
     rate = _rates().get(channel)
     if rate is None:
         return want, 0.0
-    granted, wait = _script()(
-        keys=[_key(channel, provider)], args=[rate.per_second, rate.capacity, max_wait, want]
+    return token_bucket_take(
+        key=_key(channel, provider),
+        per_second=rate.per_second,
+        capacity=rate.capacity,
+        max_wait=max_wait,
+        want=want,
     )
+
+
+def token_bucket_take(
+    *, key: str, per_second: float, capacity: float, max_wait: float, want: int
+) -> tuple[int, float]:
+    """Take up to `want` tokens from the bucket at `key` (refilled at `per_second`, holding at
+    most `capacity`), counting those due within max_wait: (granted, seconds until the last
+    granted one is due); (0, seconds until one is free) when none comes within max_wait."""
+    granted, wait = _script()(keys=[key], args=[per_second, capacity, max_wait, want])
     return int(granted), abs(float(wait))
 
 

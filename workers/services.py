@@ -12,12 +12,15 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from notifications import cache as keys
+from notifications import metrics
+from notifications.logs import scoped_log_context
 from notifications.models import (
     PENDING_STATUSES,
     Channel,
@@ -107,11 +110,15 @@ def _outbound_message(delivery: Delivery) -> OutboundMessage | SendResult:
     )
 
 
+@scoped_log_context
 def delivery_process(*, delivery_id: int) -> ProcessOutcome:
+    # Every line logged while this delivery is handled carries its ids (stdlib calls too).
+    structlog.contextvars.bind_contextvars(delivery_id=delivery_id)
     delivery = delivery_claim(delivery_id=delivery_id)
     if delivery is None:
         _republish_if_early(delivery_id)
         return ProcessOutcome.NOT_CLAIMED
+    structlog.contextvars.bind_contextvars(notification_id=str(delivery.notification_id))
     number = delivery.attempts
     if number > _max_attempts():
         # Workers died mid-send on every attempt: stop handing it out.
@@ -134,7 +141,8 @@ def delivery_process(*, delivery_id: int) -> ProcessOutcome:
         want=1 + len(candidates),
     )
     if not granted:
-        return _defer(delivery, wait, reason="rate limited")
+        metrics.rate_limiter_waited(channel=delivery.channel, provider=provider_name)
+        return _defer(delivery, wait, reason="rate limited", provider_name=provider_name)
     companions = _claim_companions(delivery, candidates[: granted - 1])
     rate_limit_refund(
         channel=delivery.channel, provider=provider_name, count=granted - 1 - len(companions)
@@ -147,12 +155,20 @@ def delivery_process(*, delivery_id: int) -> ProcessOutcome:
         else:
             batch.append((companion, companion_message))
     if wait > 0:
+        metrics.rate_limiter_waited(
+            channel=delivery.channel, provider=provider_name, count=len(batch)
+        )
         time.sleep(wait)
     wait = circuit_allow(provider=provider_name)
     if wait > 0:
         for held, _ in batch:
             # Spread the deferred deliveries so they do not all ask again at once.
-            _defer(held, wait + random.uniform(0, 1), reason="circuit open")
+            _defer(
+                held,
+                wait + random.uniform(0, 1),
+                reason="circuit open",
+                provider_name=provider_name,
+            )
         return ProcessOutcome.DEFERRED
     started_at = timezone.now()
     t0 = time.perf_counter()
@@ -255,7 +271,7 @@ def _complete(
     return _finish(delivery, result, number=number, provider_name=provider_name, record=True)
 
 
-def _defer(delivery: Delivery, delay: float, *, reason: str) -> ProcessOutcome:
+def _defer(delivery: Delivery, delay: float, *, reason: str, provider_name: str) -> ProcessOutcome:
     """Put a claimed delivery back for later without spending its attempt."""
     now = timezone.now()
     Delivery.objects.filter(pk=delivery.pk, lease_token=delivery.lease_token).update(
@@ -273,6 +289,9 @@ def _defer(delivery: Delivery, delay: float, *, reason: str) -> ProcessOutcome:
         delay,
         reason,
         extra={"delivery_id": delivery.pk, "notification_id": str(delivery.notification_id)},
+    )
+    metrics.delivery_outcome(
+        channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_DEFERRED
     )
     return ProcessOutcome.DEFERRED
 
@@ -312,7 +331,7 @@ def _finish(
         common["provider"] = provider_name
     context = {"delivery_id": delivery.pk, "notification_id": str(delivery.notification_id)}
     if result.ok:
-        ours.update(
+        changed = ours.update(
             status=DeliveryStatus.SENT,
             provider_message_id=result.provider_message_id,
             sent_at=now,
@@ -320,10 +339,32 @@ def _finish(
             last_error="",
             **common,
         )
-        get_delivery_log().record_statuses(
-            delivery_status_events([delivery], DeliveryStatus.SENT, detail=provider_name)
-        )
+        if changed:
+            get_delivery_log().record_statuses(
+                delivery_status_events([delivery], DeliveryStatus.SENT, detail=provider_name)
+            )
+        else:
+            # The client acknowledged the in-app frame before this write (its ack releases
+            # the lease): keep `delivered`/`read`, only fill in how it was sent.
+            Delivery.objects.filter(
+                pk=delivery.pk,
+                status__in=(DeliveryStatus.DELIVERED, DeliveryStatus.READ),
+                sent_at__isnull=True,
+            ).update(
+                provider=provider_name,
+                provider_message_id=result.provider_message_id,
+                sent_at=now,
+                attempts=number,
+            )
         log.info("delivery %s sent via %s", delivery.pk, provider_name, extra=context)
+        metrics.delivery_outcome(
+            channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_SENT
+        )
+        metrics.delivery_sent_latency(
+            channel=delivery.channel,
+            accepted_at=delivery.notification.created_at,
+            send_at=delivery.notification.send_at,
+        )
         return ProcessOutcome.SENT
     decision = retry.decide(result, attempts_made=number)
     if decision.retry:
@@ -348,6 +389,9 @@ def _finish(
             decision.delay_seconds,
             extra=context,
         )
+        metrics.delivery_outcome(
+            channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_RETRIED
+        )
         return ProcessOutcome.RETRY
     with transaction.atomic():
         if ours.update(
@@ -360,6 +404,9 @@ def _finish(
             )
     log.warning(
         "delivery %s dead after %s attempts: %s", delivery.pk, number, result.error, extra=context
+    )
+    metrics.delivery_outcome(
+        channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_DEAD
     )
     return ProcessOutcome.DEAD
 

@@ -282,3 +282,35 @@ class DeadLetterCountsSerializer(serializers.Serializer):
 
 class CountSerializer(serializers.Serializer):
     count = serializers.IntegerField()
+
+
+class RecipientTokenSerializer(serializers.Serializer):
+    token = serializers.CharField(
+        help_text="For the recipient's browser: `Authorization: Bearer <token>` on /inbox, and "
+        'the first WebSocket frame `{"type": "auth", "token": ...}` (or `?token=`).'
+    )
+    expires_at = serializers.DateTimeField()
+    recipient = serializers.CharField(help_text="The recipient id")
+
+
+class InboxFilterSerializer(serializers.Serializer):
+    unread = serializers.BooleanField(
+        required=False, allow_null=True, default=None, help_text="true: unread only; false: read"
+    )
+    archived = serializers.BooleanField(
+        required=False, default=False, help_text="true: the archived entries instead"
+    )
+
+
+class InboxEntrySerializer(serializers.Serializer):
+    id = serializers.UUIDField(help_text="The notification id")
+    title = serializers.CharField()
+    body = serializers.CharField()
+    data = serializers.DictField()  # type: ignore[assignment]
+    created_at = serializers.DateTimeField()
+    status = serializers.ChoiceField(choices=["queued", "retrying", "sent", "delivered", "read"])
+    read_at = serializers.DateTimeField(allow_null=True)
+
+
+class InboxReadAllSerializer(serializers.Serializer):
+    marked_read = serializers.IntegerField(help_text="How many entries this request marked read")

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from notifications.api import dead_letters, views
+from notifications.api import dead_letters, inbox, views
 
 urlpatterns = [
     path("notifications", views.NotificationCreateView.as_view(), name="notification-create"),
@@ -19,6 +19,16 @@ urlpatterns = [
         name="recipient-preferences",
     ),
     path("recipients/<str:rid>/devices", views.DevicesView.as_view(), name="recipient-devices"),
+    path("recipients/<str:rid>/token", inbox.RecipientTokenView.as_view(), name="recipient-token"),
+    path("inbox", inbox.InboxListView.as_view(), name="inbox"),
+    path("inbox/unread-count", inbox.InboxUnreadCountView.as_view(), name="inbox-unread-count"),
+    path("inbox/read-all", inbox.InboxReadAllView.as_view(), name="inbox-read-all"),
+    path("inbox/<str:notification_id>/read", inbox.InboxReadView.as_view(), name="inbox-read"),
+    path(
+        "inbox/<str:notification_id>/archive",
+        inbox.InboxArchiveView.as_view(),
+        name="inbox-archive",
+    ),
     path("templates", views.TemplateListView.as_view(), name="template-list"),
     path("templates/<slug:key>", views.TemplateDetailView.as_view(), name="template-detail"),
     path("sandbox/messages", views.SandboxMessagesView.as_view(), name="sandbox-messages"),

@@ -105,8 +105,21 @@ def test_make_run_serves_the_whole_pipeline(tmp_path: Path) -> None:
             ("email", "sent", "sandbox"),
             ("sms", "sent", "sandbox"),
             ("push", "skipped", None),
-            ("web", "sent", "sandbox"),
+            ("web", "sent", "websocket"),
         ]
+        # The banner's inbox page, and the browser client it loads, served by the ASGI server.
+        inbox = wait_until(
+            lambda: re.search(r"Inbox\s+(http://\S+/inbox/)#token=(\S+)", log()), timeout=5
+        )
+        assert inbox.group(1) == f"{base}/inbox/"
+        status, page = get(inbox.group(1))
+        assert status == 200 and b"/static/clarion/clarion.js" in page
+        status, script = get(f"{base}/static/clarion/clarion.js")
+        assert status == 200 and b"Clarion browser client" in script
+        status, unread = get(
+            f"{base}/api/v1/inbox/unread-count", Authorization=f"Bearer {inbox.group(2)}"
+        )
+        assert (status, unread) == (200, {"count": 1})
         assert (var / "clarion.sqlite3").exists()
         wait_until(
             lambda: get(f"http://127.0.0.1:{flower}/healthcheck")[0] == 200,

@@ -90,7 +90,7 @@ def test_email_reaches_the_smtp_server_and_the_status_api_shows_sent(
 def test_every_channel_runs_to_sent_through_the_sandbox_providers(
     api: Any, template: Any, celery_worker_process: Callable[..., Process]
 ) -> None:
-    celery_worker_process("email,sms,push,web", concurrency=2)
+    celery_worker_process("email,sms,push,web", concurrency=2, WEB_PROVIDER="sandbox")
     api.put(
         "/api/v1/recipients/user-7",
         {"email": "u7@example.com", "phone": "+14155550101"},

@@ -97,12 +97,18 @@ def _fcm() -> Provider:
     )
 
 
+def _websocket() -> Provider:
+    from workers.providers.web import WebSocketProvider
+
+    return WebSocketProvider(timeout=settings.PROVIDER_TIMEOUT_SECONDS)
+
+
 # channel -> provider name -> factory.
 FACTORIES: dict[str, dict[str, Callable[[], Provider]]] = {
     "email": {"sandbox": _sandbox, "smtp": _smtp, "sendgrid": _sendgrid},
     "sms": {"sandbox": _sandbox, "twilio": _twilio},
     "push": {"sandbox": _sandbox, "fcm": _fcm},
-    "web": {"sandbox": _sandbox},
+    "web": {"sandbox": _sandbox, "websocket": _websocket},
 }
 
 

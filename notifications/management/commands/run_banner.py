@@ -1,4 +1,5 @@
-"""Print what `make run` serves: the URLs, a fresh demo API key, and a first request."""
+"""Print what `make run` serves: the URLs, a fresh demo API key, the demo recipient's inbox
+page, and a first request."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
+from channels_app.tokens import recipient_token_issue
+from notifications.models import Recipient
 from notifications.services import api_key_create
 
 
@@ -24,6 +27,15 @@ class Command(BaseCommand):
             password = secrets.token_urlsafe(12)
             user_model.objects.create_superuser("admin", "admin@localhost", password)
             admin_line = f"user admin, password {password} (shown once)"
+        inbox_line = ""
+        demo = Recipient.objects.filter(owner__name="demo", external_id="user-42").first()
+        if demo is not None:
+            issued = recipient_token_issue(owner_id=demo.owner_id, recipient_id=demo.pk)
+            hours = settings.RECIPIENT_TOKEN_TTL_SECONDS / 3600
+            inbox_line = (
+                f"\n  Inbox     {base}/inbox/#token={issued.token}"
+                f"\n            (user-42's in-app inbox, live; the token is valid {hours:g} h)"
+            )
         self.stdout.write(
             f"""
 Clarion is starting.
@@ -32,7 +44,7 @@ Clarion is starting.
   Admin     {base}/admin/   ({admin_line})
   Health    {base}/readyz
   Flower    http://127.0.0.1:{settings.FLOWER_PORT}/
-  API key   {raw_key}
+  API key   {raw_key}{inbox_line}
 
 Try it:
   curl -s -X POST {base}/api/v1/notifications \\

@@ -1,0 +1,282 @@
+"""The in-app WebSocket at /ws/notifications/: authenticates one recipient, replays what it
+missed from the database, then streams live notifications and takes its acks and reads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from redis.exceptions import RedisError
+
+from channels_app.broadcast import notification_frame, recipient_group
+from notifications import metrics, selectors, services
+from notifications.selectors import InboxRecipient
+
+log = logging.getLogger(__name__)
+
+# Close codes. 4000-4999 are the application's own (RFC 6455 §7.4.2); 1009 is the standard
+# "message too big".
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_HEARTBEAT_TIMEOUT = 4408
+CLOSE_FRAME_TOO_BIG = 1009
+
+
+def _uuid(value: Any) -> uuid.UUID | None:
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+@database_sync_to_async
+def _recipient_for_token(token: str) -> InboxRecipient | None:
+    return selectors.recipient_for_token(token=token)
+
+
+@database_sync_to_async
+def _backlog(recipient_id: int, since: uuid.UUID | None) -> list[dict[str, Any]]:
+    entries = selectors.inbox_backlog(
+        recipient_id=recipient_id, since=since, limit=settings.WS_BACKLOG_MAX
+    )
+    return [
+        notification_frame(
+            notification_id=d.notification_id,
+            content=d.content,
+            data=d.notification.data,
+            created_at=d.notification.created_at,
+        )
+        for d in entries
+    ]
+
+
+@database_sync_to_async
+def _acknowledge(recipient_id: int, notification_id: uuid.UUID) -> None:
+    services.inbox_acknowledge(
+        recipient_id=recipient_id, notification_id=notification_id, source="websocket"
+    )
+
+
+@database_sync_to_async
+def _mark_read(recipient_id: int, notification_id: uuid.UUID) -> None:
+    services.inbox_mark_read(
+        recipient_id=recipient_id, notification_id=notification_id, source="websocket"
+    )
+
+
+class _FrameBudget:
+    """A token bucket over one connection's client frames; `take()` says how long to wait."""
+
+    def __init__(self, *, rate: float, burst: int):
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+
+    def take(self) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class NotificationConsumer(AsyncWebsocketConsumer):
+    """One socket of one recipient. Messages are handled one at a time (Channels dispatches
+    sequentially), so live frames that arrive while the backlog is being sent wait their turn
+    and are then dropped if the backlog already carried them."""
+
+    recipient: InboxRecipient | None = None
+    closing = False
+    # Counted in clarion_websocket_connections once authenticated, until it closes.
+    counted = False
+
+    async def connect(self) -> None:
+        self.sent_ids: OrderedDict[str, None] = OrderedDict()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.budget = _FrameBudget(
+            rate=settings.WS_CLIENT_FRAMES_PER_SECOND, burst=settings.WS_CLIENT_FRAMES_BURST
+        )
+        self.last_heard = time.monotonic()
+        # keep_blank_values: an empty ?token= is a bad token, not first-frame auth.
+        params = parse_qs(
+            self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+        )
+        self.since = _uuid((params.get("since") or [None])[0])
+        token = (params.get("token") or [None])[0]
+        if token is None:
+            # First-frame auth: the token stays out of URLs and access logs, at the cost of
+            # accepting before knowing who this is (bounded by WS_AUTH_TIMEOUT_SECONDS).
+            await self.accept()
+            self._spawn(self._auth_deadline())
+            return
+        recipient = await _recipient_for_token(token)
+        if recipient is None:
+            # Before accept: the handshake is refused (HTTP 403), nothing is streamed.
+            await self.close()
+            return
+        # Join before accepting, so anything published once the client sees the socket open
+        # reaches it.
+        await self._join(recipient)
+        await self.accept()
+        await self._start(recipient)
+
+    async def disconnect(self, code: int) -> None:
+        self.closing = True
+        if self.counted:
+            self.counted = False
+            metrics.websocket_connection_closed()
+        for task in self.tasks:
+            task.cancel()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.closing:
+            return
+        self.last_heard = time.monotonic()
+        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if size > settings.WS_MAX_FRAME_BYTES:
+            await self._close(CLOSE_FRAME_TOO_BIG)
+            return
+        wait = self.budget.take()
+        if wait:
+            # Backpressure: this socket is not read meanwhile, so a flooding client slows
+            # itself down instead of turning into database writes.
+            await asyncio.sleep(wait)
+        frame = self._parse(text_data)
+        if self.recipient is None:
+            await self._authenticate(frame)
+            return
+        if frame is None:
+            await self._send_json({"type": "error", "error": "bad_frame"})
+            return
+        kind = frame["type"]
+        if kind == "pong":
+            return
+        if kind in ("ack", "read"):
+            notification_id = _uuid(frame.get("id"))
+            if notification_id is None:
+                await self._send_json({"type": "error", "error": "bad_id"})
+                return
+            # Scoped to the token's recipient: an id of someone else's notification matches
+            # no row and changes nothing.
+            if kind == "ack":
+                await _acknowledge(self.recipient.recipient_id, notification_id)
+            else:
+                await _mark_read(self.recipient.recipient_id, notification_id)
+            log.info(
+                "client %s on %s", kind, self.group, extra={"notification_id": str(notification_id)}
+            )
+            return
+        await self._send_json({"type": "error", "error": "unknown_type"})
+
+    async def inbox_notification(self, event: dict[str, Any]) -> None:
+        """A live frame from the broadcast helper."""
+        await self._push(event["frame"])
+
+    # --- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(text_data: str | None) -> dict[str, Any] | None:
+        if text_data is None:
+            return None
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            return None
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            return None
+        return frame
+
+    async def _authenticate(self, frame: dict[str, Any] | None) -> None:
+        if frame is None or frame["type"] != "auth" or not isinstance(frame.get("token"), str):
+            await self._close(CLOSE_UNAUTHENTICATED)
+            return
+        recipient = await _recipient_for_token(frame["token"])
+        if recipient is None:
+            await self._close(CLOSE_UNAUTHENTICATED)
+            return
+        since = _uuid(frame.get("since"))
+        if since is not None:
+            self.since = since
+        await self._join(recipient)
+        await self._start(recipient)
+
+    async def _join(self, recipient: InboxRecipient) -> None:
+        self.recipient = recipient
+        self.group = recipient_group(recipient.recipient_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        # websocket_disconnect discards every group listed here.
+        self.groups.append(self.group)
+
+    async def _start(self, recipient: InboxRecipient) -> None:
+        self.counted = True
+        metrics.websocket_connection_opened()
+        await self._send_json({"type": "ready"})
+        for frame in await _backlog(recipient.recipient_id, self.since):
+            await self._push(frame)
+        self._spawn(self._heartbeat())
+
+    async def _push(self, frame: dict[str, Any]) -> None:
+        """Send a notification frame once per connection."""
+        if self.closing or frame["id"] in self.sent_ids:
+            return
+        self.sent_ids[frame["id"]] = None
+        if len(self.sent_ids) > settings.WS_SENT_IDS_MAX:
+            self.sent_ids.popitem(last=False)
+        await self._send_json(frame)
+        log.info("notification pushed to %s", self.group, extra={"notification_id": frame["id"]})
+
+    async def _send_json(self, frame: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(frame))
+
+    async def _close(self, code: int) -> None:
+        if not self.closing:
+            self.closing = True
+            await self.close(code=code)
+
+    def _spawn(self, coroutine: Any) -> None:
+        self.tasks.append(asyncio.ensure_future(coroutine))
+
+    async def _auth_deadline(self) -> None:
+        await asyncio.sleep(settings.WS_AUTH_TIMEOUT_SECONDS)
+        if self.recipient is None:
+            await self._close(CLOSE_UNAUTHENTICATED)
+
+    async def _heartbeat(self) -> None:
+        """Ping every WS_PING_INTERVAL_SECONDS; a client that sends nothing back within
+        WS_PING_TIMEOUT_SECONDS is gone and its socket is closed."""
+        next_ping = time.monotonic() + settings.WS_PING_INTERVAL_SECONDS
+        try:
+            while not self.closing:
+                await asyncio.sleep(next_ping - time.monotonic())
+                pinged_at = time.monotonic()
+                await self._send_json({"type": "ping"})
+                await self._refresh_group()
+                await asyncio.sleep(settings.WS_PING_TIMEOUT_SECONDS)
+                if self.last_heard < pinged_at:
+                    log.info("closing a silent WebSocket of %s", self.group)
+                    await self._close(CLOSE_HEARTBEAT_TIMEOUT)
+                next_ping = pinged_at + settings.WS_PING_INTERVAL_SECONDS
+        except OSError:
+            # The server already lost the socket; its disconnect cancels this task.
+            return
+
+    async def _refresh_group(self) -> None:
+        """channels-redis forgets group members after its group_expiry (a day): re-joining
+        keeps a long-lived socket in its recipient's group."""
+        try:
+            await self.channel_layer.group_add(self.group, self.channel_name)
+        except RedisError:
+            # Live frames cannot reach anyone while the layer is down; the client still gets
+            # them from the database when it reconnects. Try again at the next ping.
+            log.warning("channel layer unavailable; %s not refreshed", self.group)

@@ -1,0 +1,122 @@
+"""Helpers for the WebSocket tests: recipients with tokens, notifications delivered through the
+real delivery path, and WebSocket clients on the real ASGI application or a real server."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from channels.testing.websocket import WebsocketCommunicator
+
+from channels_app.tokens import recipient_token_issue
+from notifications import services
+from notifications.models import Delivery, Notification, Owner, Recipient
+from project.asgi import application
+from tests.conftest import BIN, Process, free_port, process_env, wait_until
+from workers.services import delivery_process
+
+ORIGIN = "http://127.0.0.1"
+
+
+def recipient_with_token(owner: Owner, external_id: str) -> tuple[Recipient, str]:
+    recipient, _ = services.recipient_upsert(owner=owner, external_id=external_id)
+    token = recipient_token_issue(owner_id=owner.pk, recipient_id=recipient.pk).token
+    return recipient, token
+
+
+def create_web_notification(owner: Owner, external_id: str, order_id: str) -> Notification:
+    """Accepted through the creation service, not pushed yet (its delivery is queued)."""
+    body = services.notification_create(
+        owner=owner,
+        recipient=external_id,
+        template_key="order_shipped",
+        data={"order_id": order_id},
+        channels=["web"],
+    )
+    return Notification.objects.get(pk=body["id"])
+
+
+def push(notification: Notification) -> None:
+    """Run the notification's web delivery through the real delivery path in this process:
+    the websocket provider publishes it on the real channel layer."""
+    delivery = Delivery.objects.get(notification=notification, channel="web")
+    assert delivery_process(delivery_id=delivery.pk).value == "sent"
+
+
+def expected_frame(notification: Notification) -> dict[str, Any]:
+    order_id = notification.data["order_id"]
+    return {
+        "type": "notification",
+        "id": str(notification.pk),
+        "title": "Shipped",
+        "body": f"Order {order_id} is on its way",
+        "data": {"order_id": order_id},
+        "created_at": notification.created_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def communicator(
+    *, token: str | None = None, since: str | None = None, origin: str = ORIGIN
+) -> WebsocketCommunicator:
+    query = {k: v for k, v in (("token", token), ("since", since)) if v is not None}
+    path = "/ws/notifications/" + (f"?{urlencode(query)}" if query else "")
+    headers = [(b"origin", origin.encode()), (b"host", b"127.0.0.1")]
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+def start_server(
+    spawn: Callable[..., Process], tmp_path: Path, name: str, *, port: int | None = None
+) -> tuple[str, Process]:
+    """A real uvicorn process serving project.asgi; returns its base URL once it answers."""
+    port = port or free_port()
+    server = spawn(
+        name,
+        [
+            str(BIN / "uvicorn"),
+            "project.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+        ],
+        process_env(tmp_path),
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if server.popen.poll() is not None:
+            raise AssertionError(f"{name} exited:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    wait_until(healthy, timeout=30, message=f"{name} to answer")
+    return base, server
+
+
+def post_notification(api: Any, recipient: str, order_id: str) -> str:
+    response = api.post(
+        "/api/v1/notifications",
+        {"recipient": recipient, "template": "order_shipped", "data": {"order_id": order_id}},
+        format="json",
+    )
+    assert response.status_code == 202, response.content
+    assert response.json()["deliveries"] == [
+        {"channel": "email", "status": "skipped", "reason": "no_address"},
+        {"channel": "sms", "status": "skipped", "reason": "no_address"},
+        {"channel": "push", "status": "skipped", "reason": "no_address"},
+        {"channel": "web", "status": "queued"},
+    ]
+    return str(response.json()["id"])
+
+
+def json_frame(raw: str | bytes) -> dict[str, Any]:
+    return dict(json.loads(raw))

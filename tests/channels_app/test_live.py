@@ -1,0 +1,156 @@
+"""End to end on real processes: the API accepts, a real Celery worker on the `web` queue
+publishes on the real channel layer, and sockets on the ASGI application or on separate
+uvicorn processes receive the frame; acks and reads show in the status API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from asgiref.sync import async_to_sync, sync_to_async
+
+from notifications.models import Delivery, DeliveryEvent, Notification
+from tests.channels_app.support import (
+    communicator,
+    expected_frame,
+    post_notification,
+    recipient_with_token,
+    start_server,
+)
+from tests.conftest import Process
+
+pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
+
+
+def _web_status(notification_id: str) -> str:
+    return Delivery.objects.get(notification_id=notification_id, channel="web").status
+
+
+async def _until(predicate: Callable[[], Any], *, timeout: float, message: str) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await sync_to_async(predicate)()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(0.05)
+
+
+def test_posted_notification_reaches_the_socket_and_ack_read_show_in_the_status_api(
+    api: Any, owner: Any, template: Any, celery_worker_process: Callable[..., Process]
+) -> None:
+    celery_worker_process("web", concurrency=1)
+    _, token = recipient_with_token(owner, "user-42")
+
+    async def scenario() -> str:
+        ws = communicator(token=token)
+        assert await ws.connect() == (True, None)
+        assert await ws.receive_json_from() == {"type": "ready"}
+        notification_id = await sync_to_async(post_notification)(api, "user-42", "A-1001")
+        frame = await ws.receive_json_from(timeout=20)
+        notification = await sync_to_async(Notification.objects.get)(pk=notification_id)
+        assert frame == expected_frame(notification)
+        assert frame == {
+            "type": "notification",
+            "id": notification_id,
+            "title": "Shipped",
+            "body": "Order A-1001 is on its way",
+            "data": {"order_id": "A-1001"},
+            "created_at": frame["created_at"],
+        }
+        # The worker marks it sent once its publish returned; wait for that so the statuses
+        # below follow one order (an ack that wins the race is covered in test_web.py).
+        await _until(lambda: _web_status(notification_id) == "sent", timeout=10, message="sent")
+        await ws.send_json_to({"type": "ack", "id": notification_id})
+        await _until(
+            lambda: _web_status(notification_id) == "delivered", timeout=5, message="delivered"
+        )
+        detail = (await sync_to_async(api.get)(f"/api/v1/notifications/{notification_id}")).json()
+        assert detail["created_at"] == frame["created_at"]
+        assert detail["status"] == "delivered"
+        [web] = [d for d in detail["deliveries"] if d["channel"] == "web"]
+        assert (web["status"], web["provider"], web["attempt_count"]) == (
+            "delivered",
+            "websocket",
+            1,
+        )
+        assert web["sent_at"] is not None and web["delivered_at"] is not None
+        assert web["read_at"] is None
+
+        await ws.send_json_to({"type": "read", "id": notification_id})
+        await _until(lambda: _web_status(notification_id) == "read", timeout=5, message="read")
+        assert await ws.receive_nothing(0.3)
+        await ws.disconnect()
+        return notification_id
+
+    notification_id = async_to_sync(scenario)()
+    detail = api.get(f"/api/v1/notifications/{notification_id}").json()
+    assert detail["status"] == "read"
+    [web] = [d for d in detail["deliveries"] if d["channel"] == "web"]
+    assert web["status"] == "read"
+    assert web["sent_at"] <= web["delivered_at"] <= web["read_at"]
+    assert [a["outcome"] for a in web["attempts"]] == ["ok"]
+    events = DeliveryEvent.objects.filter(
+        delivery__notification_id=notification_id, delivery__channel="web"
+    ).order_by("at", "id")
+    assert [(e.status, e.detail) for e in events] == [
+        ("queued", ""),
+        ("sent", "websocket"),
+        ("delivered", "websocket"),
+        ("read", "websocket"),
+    ]
+
+
+def test_a_worker_reaches_sockets_on_two_server_processes(
+    api: Any,
+    owner: Any,
+    template: Any,
+    spawn: Callable[..., Process],
+    celery_worker_process: Callable[..., Process],
+    tmp_path: Path,
+) -> None:
+    celery_worker_process("web", concurrency=1)
+    servers = [start_server(spawn, tmp_path, f"uvicorn-{n}")[0] for n in (1, 2)]
+    _, token_a = recipient_with_token(owner, "user-a")
+    _, token_b = recipient_with_token(owner, "user-b")
+
+    async def connect(base: str, token: str) -> Any:
+        socket = await websockets.connect(
+            base.replace("http", "ws") + "/ws/notifications/", origin=base, open_timeout=5
+        )
+        await socket.send(json.dumps({"type": "auth", "token": token}))
+        assert json.loads(await asyncio.wait_for(socket.recv(), 5)) == {"type": "ready"}
+        return socket
+
+    async def next_frame(socket: Any) -> dict[str, Any]:
+        return dict(json.loads(await asyncio.wait_for(socket.recv(), 20)))
+
+    async def silent(socket: Any) -> bool:
+        try:
+            await asyncio.wait_for(socket.recv(), 0.5)
+        except TimeoutError:
+            return True
+        return False
+
+    async def scenario() -> None:
+        # user-a has a tab on each process; user-b one tab, on the second.
+        a1, a2 = await connect(servers[0], token_a), await connect(servers[1], token_a)
+        b2 = await connect(servers[1], token_b)
+        for_a = await sync_to_async(post_notification)(api, "user-a", "A-1")
+        expected_a = expected_frame(await sync_to_async(Notification.objects.get)(pk=for_a))
+        assert await next_frame(a1) == expected_a
+        assert await next_frame(a2) == expected_a
+        for_b = await sync_to_async(post_notification)(api, "user-b", "B-1")
+        expected_b = expected_frame(await sync_to_async(Notification.objects.get)(pk=for_b))
+        assert await next_frame(b2) == expected_b
+        assert await silent(a1) and await silent(a2) and await silent(b2)
+        for socket in (a1, a2, b2):
+            await socket.close()
+
+    async_to_sync(scenario)()

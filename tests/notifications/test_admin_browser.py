@@ -1,0 +1,137 @@
+"""The template editor in a real browser: Debian's Chromium, driven by Playwright, signs into
+the admin served by a real uvicorn process on the test database, edits a template, watches
+the live preview follow each edit, and saves."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from notifications.models import Template
+from tests.conftest import BIN, Process, free_port, process_env, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+# Long enough for a debounced preview round trip on a slow CI machine.
+UI_TIMEOUT_MS = 15_000
+
+
+def _serve(spawn: Callable[..., Process], tmp_path: Path) -> str:
+    port = free_port()
+    server = spawn(
+        "asgi",
+        [
+            str(BIN / "uvicorn"),
+            "project.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+        ],
+        process_env(tmp_path),
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if server.popen.poll() is not None:
+            pytest.fail(f"uvicorn exited early:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    wait_until(ready, timeout=30, message="the ASGI server")
+    return base
+
+
+def test_template_preview_follows_edits_and_saves(
+    owner: Any, template: Template, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    # A missing browser is a broken test machine, not a reason to skip.
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    from playwright.sync_api import expect, sync_playwright
+
+    get_user_model().objects.create_superuser("ops", "ops@example.com", "pw-ops-123")
+    template.sample_data = {"order_id": "A-1"}
+    template.save()
+    change_path = f"/admin/notifications/template/{template.pk}/change/"
+    edited = {k: dict(v) for k, v in template.content.items()}
+    edited["sms"] = {"body": "Parcel {{ order_id }} left the warehouse"}
+    base = _serve(spawn, tmp_path)
+
+    static: dict[str, int] = {}
+    # No database access inside this block: Playwright's sync API runs an event loop, and
+    # Django refuses synchronous queries from a thread that has one.
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.on(
+                "response",
+                lambda r: (
+                    static.__setitem__(r.url.removeprefix(base), r.status)
+                    if "/static/" in r.url
+                    else None
+                ),
+            )
+            page.goto(f"{base}/admin/login/?next={change_path}")
+            page.fill("#id_username", "ops")
+            page.fill("#id_password", "pw-ops-123")
+            page.click("input[type=submit]")
+            page.wait_for_url(f"{base}{change_path}")
+
+            preview = page.locator("#clarion-preview .clarion-preview-output")
+            sms = preview.locator('[data-channel="sms"] [data-field="body"] pre')
+            # The saved template with its saved sample data, as soon as the page opens.
+            expect(sms).to_have_text("Order A-1 shipped")
+            expect(preview.locator('[data-channel="email"] iframe')).to_have_attribute(
+                "srcdoc", "<p>Hi, A-1 is on its way.</p>"
+            )
+
+            page.fill("#id_content", json.dumps(edited, indent=2))
+            expect(sms).to_have_text("Parcel A-1 left the warehouse")
+            page.fill("#id_sample_data", "{}")
+            expect(preview.locator('[data-channel="sms"] .errorlist li')).to_have_text(
+                "data.order_id: Missing template variable."
+            )
+            page.fill("#id_sample_data", '{"order_id": "<B-2>"}')
+            expect(sms).to_have_text("Parcel <B-2> left the warehouse")
+            expect(preview).to_have_attribute("data-state", "ok")
+            page.select_option("#clarion-preview-channel", "sms")
+            expect(preview.locator(".clarion-preview-channel")).to_have_count(1)
+            page.screenshot(path=str(tmp_path / "template-preview.png"), full_page=True)
+
+            page.click("input[name=_save]")
+            page.wait_for_url(f"{base}/admin/notifications/template/")
+            expect(page.locator(".messagelist .success")).to_contain_text(
+                "was changed successfully"
+            )
+        finally:
+            browser.close()
+
+    assert (tmp_path / "template-preview.png").stat().st_size > 0
+    # The admin's own CSS and JS and Clarion's additions came from the ASGI server itself.
+    for asset in (
+        "/static/admin/css/base.css",
+        "/static/admin/css/forms.css",
+        "/static/clarion_admin/admin.css",
+        "/static/clarion_admin/template_preview.js",
+    ):
+        assert static.get(asset) == 200, (asset, static)
+    template.refresh_from_db()
+    assert template.content == edited
+    assert template.sample_data == {"order_id": "<B-2>"}
