@@ -1,0 +1,1365 @@
+"""Run every bench phase, print the table with PASS/MISS per target, write bench/results.json and
+refresh the generated part of docs/benchmarks.md.
+
+    python -m bench.run            # what `make bench` runs
+    BENCH_QUICK=1 python -m bench.run
+    BENCH_PHASES=http,api python -m bench.run
+
+Runs on the PostgreSQL and Redis that DATABASE_URL / REDIS_URL name (a database of its own,
+`<name>_bench`, and a Redis database nobody uses), or on the embedded SQLite and Redis under
+var/bench/.
+Servers run on BENCH_SERVER_CPUS (0), load generators and this process on BENCH_LOAD_CPUS (1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from bench import procs, report, sysinfo
+from bench.loadgen import (
+    HttpRun,
+    WsPool,
+    closed_loop,
+    http_once,
+    http_request,
+    open_loop,
+    percentile,
+)
+from bench.procs import Proc, ProcessSet
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+VAR_DIR = ROOT / "var" / "bench"
+RESULTS_PATH = ROOT / "bench" / "results.json"
+DOC_PATH = ROOT / "docs" / "benchmarks.md"
+PHASES = ("http", "api", "anatomy", "bulk", "celery", "e2e", "ws_base", "ws")
+HOST = "127.0.0.1"
+# Several loopback source addresses, so 10,000 client sockets never run short of ports.
+SOURCE_ADDRESSES = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
+# The sandbox is no vendor: its channels get no rate limit worth the name, so the end-to-end
+# figure measures the pipeline rather than the token bucket (defaults: email=1000/m, sms=100/s).
+BENCH_RATE_LIMITS = "email=1000000/s,sms=1000000/s,push=1000000/s,web=1000000/s"
+TWO_CHANNEL_TEMPLATE = {
+    "email": {
+        "subject": "Order {{ order_id }} shipped",
+        "body": "Order {{ order_id }} is on its way.",
+    },
+    "sms": {"body": "Order {{ order_id }} shipped"},
+}
+WEB_TEMPLATE = {"web": {"title": "Shipped", "body": "Order {{ order_id }} is on its way"}}
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+@dataclass
+class Config:
+    quick: bool
+    phases: list[str]
+    server_cpus: set[int] | None
+    load_cpus: set[int] | None
+    web_workers: int
+    celery_concurrency: int
+    web_worker_concurrency: int
+    http_connections: int
+    http_warmup: int
+    http_duration: int
+    fixed_duration: int
+    ceiling_duration: int
+    http_recipients: int
+    bulk_requests: int
+    bulk_items: int
+    celery_tasks: int
+    e2e_notifications: int
+    e2e_batch: int
+    ws_clients: int
+    ws_hold: int
+    ws_hold_seconds: int
+    ws_samples: int
+    ws_rate: float
+    profile: bool
+    budget_seconds: int
+
+    @classmethod
+    def from_env(cls) -> Config:
+        quick = os.environ.get("BENCH_QUICK", "") not in ("", "0", "false")
+        phases = [p for p in os.environ.get("BENCH_PHASES", ",".join(PHASES)).split(",") if p]
+        unknown = set(phases) - set(PHASES)
+        if unknown:
+            sys.exit(f"unknown BENCH_PHASES {sorted(unknown)}; choose from {', '.join(PHASES)}")
+        cpus = os.cpu_count() or 1
+        server = procs.parse_cpus(os.environ.get("BENCH_SERVER_CPUS", "0"))
+        load = procs.parse_cpus(os.environ.get("BENCH_LOAD_CPUS", "1"))
+        pinned = cpus >= 2 and max(server | load) < cpus
+        return cls(
+            quick=quick,
+            phases=phases,
+            server_cpus=server if pinned else None,
+            load_cpus=load if pinned else None,
+            web_workers=_env_int("WEB_CONCURRENCY", 1),
+            # The Procfile's pools: 2 processes per channel queue.
+            celery_concurrency=_env_int("BENCH_CELERY_CONCURRENCY", 2),
+            web_worker_concurrency=_env_int("WEB_WORKER_CONCURRENCY", 2),
+            http_connections=_env_int("BENCH_HTTP_CONNECTIONS", 32),
+            http_warmup=3 if quick else 5,
+            http_duration=_env_int("BENCH_HTTP_SECONDS", 5 if quick else 20),
+            fixed_duration=5 if quick else 20,
+            ceiling_duration=3 if quick else 8,
+            http_recipients=1000,
+            bulk_requests=2 if quick else 5,
+            bulk_items=1000,
+            celery_tasks=_env_int("BENCH_CELERY_TASKS", 3000 if quick else 10000),
+            e2e_notifications=_env_int("BENCH_E2E_NOTIFICATIONS", 500 if quick else 3000),
+            e2e_batch=250,
+            ws_clients=_env_int("BENCH_WS_CLIENTS", 300 if quick else 2000),
+            ws_hold=_env_int("BENCH_WS_HOLD", 1000 if quick else 10000),
+            ws_hold_seconds=5 if quick else 20,
+            ws_samples=100 if quick else 500,
+            ws_rate=25.0,
+            profile=os.environ.get("BENCH_PROFILE", "1") not in ("", "0", "false"),
+            budget_seconds=_env_int("BENCH_BUDGET_SECONDS", 870),
+        )
+
+
+# --- Where the bench's data lives -----------------------------------------------------------
+
+
+def _with_redis_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        return urlunsplit(parts._replace(path=f"/{db}"))
+    if parts.scheme == "unix":
+        query = re.sub(r"(^|&)db=\d+", "", parts.query).strip("&")
+        query = f"{query}&db={db}" if query else f"db={db}"
+        return urlunsplit(parts._replace(query=query))
+    return url
+
+
+def _with_database_suffix(url: str) -> str:
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/") or "clarion"
+    return urlunsplit(parts._replace(path=f"/{name}_bench"))
+
+
+def pick_redis_db(url: str) -> int:
+    """BENCH_REDIS_DB, or the highest database index below 15 (the test suite's) that holds no
+    key and no other client: the bench flushes its database between phases, and must never
+    flush one that someone else (a test run, `make run`) is using."""
+    import redis
+
+    if "BENCH_REDIS_DB" in os.environ:
+        return int(os.environ["BENCH_REDIS_DB"])
+    client = redis.Redis.from_url(url)
+    busy = {int(c["db"]) for c in client.client_list()} | {
+        int(name[2:]) for name in client.info("keyspace")
+    }
+    count = int(client.config_get("databases").get("databases", 16))
+    for db in range(min(count, 15) - 1, 0, -1):
+        if db not in busy:
+            return db
+    sys.exit("no free Redis database for the bench: set BENCH_REDIS_URL or BENCH_REDIS_DB")
+
+
+def bench_environment(secret_key: str) -> tuple[dict[str, str], list[str]]:
+    """The environment every bench process shares, and notes on where data goes."""
+    notes = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PYTEST_"))}
+    for name in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL"):
+        env.pop(name, None)
+    env.update(
+        CLARION_VAR_DIR=str(VAR_DIR),
+        SECRET_KEY=secret_key,
+        RATE_LIMITS=BENCH_RATE_LIMITS,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT),
+        DJANGO_SETTINGS_MODULE="project.settings",
+    )
+    database_url = os.environ.get("BENCH_DATABASE_URL") or (
+        _with_database_suffix(os.environ["DATABASE_URL"])
+        if os.environ.get("DATABASE_URL", "").startswith(("postgres", "pgsql"))
+        else ""
+    )
+    if database_url:
+        env["DATABASE_URL"] = database_url
+        notes.append(f"database: {urlsplit(database_url).path.lstrip('/')} (dropped and recreated)")
+    else:
+        notes.append("database: embedded SQLite under var/bench/")
+    redis_url = os.environ.get("BENCH_REDIS_URL") or (
+        _with_redis_db(os.environ["REDIS_URL"], pick_redis_db(os.environ["REDIS_URL"]))
+        if os.environ.get("REDIS_URL")
+        else ""
+    )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+        env["CELERY_BROKER_URL"] = redis_url
+        notes.append(f"redis: {redis_url} (flushed between phases)")
+    else:
+        notes.append("redis: embedded server under var/bench/")
+    return env, notes
+
+
+def prepare_database(env: dict[str, str]) -> None:
+    url = env.get("DATABASE_URL")
+    if not url:
+        for path in VAR_DIR.glob("clarion.sqlite3*"):
+            path.unlink()
+        return
+    import psycopg
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(env: dict[str, str]) -> None:
+    url = env.get("DATABASE_URL")
+    if not url or os.environ.get("BENCH_KEEP_DB"):
+        return
+    import psycopg
+
+    parts = urlsplit(url)
+    admin = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{parts.path.lstrip("/")}" WITH (FORCE)')
+
+
+# --- The run --------------------------------------------------------------------------------
+
+
+class PhaseFailed(Exception):
+    pass
+
+
+class Bench:
+    def __init__(self, config: Config):
+        self.config = config
+        self.secret_key = secrets.token_urlsafe(40)
+        self.env, self.notes = bench_environment(self.secret_key)
+        self.procs = ProcessSet(VAR_DIR / "logs")
+        self.results: dict[str, Any] = {
+            "baselines": {},
+            "figures": {},
+            "errors": {},
+        }
+        self.nonce = uuid.uuid4().hex[:10]
+        self.api_key = ""
+        self.owner_id = 0
+        self.recipient_pks: dict[str, int] = {}
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(VAR_DIR / "logs", ignore_errors=True)
+        (VAR_DIR / "logs").mkdir()
+        prepare_database(self.env)
+        # This process uses Clarion's own settings and services to seed and to poll.
+        os.environ.update(self.env)
+        import django
+
+        django.setup()
+        from django.conf import settings
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0, interactive=False)
+        self.redis_url = settings.REDIS_URL
+        self.broker_url = settings.CELERY_BROKER_URL
+        os.environ["BENCH_BROKER_URL"] = self.broker_url
+        self.flush_redis()
+        self.seed()
+
+    def redis(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.redis_url)
+
+    def flush_redis(self) -> None:
+        self.redis().flushdb()
+
+    def seed(self) -> None:
+        from notifications.models import Recipient
+        from notifications.services import api_key_create, template_save
+
+        api_key, self.api_key = api_key_create(owner_name="bench", name="bench")
+        owner = api_key.owner
+        self.owner_id = owner.pk
+        template_save(
+            owner=owner,
+            key="bench_two",
+            category="bench",
+            locale="en",
+            content=TWO_CHANNEL_TEMPLATE,
+        )
+        template_save(
+            owner=owner, key="bench_web", category="bench", locale="en", content=WEB_TEMPLATE
+        )
+        count = max(self.config.ws_hold, self.config.ws_clients + 100, self.config.http_recipients)
+        Recipient.objects.bulk_create(
+            [
+                Recipient(
+                    owner=owner,
+                    external_id=f"bench-user-{i}",
+                    email=f"bench-user-{i}@example.com",
+                    phone="+14155550100",
+                    locale="en",
+                    timezone="UTC",
+                )
+                for i in range(1, count + 1)
+            ],
+            batch_size=2000,
+        )
+        self.recipient_pks = dict(
+            Recipient.objects.filter(owner=owner).values_list("external_id", "pk")
+        )
+
+    def warm_caches(self) -> None:
+        """What a server that has been up a while holds: templates and the recipients the HTTP
+        phases use, cached in Redis exactly as the creation path caches them."""
+        from notifications.selectors import recipient_context_get, template_snapshot_get
+
+        for key in ("bench_two", "bench_web"):
+            template_snapshot_get(owner_id=self.owner_id, key=key)
+        for i in range(1, self.config.http_recipients + 1):
+            recipient_context_get(owner_id=self.owner_id, external_id=f"bench-user-{i}")
+
+    # --- processes --------------------------------------------------------------------------
+
+    def free_port(self) -> int:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            return int(sock.getsockname()[1])
+
+    def start_uvicorn(
+        self, name: str, app: str, env: dict[str, str], workers: int, extra: tuple[str, ...] = ()
+    ) -> Proc:
+        port = self.free_port()
+        argv = [
+            str(BIN / "uvicorn"),
+            app,
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--lifespan",
+            "off",
+            # Both B_http and the API run without access logs (a per-request write to a file).
+            "--no-access-log",
+            *extra,
+        ]
+        proc = self.procs.spawn(name, argv, env=env, cpus=self.config.server_cpus, cwd=ROOT)
+        proc.port = port
+        procs.wait_for(
+            lambda: self._listening(proc, port), timeout=60, what=f"{name} to listen on {port}"
+        )
+        return proc
+
+    def _listening(self, proc: Proc, port: int) -> bool:
+        if not proc.alive():
+            raise PhaseFailed(f"{proc.name} exited:\n{proc.log_tail()}")
+        with socket.socket() as sock:
+            return sock.connect_ex((HOST, port)) == 0
+
+    def start_worker(self, name: str, app: str, queues: str, concurrency: int) -> Proc:
+        argv = [
+            str(BIN / "celery"),
+            "-A",
+            app,
+            "worker",
+            "-Q",
+            queues,
+            "-n",
+            f"{name}-{self.nonce}@%h",
+            "--concurrency",
+            str(concurrency),
+            "-l",
+            "info",
+        ]
+        env = dict(self.env, BENCH_BROKER_URL=self.broker_url)
+        proc = self.procs.spawn(name, argv, env=env, cpus=self.config.server_cpus, cwd=ROOT)
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise PhaseFailed(f"{name} exited:\n{proc.log_tail()}")
+            return " ready." in proc.log()
+
+        procs.wait_for(ready, timeout=90, what=f"{name} to be ready")
+        return proc
+
+    def run_wrk(
+        self, server: Proc, *, duration: int, template: str = "bench_two"
+    ) -> dict[str, Any]:
+        """wrk on the load CPUs against `server`; also how much CPU the server process group
+        spent per request, a figure that holds up better than req/s on a busy machine."""
+        port = server.port
+        argv = [
+            "wrk",
+            "-t1",
+            f"-c{self.config.http_connections}",
+            f"-d{duration}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench" / "post.lua"),
+            f"http://{HOST}:{port}/api/v1/notifications",
+            "--",
+            f"{self.nonce}-{uuid.uuid4().hex[:6]}",
+            self.api_key or "none",
+            template,
+            str(self.config.http_recipients),
+        ]
+        cpu0 = server.cpu_seconds()
+        proc = self.procs.spawn("wrk", argv, env=dict(os.environ), cpus=self.config.load_cpus)
+        try:
+            proc.popen.wait(duration + 60)
+        except subprocess.TimeoutExpired as exc:
+            raise PhaseFailed("wrk did not finish") from exc
+        finally:
+            self.procs.stop(proc)
+        result = parse_wrk(proc.log())
+        cpu = server.cpu_seconds() - cpu0
+        if result.get("requests"):
+            result["server_cpu_ms_per_request"] = round(cpu * 1000 / result["requests"], 3)
+            result["server_cpu_share"] = round(cpu / duration, 3)
+        return result
+
+    # --- request makers ---------------------------------------------------------------------
+
+    def post_maker(
+        self, template: str, recipients: Callable[[int], str], tag: str
+    ) -> Callable[[int], bytes]:
+        headers = {
+            "Authorization": f"Bearer {self.api_key}",
+            "Content-Type": "application/json",
+        }
+        run = f"{self.nonce}-{tag}-{uuid.uuid4().hex[:6]}"
+
+        def make(index: int) -> bytes:
+            body = json.dumps(
+                {
+                    "recipient": recipients(index),
+                    "template": template,
+                    "data": {"order_id": f"A-{index}", "seq": index},
+                }
+            ).encode()
+            return http_request(
+                "POST",
+                "/api/v1/notifications",
+                host=f"{HOST}",
+                headers={**headers, "Idempotency-Key": f"{run}-{index}"},
+                body=body,
+            )
+
+        return make
+
+    def random_recipient(self, index: int) -> str:
+        return f"bench-user-{random.randint(1, self.config.http_recipients)}"
+
+    # --- phases -----------------------------------------------------------------------------
+
+    def phase_http(self) -> None:
+        """B_http with wrk, then the bench's own client's ceiling against the same server."""
+        env = dict(self.env, DJANGO_SETTINGS_MODULE="bench.hello_settings")
+        hello = self.start_uvicorn(
+            "hello", "bench.hello_app:application", env, self.config.web_workers
+        )
+        try:
+            self.run_wrk(hello, duration=self.config.http_warmup)
+            b_http = self.run_wrk(hello, duration=self.config.http_duration)
+            self.results["baselines"]["B_http"] = b_http
+            ceiling = asyncio.run(
+                closed_loop(
+                    HOST,
+                    hello.port,
+                    self.post_maker("bench_two", self.random_recipient, "ceiling"),
+                    connections=self.config.http_connections,
+                    duration=self.config.ceiling_duration,
+                )
+            )
+            self.results["figures"].setdefault("load_generator", {})["ceiling"] = ceiling.summary()
+        finally:
+            self.procs.stop(hello)
+
+    def start_api(self, name: str = "api", workers: int | None = None) -> Proc:
+        # As the Procfile's web process: client frames are tiny (settings.WS_MAX_FRAME_BYTES).
+        ws_max = ("--ws-max-size", os.environ.get("WS_MAX_FRAME_BYTES", "4096"))
+        return self.start_uvicorn(
+            name, "project.asgi:application", self.env, workers or self.config.web_workers, ws_max
+        )
+
+    def phase_api(self) -> None:
+        self.flush_redis()
+        self.warm_caches()
+        api = self.start_api()
+        try:
+            port = api.port
+            self.run_wrk(api, duration=self.config.http_warmup)
+            db0 = self.database_counters()
+            peak = self.run_wrk(api, duration=self.config.http_duration)
+            db1 = self.database_counters()
+            if db0 and db1 and peak.get("requests"):
+                # Statistics reach pg_stat_database a little late: a rough count, per request.
+                peak["db_per_request"] = {
+                    k: round((db1[k] - db0[k]) / peak["requests"], 2) for k in db0
+                }
+            self.results["figures"]["api_max"] = peak
+            rate = 0.7 * peak["rate_per_s"]
+            if rate <= 0:
+                raise PhaseFailed("the API accepted nothing")
+            fixed = asyncio.run(
+                open_loop(
+                    HOST,
+                    port,
+                    self.post_maker("bench_two", self.random_recipient, "fixed"),
+                    rate=rate,
+                    duration=self.config.fixed_duration,
+                    connections=self.config.http_connections,
+                )
+            )
+            self.results["figures"]["api_fixed_rate"] = {"target_rate": round(rate, 1)} | (
+                fixed.summary()
+            )
+            if self.config.profile:
+                self.profile_api(api)
+        finally:
+            self.procs.stop(api)
+
+    def database_counters(self) -> dict[str, int] | None:
+        from django.db import connection
+
+        if connection.vendor != "postgresql":
+            return None
+        time.sleep(1.0)  # let backends flush their pending statistics
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT xact_commit, tup_inserted, tup_updated, tup_fetched"
+                " FROM pg_stat_database WHERE datname = current_database()"
+            )
+            row = cursor.fetchone()
+        return dict(zip(("commits", "inserted", "updated", "fetched"), row, strict=True))
+
+    def profile_api(self, api: Proc) -> None:
+        """py-spy on the API process while wrk drives it: a separate run, so sampling does not
+        touch the figures above."""
+        py_spy = BIN / "py-spy"
+        if not py_spy.exists():
+            self.notes.append("profile skipped: py-spy is not installed in the venv")
+            return
+        raw = VAR_DIR / "profile-api.raw.txt"
+        seconds = 10 if self.config.quick else 15
+        spy = self.procs.spawn(
+            "py-spy",
+            [
+                str(py_spy),
+                "record",
+                "--pid",
+                str(api.pid),
+                "--duration",
+                str(seconds),
+                "--rate",
+                "100",
+                "--idle",
+                "--threads",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--nonblocking",
+            ],
+            env=dict(os.environ),
+            cpus=self.config.load_cpus,
+        )
+        try:
+            self.run_wrk(api, duration=seconds + 2)
+            spy.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            self.notes.append("profile: py-spy did not finish")
+        finally:
+            self.procs.stop(spy)
+        if not raw.exists():
+            self.notes.append(f"profile: py-spy wrote nothing; see {spy.log_path}")
+            return
+        from bench.profile import render, summarise
+
+        summary = summarise(raw, root=str(ROOT), top=30)
+        (VAR_DIR / "profile-api.txt").write_text(render(summary) + "\n")
+        self.results["profile_api"] = summary
+
+    def _bulk(self, api: Proc) -> dict[str, Any]:
+        """POST /notifications/bulk with 1000 items each, one request after another."""
+        port = api.port
+        items_total = 0
+        seconds = 0.0
+        latencies = []
+        statuses = []
+        budget_end = time.perf_counter() + (20 if self.config.quick else 45)
+        for k in range(self.config.bulk_requests):
+            if k and time.perf_counter() > budget_end:
+                break  # a slow machine: fewer requests rather than a run past its budget
+            items = [
+                {
+                    "recipient": f"bench-user-{i}",
+                    "template": "bench_two",
+                    "data": {"order_id": f"B-{k}-{i}"},
+                    "idempotency_key": f"{self.nonce}-bulk-{k}-{i}",
+                }
+                for i in range(1, self.config.bulk_items + 1)
+            ]
+            raw = http_request(
+                "POST",
+                "/api/v1/notifications/bulk",
+                host=HOST,
+                headers={
+                    "Authorization": f"Bearer {self.api_key}",
+                    "Content-Type": "application/json",
+                },
+                body=json.dumps({"notifications": items}).encode(),
+            )
+            t0 = time.perf_counter()
+            status, body = asyncio.run(http_once(HOST, port, raw, timeout=180))
+            elapsed = time.perf_counter() - t0
+            statuses.append(status)
+            if status != 200:
+                raise PhaseFailed(f"bulk answered {status}: {body[:300]!r}")
+            accepted = json.loads(body)["accepted"]
+            items_total += accepted
+            seconds += elapsed
+            latencies.append(round(elapsed * 1000, 1))
+        return {
+            "requests": len(latencies),
+            "items_per_request": self.config.bulk_items,
+            "accepted": items_total,
+            "request_ms": latencies,
+            "recipients_per_s": round(items_total / seconds, 1) if seconds else 0.0,
+        }
+
+    def anatomy(self, variant: str = "baseline") -> dict[str, Any]:
+        """Counts and CPU time of one accept, in a process of its own on the server CPUs."""
+        env = dict(
+            self.env,
+            BENCH_VARIANT=variant,
+            BENCH_ANATOMY_REQUESTS="100" if self.config.quick else "200",
+            BENCH_ANATOMY_RECIPIENTS=str(self.config.http_recipients),
+        )
+        proc = self.procs.spawn(
+            "anatomy",
+            [sys.executable, "-m", "bench.anatomy", self.api_key],
+            env=env,
+            cpus=self.config.server_cpus,
+            cwd=ROOT,
+        )
+        try:
+            proc.popen.wait(240)
+        except subprocess.TimeoutExpired as exc:
+            raise PhaseFailed("the anatomy run did not finish") from exc
+        finally:
+            self.procs.stop(proc)
+        lines = [line for line in proc.log().splitlines() if line.startswith('{"requests"')]
+        if proc.popen.returncode != 0 or not lines:
+            raise PhaseFailed(f"the anatomy run failed:\n{proc.log_tail()}")
+        return json.loads(lines[-1])
+
+    def phase_anatomy(self) -> None:
+        self.flush_redis()
+        self.warm_caches()
+        result = self.anatomy()
+        hello = (self.results["baselines"].get("B_http") or {}).get("server_cpu_ms_per_request")
+        if hello:
+            result["cpu_vs_B_http"] = round(result["cpu_ms_per_request"] / hello, 1)
+        self.results["figures"]["anatomy"] = result
+
+    def phase_bulk(self) -> None:
+        self.flush_redis()
+        self.warm_caches()
+        api = self.start_api()
+        try:
+            self.results["figures"]["bulk"] = self._bulk(api)
+        finally:
+            self.procs.stop(api)
+
+    def _queues_idle(self, queues: tuple[str, ...]) -> bool:
+        r = self.redis()
+        pipe = r.pipeline()
+        for q in queues:
+            pipe.llen(q)
+        pipe.hlen("unacked")
+        return sum(pipe.execute()) == 0
+
+    def phase_celery(self) -> None:
+        """B_celery: N no-op tasks published up front over two queues, then consumed by two
+        prefork workers (same concurrency and one-pool-per-queue topology as the channel
+        pools) switched onto those queues at once; timed until both queues are empty and
+        nothing is left unacked."""
+        from bench import noop_celery
+
+        self.flush_redis()
+        queues = noop_celery.QUEUES
+        workers = [
+            self.start_worker(
+                f"noop-{q[-1]}",
+                "bench.noop_celery",
+                noop_celery.IDLE_QUEUE,
+                self.config.celery_concurrency,
+            )
+            for q in queues
+        ]
+        app = noop_celery.app
+        try:
+            app.conf.broker_url = self.broker_url
+            n = self.config.celery_tasks
+            with app.connection_for_write() as conn:
+                # No worker consumes these queues yet: declare them (and their bindings) so
+                # the broker keeps what is published to them.
+                for queue in app.amqp.queues.values():
+                    queue(conn.default_channel).declare()
+            t0 = time.perf_counter()
+            with app.producer_or_acquire() as producer:
+                for i in range(n):
+                    noop_celery.noop.apply_async(args=[i], queue=queues[i % 2], producer=producer)
+            publish_s = time.perf_counter() - t0
+            waiting = sum(self.redis().llen(q) for q in queues)
+            if waiting != n:
+                raise PhaseFailed(f"{waiting} of {n} published no-op tasks are on the queues")
+            names = [f"noop-{q[-1]}-{self.nonce}@{socket.gethostname()}" for q in queues]
+            start = time.perf_counter()
+            for queue, name in zip(queues, names, strict=True):
+                app.control.add_consumer(queue, destination=[name])
+            procs.wait_for(
+                lambda: self._queues_idle(queues), timeout=300, what="no-op tasks", interval=0.01
+            )
+            done = time.perf_counter()
+            self.results["baselines"]["B_celery"] = {
+                "tasks": n,
+                "workers": len(workers),
+                "concurrency_per_worker": self.config.celery_concurrency,
+                "publish_per_s": round(n / publish_s, 1),
+                "elapsed_s": round(done - start, 3),
+                "tasks_per_s": round(n / (done - start), 1),
+            }
+        finally:
+            for w in workers:
+                self.procs.stop(w)
+
+    def phase_e2e(self) -> None:
+        """API → Celery → sandbox `sent`, with the channel pools of the Procfile (one per queue)."""
+        from notifications.models import Delivery
+
+        self.flush_redis()
+        self.warm_caches()
+        last_pk = Delivery.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+        api = self.start_api()
+        workers = [
+            self.start_worker(q, "project", q, self.config.celery_concurrency)
+            for q in ("email", "sms")
+        ]
+        n = self.config.e2e_notifications
+        batch = self.config.e2e_batch
+        try:
+
+            def sent() -> int:
+                return Delivery.objects.filter(pk__gt=last_pk, status="sent").count()
+
+            async def drive() -> dict[str, Any]:
+                port = api.port
+                t0 = time.perf_counter()
+                posted = 0
+                accept_end = t0 + (10 if self.config.quick else 20)
+                for k in range(0, n, batch):
+                    if k and time.perf_counter() > accept_end:
+                        break  # bounded in time: what was accepted by then is the run
+                    items = [
+                        {
+                            "recipient": f"bench-user-{1 + (k + i) % self.config.http_recipients}",
+                            "template": "bench_two",
+                            "data": {"order_id": f"E-{k + i}"},
+                        }
+                        for i in range(min(batch, n - k))
+                    ]
+                    raw = http_request(
+                        "POST",
+                        "/api/v1/notifications/bulk",
+                        host=HOST,
+                        headers={
+                            "Authorization": f"Bearer {self.api_key}",
+                            "Content-Type": "application/json",
+                        },
+                        body=json.dumps({"notifications": items}).encode(),
+                    )
+                    status, body = await http_once(HOST, port, raw, timeout=120)
+                    if status != 200:
+                        raise PhaseFailed(f"bulk answered {status}: {body[:300]!r}")
+                    posted += json.loads(body)["accepted"]
+                accepted_at = time.perf_counter()
+                expected = 2 * posted
+                count = 0
+                deadline = accepted_at + (45 if self.config.quick else 90)
+                while time.perf_counter() < deadline:
+                    count = await asyncio.to_thread(sent)
+                    if count >= expected:
+                        break
+                    await asyncio.sleep(0.1)
+                done = time.perf_counter()
+                return {
+                    "notifications": posted,
+                    "deliveries_expected": expected,
+                    "deliveries_sent": count,
+                    "accept_s": round(accepted_at - t0, 3),
+                    "elapsed_s": round(done - t0, 3),
+                    "deliveries_per_s": round(count / (done - t0), 1),
+                    "complete": count >= expected,
+                }
+
+            self.results["figures"]["e2e"] = asyncio.run(drive())
+        finally:
+            for w in workers:
+                self.procs.stop(w)
+            self.procs.stop(api)
+
+    def phase_ws_base(self) -> None:
+        """B_ws: idle clients on a raw `websockets` server; memory per connection and a
+        broadcast's arrival at every client."""
+        port = self.free_port()
+        server = self.procs.spawn(
+            "ws-baseline",
+            [sys.executable, "-m", "bench.ws_baseline", str(port)],
+            env=self.env,
+            cpus=self.config.server_cpus,
+            cwd=ROOT,
+        )
+        procs.wait_for(lambda: self._listening(server, port), timeout=30, what="ws baseline")
+        url = f"ws://{HOST}:{port}/"
+        n = self.config.ws_clients
+        try:
+
+            async def drive() -> dict[str, Any]:
+                pool = WsPool(ack=False)
+                origin = f"http://{HOST}:{port}"
+                warm = await pool.connect_many(
+                    [url] * 20, origin=origin, source_addresses=SOURCE_ADDRESSES
+                )
+                await asyncio.sleep(1)
+                rss0 = server.rss_kib()
+                opened = await pool.connect_many(
+                    [url] * n, origin=origin, source_addresses=SOURCE_ADDRESSES
+                )
+                await asyncio.sleep(3)
+                rss1 = server.rss_kib()
+                latencies: list[float] = []
+                for seq in range(20):
+                    t_send = time.perf_counter()
+                    await pool.connections[0].send(f"broadcast {seq}")
+                    end = t_send + 5
+                    while len(pool.received.get(seq, [])) < warm + opened:
+                        if time.perf_counter() > end:
+                            break
+                        await asyncio.sleep(0.005)
+                    latencies += [(t - t_send) * 1000 for t in pool.received.get(seq, [])]
+                await pool.close_all()
+                return {
+                    "clients": opened,
+                    "connect_errors": dict(pool.connect_errors),
+                    "rss_before_kib": rss0,
+                    "rss_after_kib": rss1,
+                    "kib_per_connection": round((rss1 - rss0) / opened, 2) if opened else None,
+                    "broadcasts": 20,
+                    "broadcast_p50_ms": round(percentile(latencies, 50), 2),
+                    "broadcast_p99_ms": round(percentile(latencies, 99), 2),
+                }
+
+            self.results["baselines"]["B_ws"] = asyncio.run(drive())
+        finally:
+            self.procs.stop(server)
+
+    def phase_ws(self) -> None:
+        """Clarion's consumer: memory per idle connection at N clients, accept → receipt latency
+        with N clients connected, then 10,000 idle connections held by one server process."""
+        from channels_app.tokens import recipient_token_issue
+
+        self.flush_redis()
+        self.warm_caches()
+        # One server process: the figures are per process.
+        api = self.start_api("ws-api", workers=1)
+        web_worker = self.start_worker("web", "project", "web", self.config.web_worker_concurrency)
+        port = api.port
+        warm_n, n, hold = (
+            20,
+            self.config.ws_clients,
+            max(self.config.ws_hold, 20 + self.config.ws_clients),
+        )
+        external_ids = [f"bench-user-{i}" for i in range(1, hold + 1)]
+        tokens = [
+            recipient_token_issue(owner_id=self.owner_id, recipient_id=self.recipient_pks[e]).token
+            for e in external_ids
+        ]
+        urls = [f"ws://{HOST}:{port}/ws/notifications/?token={t}" for t in tokens]
+        origin = f"http://{HOST}:{port}"
+        try:
+
+            async def latency_run(
+                pool: WsPool, connected: list[str], samples: int, rate: float, tag: str
+            ) -> dict[str, Any]:
+                sent_at: dict[int, float] = {}
+                base = 1_000_000 * (1 + len(tag))
+
+                def recipient(index: int) -> str:
+                    return random.choice(connected)
+
+                make = self.post_maker("bench_web", recipient, tag)
+
+                def seq_make(index: int) -> bytes:
+                    return make(base + index)
+
+                def on_sent(index: int, due: float) -> None:
+                    sent_at[base + index] = time.perf_counter()
+
+                run: HttpRun = await open_loop(
+                    HOST,
+                    port,
+                    seq_make,
+                    rate=rate,
+                    duration=samples / rate,
+                    connections=8,
+                    on_sent=on_sent,
+                )
+                end = time.perf_counter() + 10
+                while time.perf_counter() < end and any(s not in pool.received for s in sent_at):
+                    await asyncio.sleep(0.05)
+                latencies = [
+                    (pool.received[s][0] - t) * 1000
+                    for s, t in sent_at.items()
+                    if s in pool.received
+                ]
+                return {
+                    "posted": run.requests,
+                    "accepted": run.ok(),
+                    "received": len(latencies),
+                    "missing": len(sent_at) - len(latencies),
+                    "p50_ms": round(percentile(latencies, 50), 2),
+                    "p90_ms": round(percentile(latencies, 90), 2),
+                    "p99_ms": round(percentile(latencies, 99), 2),
+                    "max_ms": round(max(latencies, default=float("nan")), 2),
+                    "api_p99_ms": run.summary()["p99_ms"],
+                }
+
+            async def drive() -> dict[str, Any]:
+                pool = WsPool(ack=True)
+                out: dict[str, Any] = {}
+                opened = await pool.connect_many(
+                    urls[:warm_n], origin=origin, source_addresses=SOURCE_ADDRESSES, wait_ready=True
+                )
+                await asyncio.sleep(2)
+                rss0 = api.rss_kib()
+                t0 = time.perf_counter()
+                opened_n = await pool.connect_many(
+                    urls[warm_n : warm_n + n],
+                    origin=origin,
+                    source_addresses=SOURCE_ADDRESSES,
+                    wait_ready=True,
+                )
+                connect_s = time.perf_counter() - t0
+                await asyncio.sleep(3)
+                rss1 = api.rss_kib()
+                out["memory"] = {
+                    "clients": opened_n,
+                    "connect_per_s": round(opened_n / connect_s, 1) if connect_s else None,
+                    "rss_before_kib": rss0,
+                    "rss_after_kib": rss1,
+                    "kib_per_connection": round((rss1 - rss0) / opened_n, 2) if opened_n else None,
+                }
+                connected = external_ids[: warm_n + n]
+                out["latency"] = await latency_run(
+                    pool, connected, self.config.ws_samples, self.config.ws_rate, "ws"
+                )
+                out["latency"]["connected"] = pool.open_count
+                t1 = time.perf_counter()
+                more = await pool.connect_many(
+                    urls[warm_n + n : hold],
+                    origin=origin,
+                    source_addresses=SOURCE_ADDRESSES,
+                    wait_ready=True,
+                    parallel=200,
+                )
+                hold_connect_s = time.perf_counter() - t1
+                first_attempt_errors = dict(pool.connect_errors)
+                if pool.failed_urls:
+                    # As the browser client does: a refused socket tries again a moment later.
+                    await asyncio.sleep(2)
+                    more += await pool.connect_many(
+                        list(pool.failed_urls),
+                        origin=origin,
+                        source_addresses=SOURCE_ADDRESSES,
+                        wait_ready=True,
+                        parallel=50,
+                    )
+                target = hold
+                held_min = pool.open_count
+                end = time.perf_counter() + self.config.ws_hold_seconds
+                while time.perf_counter() < end:
+                    await asyncio.sleep(0.5)
+                    held_min = min(held_min, pool.open_count)
+                    if not api.alive():
+                        break
+                rss2 = api.rss_kib() if api.alive() else None
+                check = await latency_run(pool, external_ids[:hold], 50, 10.0, "hold")
+                out["hold"] = {
+                    "target": target,
+                    "opened": opened + opened_n + more,
+                    "connect_per_s": round(more / hold_connect_s, 1) if hold_connect_s else None,
+                    "first_attempt_errors": first_attempt_errors,
+                    "errors_after_retry": dict(pool.connect_errors - Counter(first_attempt_errors)),
+                    "held_seconds": self.config.ws_hold_seconds,
+                    "held_min": held_min,
+                    "open_at_end": pool.open_count,
+                    "server_alive": api.alive(),
+                    "rss_kib": rss2,
+                    "kib_per_connection": round((rss2 - rss0) / (pool.open_count - warm_n), 2)
+                    if rss2 and pool.open_count > warm_n
+                    else None,
+                    "check": check,
+                }
+                await pool.close_all()
+                return out
+
+            self.results["figures"]["ws"] = asyncio.run(drive())
+        finally:
+            self.procs.stop(web_worker)
+            self.procs.stop(api)
+
+    # --- assembling -------------------------------------------------------------------------
+
+    def versions(self) -> dict[str, str]:
+        from django.db import connection
+
+        try:
+            redis_version = self.redis().info("server")["redis_version"]
+        except Exception as exc:  # noqa: BLE001 - a version string is not worth failing a run
+            redis_version = f"? ({exc})"
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW server_version")
+                database = f"PostgreSQL {cursor.fetchone()[0]}"
+        else:
+            import sqlite3
+
+            database = f"SQLite {sqlite3.sqlite_version}"
+        return sysinfo.versions(redis_version=redis_version, database=database)
+
+    def targets(self) -> list[dict[str, Any]]:
+        b = self.results["baselines"]
+        f = self.results["figures"]
+        out: list[dict[str, Any]] = []
+
+        def add(
+            figure: str,
+            value: float | int | None,
+            unit: str,
+            target: str,
+            passed: bool | None,
+            *,
+            ratio: float | None = None,
+            baseline_text: str = "",
+        ) -> None:
+            result = "ERROR" if passed is None else ("PASS" if passed else "MISS")
+            out.append(
+                {
+                    "figure": figure,
+                    "value": value,
+                    "unit": unit,
+                    "ratio": round(ratio, 3) if ratio is not None else None,
+                    "baseline_text": baseline_text,
+                    "target": target,
+                    "result": result,
+                }
+            )
+
+        def ratio_of(a: float | None, base: float | None) -> float | None:
+            return a / base if a is not None and base else None
+
+        b_http = (b.get("B_http") or {}).get("rate_per_s")
+        b_celery = (b.get("B_celery") or {}).get("tasks_per_s")
+        b_ws_mem = (b.get("B_ws") or {}).get("kib_per_connection")
+        if "api" in self.config.phases:
+            api = f.get("api_max") or {}
+            value = api.get("rate_per_s")
+            r = ratio_of(value, b_http)
+            bad = api.get("non_2xx", 0) + api.get("socket_errors", 0)
+            add(
+                "API accepts/s (POST + Idempotency-Key, 2 channels)",
+                value,
+                "/s",
+                "≥ 0.40 x B_http",
+                None if r is None else (r >= 0.40 and bad <= 0.01 * max(1, api.get("requests", 0))),
+                ratio=r,
+                baseline_text=f"B_http {b_http:,.0f}/s" if b_http else "",
+            )
+            fixed = f.get("api_fixed_rate") or {}
+            p99 = fixed.get("p99_ms")
+            errors = fixed.get("errors", 0) + sum(
+                n for s, n in (fixed.get("statuses") or {}).items() if s not in ("200", "202")
+            )
+            add(
+                f"API p99 at 70% of max ({fixed.get('target_rate', '?')}/s, open loop)",
+                p99,
+                "ms",
+                "< 50 ms",
+                None if p99 is None else (p99 < 50 and errors == 0),
+            )
+        if "bulk" in self.config.phases:
+            bulk = f.get("bulk") or {}
+            value = bulk.get("recipients_per_s")
+            r = ratio_of(value, b_celery)
+            add(
+                "bulk accept, recipients/s (1000 items/request)",
+                value,
+                "/s",
+                "≥ 5 x B_celery",
+                None if r is None else r >= 5,
+                ratio=r,
+                baseline_text=f"B_celery {b_celery:,.0f}/s" if b_celery else "",
+            )
+        if "e2e" in self.config.phases:
+            e2e = f.get("e2e") or {}
+            value = e2e.get("deliveries_per_s")
+            r = ratio_of(value, b_celery)
+            add(
+                "end-to-end deliveries/s (API → sandbox sent)",
+                value,
+                "/s",
+                "≥ 0.50 x B_celery",
+                None if r is None else (r >= 0.5 and bool(e2e.get("complete"))),
+                ratio=r,
+                baseline_text=f"B_celery {b_celery:,.0f}/s" if b_celery else "",
+            )
+        if "ws" in self.config.phases:
+            ws = f.get("ws") or {}
+            lat = ws.get("latency") or {}
+            p99 = lat.get("p99_ms")
+            add(
+                f"WebSocket accept → receipt p99, {lat.get('connected', '?')} clients",
+                p99,
+                "ms",
+                "< 50 ms",
+                None if p99 is None or p99 != p99 else (p99 < 50 and lat.get("missing", 1) == 0),
+                baseline_text=(
+                    f"B_ws broadcast p99 {b['B_ws']['broadcast_p99_ms']} ms"
+                    if b.get("B_ws")
+                    else ""
+                ),
+            )
+            mem = (ws.get("memory") or {}).get("kib_per_connection")
+            r = ratio_of(mem, b_ws_mem)
+            add(
+                "memory per idle WebSocket connection",
+                mem,
+                "KiB",
+                "≤ 4 x B_ws",
+                None if r is None else r <= 4,
+                ratio=r,
+                baseline_text=f"B_ws {b_ws_mem} KiB" if b_ws_mem else "",
+            )
+            hold = ws.get("hold") or {}
+            held = hold.get("open_at_end")
+            target_n = hold.get("target", self.config.ws_hold)
+            add(
+                "idle connections held by one server process",
+                held,
+                "",
+                f"{target_n:,} held {hold.get('held_seconds', '?')} s",
+                None
+                if held is None
+                else (
+                    held >= target_n
+                    and hold.get("held_min", 0) >= target_n
+                    and bool(hold.get("server_alive"))
+                    and (hold.get("check") or {}).get("missing", 1) == 0
+                ),
+            )
+        return out
+
+    def run(self) -> int:
+        started = time.time()
+        self.results["run"] = {
+            "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "quick": self.config.quick,
+            "phases": self.config.phases,
+            "server_cpus": ",".join(map(str, sorted(self.config.server_cpus or []))) or "any",
+            "load_cpus": ",".join(map(str, sorted(self.config.load_cpus or []))) or "any",
+            "web_workers": self.config.web_workers,
+            "celery_concurrency": self.config.celery_concurrency,
+            "http_connections": self.config.http_connections,
+            "nofile": procs.raise_nofile(),
+        }
+        self.results["machine"] = sysinfo.machine()
+        try:
+            print(f"bench: setting up ({'; '.join(self.notes)})", flush=True)
+            self.setup()
+            self.results["versions"] = self.versions()
+            for phase in self.config.phases:
+                print(f"bench: {phase} …", flush=True)
+                t0 = time.monotonic()
+                try:
+                    getattr(self, f"phase_{phase}")()
+                except Exception as exc:  # noqa: BLE001 - one broken phase must not hide the rest
+                    self.results["errors"][phase] = f"{type(exc).__name__}: {exc}"
+                    print(f"bench: {phase} failed: {exc}", flush=True)
+                    traceback.print_exc()
+                    self.procs.stop_all()
+                print(f"bench: {phase} done in {time.monotonic() - t0:.0f}s", flush=True)
+        except procs.Deadline as exc:
+            self.results["errors"]["deadline"] = str(exc)
+            print(f"bench: {exc}; stopping", flush=True)
+        finally:
+            self.procs.stop_all()
+            try:
+                self.flush_redis()
+            except Exception as exc:  # noqa: BLE001 - cleaning up after a failure already reported
+                print(f"bench: could not flush Redis: {exc}", flush=True)
+        self.results["run"]["duration_s"] = round(time.time() - started)
+        self.results["notes"] = self.notes + self.derived_notes()
+        self.results["targets"] = self.targets()
+        RESULTS_PATH.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        if not self.config.quick and set(self.config.phases) == set(PHASES):
+            report.update_docs(DOC_PATH, self.results)
+        print()
+        print(report.text_table(self.results))
+        print()
+        for note in self.results["notes"]:
+            print(f"note: {note}")
+        for phase, error in self.results["errors"].items():
+            print(f"error in {phase}: {error}")
+        print(
+            f"\nresults: {RESULTS_PATH.relative_to(ROOT)}; logs: {VAR_DIR.relative_to(ROOT)}/logs"
+        )
+        return 0
+
+    def derived_notes(self) -> list[str]:
+        notes = []
+        machine = self.results.get("machine", {})
+        try:
+            load = float(str(machine.get("loadavg_at_start", "0")).split()[0])
+        except ValueError:
+            load = 0.0
+        if load > 0.5 * (machine.get("nproc") or 1):
+            notes.append(
+                f"PROVISIONAL: the machine was busy when the run started (load average "
+                f"{load} on {machine.get('nproc')} CPUs); rerun on a quiet machine"
+            )
+        f = self.results["figures"]
+        gen = f.get("load_generator", {}).get("ceiling")
+        fixed = f.get("api_fixed_rate")
+        if gen and fixed:
+            notes.append(
+                f"load generator: ceiling {gen['rate_per_s']:,.0f} req/s closed loop "
+                "against B_http "
+                f"({gen['client_cpu_share']:.0%} of its core); at the fixed rate of "
+                f"{fixed['target_rate']}/s it used {fixed['client_cpu_share']:.0%} of its core, "
+                f"schedule lag p99 {fixed['generator_lag_p99_ms']} ms"
+            )
+        e2e = f.get("e2e")
+        if e2e and not e2e.get("complete"):
+            notes.append(
+                "end-to-end run incomplete: "
+                f"{e2e['deliveries_sent']}/{e2e['deliveries_expected']} sent"
+            )
+        ws = f.get("ws") or {}
+        lat = ws.get("latency") or {}
+        if lat.get("missing"):
+            notes.append(
+                f"WebSocket: {lat['missing']} of {lat['posted']} notifications had not reached "
+                f"their socket 10 s after the last POST (API p99 during that run: "
+                f"{lat.get('api_p99_ms')} ms)"
+            )
+        hold = ws.get("hold") or {}
+        if hold.get("first_attempt_errors"):
+            notes.append(
+                f"WebSocket hold: handshakes refused on the first attempt "
+                f"{hold['first_attempt_errors']}, still refused after one retry "
+                f"{hold.get('errors_after_retry') or {}}; see var/bench/logs/ws-api.log"
+            )
+        if self.config.server_cpus is None:
+            notes.append("fewer than 2 CPUs: nothing was pinned")
+        return notes
+
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    match = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    if not match:
+        return float("nan")
+    return float(match[1]) * _WRK_UNITS[match[2]]
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    result: dict[str, Any] = {"non_2xx": 0, "socket_errors": 0}
+    if m := re.search(r"Requests/sec:\s+([\d.]+)", output):
+        result["rate_per_s"] = float(m[1])
+    else:
+        raise PhaseFailed(f"wrk printed no rate:\n{output[-2000:]}")
+    if m := re.search(r"(\d+) requests in ([\d.]+)(\w+)", output):
+        result["requests"] = int(m[1])
+    for q in ("50", "75", "90", "99"):
+        if m := re.search(rf"^\s+{q}%\s+(\S+)", output, re.MULTILINE):
+            result[f"p{q}_ms"] = round(_wrk_ms(m[1]), 2)
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", output):
+        result["non_2xx"] = int(m[1])
+    if m := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    ):
+        result["socket_errors"] = sum(int(x) for x in m.groups())
+    return result
+
+
+def main() -> int:
+    config = Config.from_env()
+    procs.raise_nofile()
+    procs.pin(config.load_cpus)
+    procs.install_signal_handlers(config.budget_seconds)
+    if not shutil.which("wrk") and {"http", "api"} & set(config.phases):
+        sys.exit("wrk is not installed: apt-get install -y wrk (make bench does this)")
+    bench = Bench(config)
+    try:
+        return bench.run()
+    finally:
+        bench.procs.stop_all()
+        try:
+            from django.db import connections
+
+            connections.close_all()
+            drop_database(bench.env)
+        except Exception as exc:  # noqa: BLE001 - report, do not mask the run's own outcome
+            print(f"bench: could not drop the bench database: {exc}", file=sys.stderr)
+        if "REDIS_URL" not in bench.env:
+            from project import embedded_redis
+
+            embedded_redis.stop(VAR_DIR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
