@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_FRAME_TOO_BIG = 1009
+# The channel layer (Redis) did not take the subscription: the client should come back later.
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 def _uuid(value: Any) -> uuid.UUID | None:
@@ -127,7 +129,9 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             return
         # Join before accepting, so anything published once the client sees the socket open
         # reaches it.
-        await self._join(recipient)
+        if not await self._join(recipient):
+            await self.close()
+            return
         await self.accept()
         await self._start(recipient)
 
@@ -208,15 +212,23 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         since = _uuid(frame.get("since"))
         if since is not None:
             self.since = since
-        await self._join(recipient)
+        if not await self._join(recipient):
+            await self._close(CLOSE_TRY_AGAIN_LATER)
+            return
         await self._start(recipient)
 
-    async def _join(self, recipient: InboxRecipient) -> None:
+    async def _join(self, recipient: InboxRecipient) -> bool:
+        """Subscribe to the recipient's group; False when the channel layer is unavailable."""
         self.recipient = recipient
         self.group = recipient_group(recipient.recipient_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        try:
+            await self.channel_layer.group_add(self.group, self.channel_name)
+        except RedisError:
+            log.warning("channel layer unavailable; %s not joined", self.group)
+            return False
         # websocket_disconnect discards every group listed here.
         self.groups.append(self.group)
+        return True
 
     async def _start(self, recipient: InboxRecipient) -> None:
         self.counted = True

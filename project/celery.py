@@ -43,7 +43,9 @@ app.conf.update(
     task_create_missing_queues=False,
     worker_hijack_root_logger=False,
     worker_send_task_events=True,
-    task_send_sent_event=True,
+    # No task-sent events: each would be one more broker publish on the API's hot path;
+    # Flower still sees every task from the workers' received/started/succeeded events.
+    task_send_sent_event=False,
     beat_schedule={
         "sweep-deliveries": {
             "task": "clarion.sweep_deliveries",
