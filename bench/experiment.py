@@ -3,7 +3,7 @@ load, pinning and wrk script as `make bench`: accepts/s and the server's CPU per
 wrk, then the in-process anatomy (CPU per accept, Redis/SQL/broker counts).
 
     python -m bench.experiment                                 # every variant, then all together
-    python -m bench.experiment baseline sync_chain shared_cache_client+sync_chain
+    python -m bench.experiment baseline pool_32 no_sent_events
 
 Writes var/bench/experiment.json. Not part of `make bench`: it is how a proposed fix is sized
 before the application changes.

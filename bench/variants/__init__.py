@@ -10,15 +10,6 @@ from typing import Any
 BODY_LIMIT = "notifications.api.middleware.BodySizeLimitMiddleware"
 
 
-def _shared_cache_client(settings: Any) -> None:
-    caches = dict(settings.CACHES)
-    caches["default"] = {
-        **caches["default"],
-        "BACKEND": "bench.variants.cache.SharedPoolRedisCache",
-    }
-    settings.CACHES = caches
-
-
 def _sync_chain(settings: Any) -> None:
     # A sync-only middleware innermost puts the whole chain in sync mode: one switch to the
     # request's thread instead of one per MiddlewareMixin hook around WhiteNoise.
@@ -42,7 +33,6 @@ def _no_sent_events(settings: Any) -> None:
 
 VARIANTS: dict[str, Callable[[Any], None]] = {
     "baseline": lambda settings: None,
-    "shared_cache_client": _shared_cache_client,
     "sync_chain": _sync_chain,
     "pool_32": _pool_32,
     "no_sent_events": _no_sent_events,

@@ -1,8 +1,7 @@
-"""Django's RedisCache with one connection pool and one client per process. Django keeps cache
-objects per asyncio context, so under ASGI every request builds a fresh RedisCache, a fresh
-pool and a fresh TCP connection (plus redis-py's HELLO/CLIENT SETINFO handshake); and
-RedisCacheClient.get_client builds a new redis.Redis (about 170 response callbacks) for every
-single cache call. redis.Redis is thread-safe over its pool, so one per pool is enough."""
+"""The CACHES backend: Django's RedisCache with one connection pool and one client per process.
+Django keeps cache objects per asyncio context, so under ASGI every request would build a fresh
+pool and TCP connection, and every cache call a new redis.Redis; redis.Redis is thread-safe
+over its pool, so one per pool is enough."""
 
 from __future__ import annotations
 
