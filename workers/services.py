@@ -15,7 +15,8 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from notifications import cache as keys
@@ -349,11 +350,11 @@ def _finish(
             Delivery.objects.filter(
                 pk=delivery.pk,
                 status__in=(DeliveryStatus.DELIVERED, DeliveryStatus.READ),
-                sent_at__isnull=True,
+                provider="",
             ).update(
                 provider=provider_name,
                 provider_message_id=result.provider_message_id,
-                sent_at=now,
+                sent_at=Coalesce("sent_at", Value(now)),
                 attempts=number,
             )
         log.info("delivery %s sent via %s", delivery.pk, provider_name, extra=context)

@@ -113,10 +113,12 @@ def test_an_ack_that_beats_the_workers_sent_is_kept(
     assert delivery.status == DeliveryStatus.DELIVERED
     assert delivery.sent_at is not None and delivery.delivered_at is not None
     assert (delivery.lease_token, delivery.attempts) == (None, 1)
+    # How it was sent is still recorded, without moving the status back.
+    assert delivery.provider == "websocket"
     # The worker's message, redelivered by the broker, finds nothing to send.
     assert delivery_process(delivery_id=delivery.pk).value == "not_claimed"
     assert list(
         DeliveryEvent.objects.filter(delivery=delivery)
         .order_by("at", "id")
         .values_list("status", flat=True)
-    ) == ["queued", "delivered", "sent"]
+    ) == ["queued", "delivered"]
