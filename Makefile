@@ -52,3 +52,31 @@ stop: venv
 
 clean: stop
 	rm -rf var/ $(VENV)
+
+# Throughput, latency and memory, each against a baseline measured in the same run; prints the
+# table, writes bench/results.json and refreshes docs/benchmarks.md. Runs on DATABASE_URL and
+# REDIS_URL when set (a database `<name>_bench`, a Redis db nobody uses), else embedded.
+# Bounded: the bench stops itself after 870 s; timeout is the backstop.
+.PHONY: bench
+bench: venv
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	timeout --signal=TERM --kill-after=30 900 $(BIN)/python -m bench.run
+
+# Chaos scenarios at full size (tests/chaos: 2,000 deliveries under kill -9, a 5,000-message
+# broker backlog lost and recovered, a 60 s provider outage, PostgreSQL restarted under API
+# load, ...) and the schema fuzzer at 100 examples per operation. Runs against the machine's
+# PostgreSQL and Redis (a database and a Redis db of its own), and RESTARTS THE MACHINE'S
+# POSTGRESQL once; every other outage is of processes it starts itself. Prints accepted /
+# delivered / duplicated / lost per scenario; `CHAOS_REPORT=file` keeps those lines. The test
+# process itself runs without the connection pool, which would hand it back connections that
+# the PostgreSQL restart killed; the API under test keeps its pool.
+CHAOS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/clarion_chaos
+CHAOS_REDIS_URL    ?= redis://127.0.0.1:6379/13
+.PHONY: chaos
+chaos: venv
+	DATABASE_URL=$(CHAOS_DATABASE_URL) REDIS_URL=$(CHAOS_REDIS_URL) \
+	CELERY_BROKER_URL=$(CHAOS_REDIS_URL) SECRET_KEY=chaos-only-not-a-secret \
+	CLARION_VAR_DIR=$(CURDIR)/var/chaos CHAOS_FULL=1 CHAOS_RESTART_POSTGRES=1 \
+	FUZZ_MAX_EXAMPLES=100 DATABASE_POOL=false \
+	timeout --signal=TERM --kill-after=60 3600 \
+	$(BIN)/pytest -p no:cacheprovider --timeout 1200 -rs tests/chaos tests/api

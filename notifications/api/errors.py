@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -81,7 +83,22 @@ def describe(exc: exceptions.APIException) -> dict[str, Any]:
     return error_body(code, str(exc.detail))
 
 
+log = logging.getLogger(__name__)
+
+# Seconds a client is asked to wait when the database does not answer (a restart, a failover).
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The database is down or restarting: nothing was written (the transaction did not
+        # commit), so the client may simply try again.
+        log.warning("database unavailable: %s", exc)
+        return Response(
+            error_body("database_unavailable", "The database is not answering; try again."),
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(exc, exceptions.APIException):
         response.data = describe(exc)

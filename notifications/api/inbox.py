@@ -90,7 +90,12 @@ class InboxListView(_InboxView, ListAPIView):
     @extend_schema(
         operation_id="inbox_list",
         parameters=[s.InboxFilterSerializer],
-        responses={200: s.InboxEntrySerializer(many=True), 401: INBOX_ERRORS[401]},
+        responses={
+            200: s.InboxEntrySerializer(many=True),
+            400: OpenApiResponse(description="A filter that is not true or false"),
+            401: INBOX_ERRORS[401],
+            404: OpenApiResponse(description="A cursor that does not belong to this list"),
+        },
         description="The recipient's in-app notifications, newest first, by cursor pages.",
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:

@@ -263,11 +263,18 @@ class DeadLetterSerializer(serializers.Serializer):
 class DeadLetterFilterSerializer(serializers.Serializer):
     channel = serializers.ChoiceField(choices=CHANNEL_CHOICES, required=False)
     error = serializers.CharField(required=False, max_length=200, help_text="Substring")
+    # Ten years bounds the ages: past it, "now minus the age" falls before the calendar.
     older_than = serializers.IntegerField(
-        required=False, min_value=0, help_text="Dead for at least this many seconds"
+        required=False,
+        min_value=0,
+        max_value=10 * 366 * 86400,
+        help_text="Dead for at least this many seconds",
     )
     newer_than = serializers.IntegerField(
-        required=False, min_value=0, help_text="Dead for at most this many seconds"
+        required=False,
+        min_value=0,
+        max_value=10 * 366 * 86400,
+        help_text="Dead for at most this many seconds",
     )
     status = serializers.ChoiceField(
         choices=["open", "replayed", "discarded", "any"], required=False, default="open"

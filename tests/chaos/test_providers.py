@@ -1,0 +1,123 @@
+"""Chaos at the providers: one that is down for a while (the shared circuit breaker holds the
+traffic back), and one that answers 429 with Retry-After. Every delivery must still go out,
+once, and none may die of the outage."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notifications.models import Delivery, DeliveryStatus
+from tests.chaos.conftest import accept_bulk, item, received
+from tests.chaos.harness import (
+    RECOVERY_ENV,
+    Ledger,
+    WorkerSpec,
+    report,
+    scale,
+    start_workers,
+    tally,
+    wait_settled,
+)
+from tests.conftest import Process
+from tests.emulators.sendgrid import SendGridEmulator
+from tests.emulators.twilio import TwilioEmulator
+
+pytestmark = [pytest.mark.chaos, pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
+
+
+def test_provider_down_is_held_off_by_the_breaker_and_loses_nothing(
+    api: Any,
+    chaos_template: Any,
+    sendgrid: SendGridEmulator,
+    spawn: Callable[..., Process],
+    tmp_path: Path,
+) -> None:
+    count = scale(100, 1000)
+    down_for = scale(6.0, 60.0)
+    open_seconds = scale(2, 60)
+    env = {**RECOVERY_ENV, **sendgrid.settings_env(), "CIRCUIT_OPEN_SECONDS": str(open_seconds)}
+    ledger = Ledger()
+    accept_bulk(api, ledger, [item(n, "down", channels=["email"]) for n in range(count)])
+    sendgrid.fail_always(sendgrid.server_error(503))
+    start_workers(
+        spawn,
+        tmp_path,
+        [
+            WorkerSpec("sweeper", "maintenance", concurrency=1, beat=True),
+            WorkerSpec("email", "email"),
+        ],
+        **env,
+    )
+    down_since = time.monotonic()
+    time.sleep(down_for)
+    sendgrid.fail_always(None)
+    up_since = time.monotonic()
+    wait_settled(count, timeout=scale(60, 300), message="every email settled after the outage")
+    calls_while_down = sum(1 for r in sendgrid.requests() if down_since <= r.at < up_since)
+    # Five failed calls open the breaker; then at most one trial per open period.
+    ceiling = 5 + int(down_for // open_seconds) + 1
+    result = tally(
+        "4a provider down",
+        ledger,
+        received(sendgrid, None),
+        note=f"down {down_for:.0f}s, breaker open {open_seconds}s: {calls_while_down} calls "
+        f"while down (at most {ceiling})",
+    )
+    assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
+    assert Delivery.objects.filter(status=DeliveryStatus.DEAD).count() == 0
+    assert calls_while_down <= ceiling
+    assert all(r.at >= up_since for r in sendgrid.accepted_requests())
+
+
+def test_provider_429_with_retry_after_is_honoured_and_loses_nothing(
+    api: Any,
+    chaos_template: Any,
+    twilio: TwilioEmulator,
+    spawn: Callable[..., Process],
+    tmp_path: Path,
+) -> None:
+    count = scale(60, 500)
+    retry_after = scale(1, 5)
+    window = scale(3.0, 30.0)
+    open_seconds = scale(2, 60)
+    env = {**RECOVERY_ENV, **twilio.settings_env(), "CIRCUIT_OPEN_SECONDS": str(open_seconds)}
+    ledger = Ledger()
+    accept_bulk(api, ledger, [item(n, "429", channels=["sms"]) for n in range(count)])
+    twilio.fail_always(twilio.rate_limited(retry_after))
+    start_workers(spawn, tmp_path, [WorkerSpec("sms", "sms")], **env)
+    time.sleep(window)
+    twilio.fail_always(None)
+    wait_settled(count, timeout=scale(60, 300), message="every SMS settled after the 429s")
+    result = tally(
+        "4b provider 429 + Retry-After",
+        ledger,
+        received(None, twilio),
+        note=f"429 with Retry-After: {retry_after} for {window:.0f}s",
+    )
+    # The wait after each 429 a message got, before that message was tried again.
+    accepted = {id(r) for r in twilio.accepted_requests()}
+    calls: dict[str, list[Any]] = defaultdict(list)
+    for request in twilio.requests():
+        calls[twilio.trace_id(request, "body")].append(request)
+    waits = [
+        later.at - refused.at
+        for requests in calls.values()
+        for refused, later in itertools.pairwise(requests)
+        if id(refused) not in accepted
+    ]
+    limited = sum(1 for r in twilio.requests() if id(r) not in accepted)
+    report(
+        f"4b provider 429 + Retry-After: {limited} calls answered 429, shortest wait after one "
+        f"{min(waits):.2f}s"
+    )
+    assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
+    assert Delivery.objects.filter(status=DeliveryStatus.DEAD).count() == 0
+    assert len(waits) == limited
+    assert min(waits) >= retry_after
