@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections import OrderedDict
@@ -15,7 +16,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from channels_app.broadcast import notification_frame, recipient_group
 from notifications import metrics, selectors, services
@@ -30,6 +31,8 @@ CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_FRAME_TOO_BIG = 1009
 # The channel layer (Redis) did not take the subscription: the client should come back later.
 CLOSE_TRY_AGAIN_LATER = 1013
+# Tries at subscribing while the channel layer's connection pool is exhausted.
+JOIN_ATTEMPTS = 4
 
 
 def _uuid(value: Any) -> uuid.UUID | None:
@@ -110,6 +113,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             rate=settings.WS_CLIENT_FRAMES_PER_SECOND, burst=settings.WS_CLIENT_FRAMES_BURST
         )
         self.last_heard = time.monotonic()
+        self.joined_at = self.last_heard
         # keep_blank_values: an empty ?token= is a bad token, not first-frame auth.
         params = parse_qs(
             self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
@@ -221,11 +225,21 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         """Subscribe to the recipient's group; False when the channel layer is unavailable."""
         self.recipient = recipient
         self.group = recipient_group(recipient.recipient_id)
-        try:
-            await self.channel_layer.group_add(self.group, self.channel_name)
-        except RedisError:
-            log.warning("channel layer unavailable; %s not joined", self.group)
-            return False
+        for attempt in range(JOIN_ATTEMPTS):
+            try:
+                await self.channel_layer.group_add(self.group, self.channel_name)
+                break
+            except MaxConnectionsError:
+                # A reconnect storm can hold every pooled connection for a moment: wait a
+                # little rather than refuse the socket at once.
+                if attempt + 1 == JOIN_ATTEMPTS:
+                    log.warning("channel layer pool exhausted; %s not joined", self.group)
+                    return False
+                await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+            except RedisError:
+                log.warning("channel layer unavailable; %s not joined", self.group)
+                return False
+        self.joined_at = time.monotonic()
         # websocket_disconnect discards every group listed here.
         self.groups.append(self.group)
         return True
@@ -267,13 +281,16 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     async def _heartbeat(self) -> None:
         """Ping every WS_PING_INTERVAL_SECONDS; a client that sends nothing back within
         WS_PING_TIMEOUT_SECONDS is gone and its socket is closed."""
-        next_ping = time.monotonic() + settings.WS_PING_INTERVAL_SECONDS
+        # The first ping is spread over the interval, so sockets opened together (a server
+        # restart, a reconnect storm) do not ping, and refresh, together for ever after.
+        next_ping = time.monotonic() + settings.WS_PING_INTERVAL_SECONDS * random.uniform(0.5, 1)
         try:
             while not self.closing:
                 await asyncio.sleep(next_ping - time.monotonic())
                 pinged_at = time.monotonic()
                 await self._send_json({"type": "ping"})
-                await self._refresh_group()
+                if pinged_at - self.joined_at >= settings.WS_GROUP_REFRESH_SECONDS:
+                    await self._refresh_group()
                 await asyncio.sleep(settings.WS_PING_TIMEOUT_SECONDS)
                 if self.last_heard < pinged_at:
                     log.info("closing a silent WebSocket of %s", self.group)
@@ -288,6 +305,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         keeps a long-lived socket in its recipient's group."""
         try:
             await self.channel_layer.group_add(self.group, self.channel_name)
+            self.joined_at = time.monotonic()
         except RedisError:
             # Live frames cannot reach anyone while the layer is down; the client still gets
             # them from the database when it reconnects. Try again at the next ping.

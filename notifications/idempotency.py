@@ -65,7 +65,8 @@ def _from_database(owner_id: int, key: str, fp: str) -> Replay | None:
 
 
 def begin(*, owner_id: int, key: str, fp: str) -> Proceed | Replay:
-    """Take the key, or say why not: Replay for a finished twin, InFlight, Mismatch."""
+    """Take the key, or say why not: Replay for a finished twin, InFlight, Mismatch. One Redis
+    round trip when the key is new."""
     cache_key = _cache_key(owner_id, key)
     token = uuid.uuid4().hex
     for _ in range(2):
@@ -74,15 +75,9 @@ def begin(*, owner_id: int, key: str, fp: str) -> Proceed | Replay:
             {"state": "in_flight", "fp": fp, "token": token},
             settings.IDEMPOTENCY_LOCK_SECONDS,
         ):
-            # Redis had nothing; the database may still (Redis flushed or evicted).
-            try:
-                replay = _from_database(owner_id, key, fp)
-            except Mismatch:
-                cache.delete(cache_key)
-                raise
-            if replay is not None:
-                _remember(cache_key, fp, replay)
-                return replay
+            # Redis had nothing. The database may still hold a record (Redis flushed or
+            # evicted): the creation's own insert of the record then fails on its unique key,
+            # and the caller answers from replay_from_database. No read here.
             return Proceed(key=key, fingerprint=fp, lock_token=token)
         entry = cache.get(cache_key)
         if entry is None:

@@ -346,46 +346,78 @@ class IdempotencyRecordExists(Exception):
     """Another request committed the same idempotency key first."""
 
 
-@scoped_log_context
-def notification_create(
+@dataclass
+class PreparedNotification:
+    """A notification rendered and routed, not yet written."""
+
+    notification: Notification
+    deliveries: list[Delivery]
+    routes: list[Route]
+    recipient_external_id: str
+    idempotency: IdempotencyClaim | None
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The 202 body."""
+        return {
+            "id": str(self.notification.pk),
+            "status": "accepted",
+            "deliveries": [
+                {"channel": route.channel, "status": route.status}
+                | ({"reason": route.reason} if route.reason else {})
+                for route in self.routes
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class NotificationRequest:
+    """One notification as the API asks for it."""
+
+    recipient: str | dict[str, Any]
+    template_key: str
+    data: dict[str, Any]
+    channels: list[str] | None = None
+    priority: str = Priority.NORMAL
+    send_at: datetime | None = None
+    idempotency: IdempotencyClaim | None = None
+
+
+def _notification_prepare(
     *,
     owner: Owner,
-    recipient: str | dict[str, Any],
-    template_key: str,
-    data: dict[str, Any],
-    channels: list[str] | None = None,
-    priority: str = Priority.NORMAL,
-    send_at: datetime | None = None,
-    idempotency: IdempotencyClaim | None = None,
-) -> dict[str, Any]:
-    """Accept one notification: render it, route it, write it with its deliveries in one
-    transaction, and enqueue the deliveries after commit. Returns the 202 body."""
-    from workers.delivery_log import StatusEvent, get_delivery_log
-    from workers.dispatch import deliveries_enqueue_on_commit
-
-    template = template_snapshot_get(owner_id=owner.pk, key=template_key)
+    request: NotificationRequest,
+    now: datetime,
+    templates: dict[str, TemplateSnapshot | None],
+) -> PreparedNotification:
+    """Render and route one notification (ValidationFailed for bad input). `templates` memoises
+    snapshots across the items of one bulk request."""
+    template_key = request.template_key
+    if template_key not in templates:
+        templates[template_key] = template_snapshot_get(owner_id=owner.pk, key=template_key)
+    template = templates[template_key]
     if template is None:
         raise ValidationFailed({"template": [f"Unknown template '{template_key}'."]})
 
-    if isinstance(recipient, dict):
-        external_id = recipient["id"]
-        contact = {k: v for k, v in recipient.items() if k != "id"}
+    if isinstance(request.recipient, dict):
+        external_id = request.recipient["id"]
+        contact = {k: v for k, v in request.recipient.items() if k != "id"}
         recipient_upsert(owner=owner, external_id=external_id, **contact)
     else:
-        external_id = recipient
+        external_id = request.recipient
     context = recipient_context_get(owner_id=owner.pk, external_id=external_id)
     if context is None:
         raise ValidationFailed(
             {"recipient": [f"Unknown recipient '{external_id}'; send its contact data."]}
         )
 
-    now = timezone.now()
+    send_at = request.send_at
     scheduled = send_at is not None and send_at > now
     routes = channels_route(
-        requested=channels,
+        requested=request.channels,
         template=template,
         recipient=context,
-        priority=priority,
+        priority=request.priority,
         scheduled=scheduled,
     )
     locale, content = templating.pick_locale_content(
@@ -401,96 +433,212 @@ def notification_create(
     for channel in CHANNEL_ORDER:
         if channel in content:
             try:
-                rendered[channel] = templating.render_channel(channel, content[channel], data)
+                rendered[channel] = templating.render_channel(
+                    channel, content[channel], request.data
+                )
             except templating.TemplateError as exc:
                 errors.update(exc.fields)
     if errors:
         raise ValidationFailed(errors)
 
-    try:
-        with transaction.atomic():
-            notification = Notification.objects.create(
-                owner=owner,
-                recipient_id=context.id,
-                template_id=template.id,
-                template_key=template.key,
-                category=template.category,
-                priority=priority,
-                locale=locale,
-                data=data,
-                send_at=send_at,
-                idempotency_key=idempotency.key if idempotency else "",
-            )
-            structlog.contextvars.bind_contextvars(notification_id=str(notification.pk))
-            deliveries = Delivery.objects.bulk_create(
-                [
-                    Delivery(
-                        notification=notification,
-                        channel=route.channel,
-                        status=route.status,
-                        skip_reason=route.reason,
-                        address=route.address,
-                        content=rendered.get(route.channel, {}),
-                        next_attempt_at=send_at if scheduled else None,
-                        enqueued_at=now if route.status == DeliveryStatus.QUEUED else None,
-                    )
-                    for route in routes
-                ]
-            )
-            get_delivery_log().record_statuses(
-                [
-                    StatusEvent(
-                        delivery_id=d.pk,
-                        notification_id=str(notification.pk),
-                        owner_id=owner.pk,
-                        recipient_id=context.external_id,
-                        channel=d.channel,
-                        status=d.status,
-                        at=now,
-                        detail=d.skip_reason,
-                    )
-                    for d in deliveries
-                ]
-            )
-            body = {
-                "id": str(notification.pk),
-                "status": "accepted",
-                "deliveries": [
-                    {"channel": route.channel, "status": route.status}
-                    | ({"reason": route.reason} if route.reason else {})
-                    for route in routes
-                ],
-            }
-            if idempotency is not None:
-                IdempotencyRecord.objects.create(
-                    owner=owner,
-                    key=idempotency.key,
-                    fingerprint=idempotency.fingerprint,
-                    status_code=202,
-                    response=body,
+    notification = Notification(
+        owner=owner,
+        recipient_id=context.id,
+        template_id=template.id,
+        template_key=template.key,
+        category=template.category,
+        priority=request.priority,
+        locale=locale,
+        data=request.data,
+        send_at=send_at,
+        idempotency_key=request.idempotency.key if request.idempotency else "",
+    )
+    deliveries = [
+        Delivery(
+            notification=notification,
+            channel=route.channel,
+            status=route.status,
+            skip_reason=route.reason,
+            address=route.address,
+            content=rendered.get(route.channel, {}),
+            next_attempt_at=send_at if scheduled else None,
+            enqueued_at=now if route.status == DeliveryStatus.QUEUED else None,
+        )
+        for route in routes
+    ]
+    return PreparedNotification(
+        notification=notification,
+        deliveries=deliveries,
+        routes=routes,
+        recipient_external_id=context.external_id,
+        idempotency=request.idempotency,
+    )
+
+
+def _notifications_write(
+    *, owner: Owner, prepared: list[PreparedNotification], now: datetime
+) -> None:
+    """Write notifications with their deliveries, first status events and idempotency records
+    in one transaction; publish the queued deliveries once it commits."""
+    from workers.delivery_log import StatusEvent, get_delivery_log
+    from workers.dispatch import deliveries_enqueue_on_commit
+
+    with transaction.atomic():
+        Notification.objects.bulk_create([p.notification for p in prepared])
+        deliveries = Delivery.objects.bulk_create([d for p in prepared for d in p.deliveries])
+        external_ids = {p.notification.pk: p.recipient_external_id for p in prepared}
+        get_delivery_log().record_statuses(
+            [
+                StatusEvent(
+                    delivery_id=d.pk,
+                    notification_id=str(d.notification_id),
+                    owner_id=owner.pk,
+                    recipient_id=external_ids[d.notification_id],
+                    channel=d.channel,
+                    status=d.status,
+                    at=now,
+                    detail=d.skip_reason,
                 )
-            # bulk_create sets primary keys on PostgreSQL and SQLite alike.
-            deliveries_enqueue_on_commit(
-                [(d.pk, d.channel) for d in deliveries if d.status == DeliveryStatus.QUEUED]
-            )
-            metrics.notifications_accepted_on_commit(
-                d.channel
                 for d in deliveries
-                if d.status in (DeliveryStatus.QUEUED, DeliveryStatus.SCHEDULED)
-            )
-    except IntegrityError as exc:
-        if (
-            idempotency is not None
-            and IdempotencyRecord.objects.filter(owner=owner, key=idempotency.key).exists()
-        ):
-            raise IdempotencyRecordExists from exc
-        raise
+            ]
+        )
+        IdempotencyRecord.objects.bulk_create(
+            [
+                IdempotencyRecord(
+                    owner=owner,
+                    key=p.idempotency.key,
+                    fingerprint=p.idempotency.fingerprint,
+                    status_code=202,
+                    response=p.body,
+                )
+                for p in prepared
+                if p.idempotency is not None
+            ]
+        )
+        # bulk_create sets primary keys on PostgreSQL and SQLite alike.
+        deliveries_enqueue_on_commit(
+            [(d.pk, d.channel) for d in deliveries if d.status == DeliveryStatus.QUEUED]
+        )
+        metrics.notifications_accepted_on_commit(
+            d.channel
+            for d in deliveries
+            if d.status in (DeliveryStatus.QUEUED, DeliveryStatus.SCHEDULED)
+        )
+
+
+def _log_accepted(prepared: PreparedNotification) -> None:
     log.info(
         "notification %s accepted: %s",
-        notification.pk,
-        ", ".join(f"{route.channel} {route.status}" for route in routes),
+        prepared.notification.pk,
+        ", ".join(f"{route.channel} {route.status}" for route in prepared.routes),
     )
-    return body
+
+
+@scoped_log_context
+def notification_create(
+    *,
+    owner: Owner,
+    recipient: str | dict[str, Any],
+    template_key: str,
+    data: dict[str, Any],
+    channels: list[str] | None = None,
+    priority: str = Priority.NORMAL,
+    send_at: datetime | None = None,
+    idempotency: IdempotencyClaim | None = None,
+) -> dict[str, Any]:
+    """Accept one notification: render it, route it, write it with its deliveries in one
+    transaction, and enqueue the deliveries after commit. Returns the 202 body."""
+    now = timezone.now()
+    request = NotificationRequest(
+        recipient=recipient,
+        template_key=template_key,
+        data=data,
+        channels=channels,
+        priority=priority,
+        send_at=send_at,
+        idempotency=idempotency,
+    )
+    prepared = _notification_prepare(owner=owner, request=request, now=now, templates={})
+    structlog.contextvars.bind_contextvars(notification_id=str(prepared.notification.pk))
+    try:
+        _notifications_write(owner=owner, prepared=[prepared], now=now)
+    except IntegrityError as exc:
+        if idempotency is not None and _idempotency_record_exists(owner, [idempotency.key]):
+            raise IdempotencyRecordExists from exc
+        raise
+    _log_accepted(prepared)
+    return prepared.body
+
+
+def _idempotency_record_exists(owner: Owner, keys_: list[str]) -> bool:
+    return IdempotencyRecord.objects.filter(owner=owner, key__in=keys_).exists()
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    """One item of a bulk request: its 202 body, why it was refused, or that its idempotency
+    record was already in the database (the caller answers with what that record holds)."""
+
+    body: dict[str, Any] | None = None
+    error: ValidationFailed | None = None
+    idempotency_record_exists: bool = False
+
+
+def notifications_create_bulk(
+    *, owner: Owner, requests: list[NotificationRequest]
+) -> list[BulkOutcome]:
+    """Accept many notifications at once: each is rendered and routed on its own (a bad one is
+    refused alone), and all the good ones are written in one transaction and published on
+    one broker connection after it commits. An item whose idempotency record is already in the
+    database (Redis lost its key) makes the whole write fall back to one transaction per item,
+    where that item raises IdempotencyRecordExists in its outcome's place."""
+    now = timezone.now()
+    templates: dict[str, TemplateSnapshot | None] = {}
+    outcomes: list[BulkOutcome | None] = []
+    prepared: list[tuple[int, PreparedNotification]] = []
+    for index, request in enumerate(requests):
+        try:
+            prepared.append(
+                (
+                    index,
+                    _notification_prepare(
+                        owner=owner, request=request, now=now, templates=templates
+                    ),
+                )
+            )
+            outcomes.append(None)
+        except ValidationFailed as exc:
+            outcomes.append(BulkOutcome(error=exc))
+    if prepared:
+        try:
+            _notifications_write(owner=owner, prepared=[p for _, p in prepared], now=now)
+        except IntegrityError:
+            claimed = [p.idempotency.key for _, p in prepared if p.idempotency is not None]
+            if not claimed or not _idempotency_record_exists(owner, claimed):
+                raise
+            log.info("an idempotency record already exists; writing the bulk one by one")
+            for index, item in prepared:
+                outcomes[index] = _bulk_write_one(owner, item, now)
+        else:
+            for index, item in prepared:
+                outcomes[index] = BulkOutcome(body=item.body)
+                _log_accepted(item)
+    return [outcome or BulkOutcome() for outcome in outcomes]
+
+
+def _bulk_write_one(owner: Owner, item: PreparedNotification, now: datetime) -> BulkOutcome:
+    for delivery in item.deliveries:  # the rolled-back bulk insert numbered them
+        delivery.pk = None
+        delivery._state.adding = True
+    try:
+        _notifications_write(owner=owner, prepared=[item], now=now)
+    except IntegrityError:
+        claim = item.idempotency
+        if claim is not None and _idempotency_record_exists(owner, [claim.key]):
+            return BulkOutcome(idempotency_record_exists=True)
+        raise
+    _log_accepted(item)
+    return BulkOutcome(body=item.body)
 
 
 def idempotency_records_purge(*, older_than_seconds: int | None = None) -> int:

@@ -168,6 +168,10 @@ CHANNEL_LAYERS = {
                     # an idle socket would drop.
                     "socket_timeout": env.float("CHANNEL_LAYER_SOCKET_TIMEOUT", default=15.0),
                     "socket_connect_timeout": 5,
+                    # redis-py's asyncio pool refuses a command beyond 100 connections (it
+                    # does not wait). Subscribing thousands of sockets at once after a
+                    # restart needs more; every one is returned as soon as its command ends.
+                    "max_connections": env.int("CHANNEL_LAYER_MAX_CONNECTIONS", default=1000),
                 }
             ],
             "prefix": "clarion-ws:",
@@ -241,6 +245,9 @@ WS_CLIENT_FRAMES_BURST = env.int("WS_CLIENT_FRAMES_BURST", default=200)
 # timeouts (60 s), so the pings also keep idle connections open through them.
 WS_PING_INTERVAL_SECONDS = env.float("WS_PING_INTERVAL_SECONDS", default=25.0)
 WS_PING_TIMEOUT_SECONDS = env.float("WS_PING_TIMEOUT_SECONDS", default=20.0)
+# channels-redis forgets a group member after its group_expiry (a day): a socket re-joins its
+# group at the first ping after this many seconds.
+WS_GROUP_REFRESH_SECONDS = env.float("WS_GROUP_REFRESH_SECONDS", default=3600.0)
 # Most unread notifications replayed on connect (oldest first); the inbox API pages the rest.
 WS_BACKLOG_MAX = env.int("WS_BACKLOG_MAX", default=1000)
 # Notification ids remembered per connection to drop a live frame already sent (backlog
@@ -262,6 +269,9 @@ SWEEPER_BATCH_SIZE = env.int("SWEEPER_BATCH_SIZE", default=1000)
 BROKER_VISIBILITY_TIMEOUT = env.int("BROKER_VISIBILITY_TIMEOUT", default=3600)
 # Publishing happens after commit; a broker that does not answer must not hold the API up.
 BROKER_PUBLISH_MAX_RETRIES = env.int("BROKER_PUBLISH_MAX_RETRIES", default=2)
+# After a failed publish, a process leaves new deliveries to the sweeper for this long
+# instead of waiting out the connection retries of each one (workers/dispatch.py).
+BROKER_PUBLISH_PAUSE_SECONDS = env.float("BROKER_PUBLISH_PAUSE_SECONDS", default=5.0)
 
 CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
 CIRCUIT_OPEN_SECONDS = env.int("CIRCUIT_OPEN_SECONDS", default=60)

@@ -64,6 +64,16 @@ def clean_redis() -> Iterator[None]:
     client.flushdb()
 
 
+@pytest.fixture(autouse=True)
+def broker_publishing_resumed() -> Iterator[None]:
+    """A test that made a publish fail does not leave the next one's publishes paused."""
+    from workers import dispatch
+
+    dispatch._paused_until = 0.0
+    yield
+    dispatch._paused_until = 0.0
+
+
 @pytest.fixture
 def owner(db: None) -> Any:
     return OwnerFactory(name="acme")

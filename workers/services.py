@@ -248,7 +248,26 @@ def _complete(
     started_at: datetime,
     latency_ms: float = 0.0,
 ) -> ProcessOutcome:
-    """Record the attempt a claimed delivery just made, then settle it."""
+    """Record the attempt a claimed delivery just made, then settle it: one transaction for
+    the attempt, the delivery's new state and its status event."""
+    with transaction.atomic():
+        return _complete_in_transaction(
+            delivery,
+            result,
+            provider_name=provider_name,
+            started_at=started_at,
+            latency_ms=latency_ms,
+        )
+
+
+def _complete_in_transaction(
+    delivery: Delivery,
+    result: SendResult,
+    *,
+    provider_name: str,
+    started_at: datetime,
+    latency_ms: float,
+) -> ProcessOutcome:
     number = delivery.attempts
     if result.invalid_tokens:
         _devices_deactivate(delivery, result.invalid_tokens)
@@ -379,8 +398,12 @@ def _finish(
         get_delivery_log().record_statuses(
             delivery_status_events([delivery], DeliveryStatus.RETRYING, detail=result.error)
         )
-        deliveries_publish_rollback_unsafe(
-            [(delivery.pk, delivery.channel)], countdown=decision.delay_seconds
+        delay = decision.delay_seconds
+        # After commit: a worker taking the message early would find the delivery still leased.
+        transaction.on_commit(
+            lambda: deliveries_publish_rollback_unsafe(
+                [(delivery.pk, delivery.channel)], countdown=delay
+            )
         )
         log.info(
             "delivery %s attempt %s failed (%s), retry in %.2fs",
@@ -394,7 +417,7 @@ def _finish(
             channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_RETRIED
         )
         return ProcessOutcome.RETRY
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         if ours.update(
             status=DeliveryStatus.DEAD, next_attempt_at=None, last_error=result.error, **common
         ):
@@ -447,6 +470,10 @@ def deliveries_sweep() -> int:
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
         .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
         .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=stale_before))
+        # A queue with messages waiting is a backlog, not a loss: its stale rows most likely
+        # have their message in it, and publishing each again would double the backlog at
+        # every sweep. Rows known to be unpublished (enqueued_at NULL) go out regardless.
+        .exclude(channel__in=_channels_with_backlog(), enqueued_at__isnull=False)
         .order_by("id")
         .values_list("id", "channel")[:batch]
     )
@@ -455,3 +482,13 @@ def deliveries_sweep() -> int:
         log.warning("sweeper re-enqueues %s deliveries whose messages were lost", len(lost))
     published = deliveries_publish_rollback_unsafe(due_scheduled + lost)
     return published
+
+
+def _channels_with_backlog() -> list[str]:
+    """Channels whose broker queue holds messages; none when the broker cannot say."""
+    try:
+        depths = metrics.queue_depths()
+    except Exception as exc:  # noqa: BLE001 - any broker failure: sweep as if all were empty
+        log.warning("queue depths unavailable, sweeping every channel: %s", exc)
+        return []
+    return [channel for channel, depth in depths.items() if depth > 0]

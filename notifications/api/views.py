@@ -57,54 +57,92 @@ def _validated(serializer_class: type, data: Any, **kwargs: Any) -> dict[str, An
     return serializer.validated_data
 
 
+def _notification_request(
+    payload: dict[str, Any], claim: idempotency.Proceed | None
+) -> services.NotificationRequest:
+    return services.NotificationRequest(
+        recipient=payload["recipient"],
+        template_key=payload["template"],
+        data=payload["data"],
+        channels=payload.get("channels"),
+        priority=payload["priority"],
+        send_at=payload["send_at"],
+        idempotency=(
+            services.IdempotencyClaim(key=claim.key, fingerprint=claim.fingerprint)
+            if claim is not None
+            else None
+        ),
+    )
+
+
+def _claim(owner: Owner, key: str, fp: str) -> idempotency.Proceed | idempotency.Replay:
+    """Take an idempotency key; raises the API errors for 409 and 422."""
+    try:
+        return idempotency.begin(owner_id=owner.pk, key=key, fp=fp)
+    except idempotency.InFlight as exc:
+        raise Conflict from exc
+    except idempotency.Mismatch as exc:
+        raise IdempotencyMismatch from exc
+
+
+def _recorded(owner: Owner, claim: idempotency.Proceed) -> idempotency.Replay | None:
+    """Redis had lost the key and the database refused the write: answer as the request that
+    wrote the record did (None when that record had expired and is gone now)."""
+    try:
+        replay = idempotency.replay_from_database(
+            owner_id=owner.pk, key=claim.key, fp=claim.fingerprint
+        )
+    except idempotency.Mismatch as exc:
+        idempotency.release(owner_id=owner.pk, claim=claim)
+        raise IdempotencyMismatch from exc
+    if replay is None:
+        return None
+    idempotency.complete(
+        owner_id=owner.pk, claim=claim, status_code=replay.status_code, body=replay.body
+    )
+    return replay
+
+
 def _create_one(
     *, owner: Owner, payload: dict[str, Any], idem_key: str | None, fp: str
 ) -> tuple[int, dict[str, Any], bool]:
     """Create one notification under an optional idempotency key.
     Returns (status, body, replayed); raises the API errors for 409 and 422."""
-    create_args = {
-        "owner": owner,
-        "recipient": payload["recipient"],
-        "template_key": payload["template"],
-        "data": payload["data"],
-        "channels": payload.get("channels"),
-        "priority": payload["priority"],
-        "send_at": payload["send_at"],
-    }
-    if idem_key is None:
-        try:
-            return 202, services.notification_create(**create_args), False
-        except services.ValidationFailed as exc:
-            raise FieldErrors(exc.fields) from exc
+    claim = None
+    if idem_key is not None:
+        taken = _claim(owner, idem_key, fp)
+        if isinstance(taken, idempotency.Replay):
+            return 200, taken.body, True
+        claim = taken
+    request = _notification_request(payload, claim)
     try:
-        claim = idempotency.begin(owner_id=owner.pk, key=idem_key, fp=fp)
-    except idempotency.InFlight as exc:
-        raise Conflict from exc
-    except idempotency.Mismatch as exc:
-        raise IdempotencyMismatch from exc
-    if isinstance(claim, idempotency.Replay):
-        return 200, claim.body, True
-    try:
-        body = services.notification_create(
-            **create_args,
-            idempotency=services.IdempotencyClaim(key=idem_key, fingerprint=fp),
-        )
+        # A second try only when an expired record, gone now, refused the first.
+        for _ in range(2):
+            try:
+                body = services.notification_create(owner=owner, **vars(request))
+            except services.IdempotencyRecordExists:
+                assert claim is not None
+                replay = _recorded(owner, claim)
+                if replay is not None:
+                    return 200, replay.body, True
+                continue
+            break
+        else:
+            assert claim is not None
+            idempotency.release(owner_id=owner.pk, claim=claim)
+            raise Conflict
     except services.ValidationFailed as exc:
-        idempotency.release(owner_id=owner.pk, claim=claim)
+        if claim is not None:
+            idempotency.release(owner_id=owner.pk, claim=claim)
         raise FieldErrors(exc.fields) from exc
-    except services.IdempotencyRecordExists:
-        # Redis lost the key and a twin request committed first: answer as it did.
-        try:
-            replay = idempotency.replay_from_database(owner_id=owner.pk, key=idem_key, fp=fp)
-        except idempotency.Mismatch as exc:
-            raise IdempotencyMismatch from exc
-        if replay is None:
-            raise Conflict from None
-        return 200, replay.body, True
-    except BaseException:
-        idempotency.release(owner_id=owner.pk, claim=claim)
+    except (Conflict, IdempotencyMismatch):
         raise
-    idempotency.complete(owner_id=owner.pk, claim=claim, status_code=202, body=body)
+    except BaseException:
+        if claim is not None:
+            idempotency.release(owner_id=owner.pk, claim=claim)
+        raise
+    if claim is not None:
+        idempotency.complete(owner_id=owner.pk, claim=claim, status_code=202, body=body)
     return 202, body, False
 
 
@@ -158,27 +196,88 @@ class NotificationBulkView(APIView):
     def post(self, request: Request) -> Response:
         owner = _owner(request)
         items = _validated(s.BulkCreateSerializer, request.data)["notifications"]
-        results: list[dict[str, Any]] = []
+        results: list[dict[str, Any] | None] = [None] * len(items)
+        pending: list[tuple[int, services.NotificationRequest, idempotency.Proceed | None]] = []
+        # An item repeating the key of an earlier item of this request answers as that item.
+        claimed: dict[str, tuple[int, str]] = {}
+        twins: list[tuple[int, int]] = []
         for index, item in enumerate(items):
             try:
                 payload = _validated(s.BulkItemSerializer, item)
-                idem_key = payload.get("idempotency_key")
-                fp = idempotency.fingerprint(method="POST", path="bulk-item", body=item)
-                code, body, _ = _create_one(owner=owner, payload=payload, idem_key=idem_key, fp=fp)
-                results.append(
-                    {
-                        "index": index,
-                        "status": code,
-                        "id": body["id"],
-                        "deliveries": body["deliveries"],
-                    }
-                )
+                claim = None
+                if (idem_key := payload.get("idempotency_key")) is not None:
+                    fp = idempotency.fingerprint(method="POST", path="bulk-item", body=item)
+                    if idem_key in claimed:
+                        first, first_fp = claimed[idem_key]
+                        if first_fp != fp:
+                            raise IdempotencyMismatch
+                        twins.append((index, first))
+                        continue
+                    taken = _claim(owner, idem_key, fp)
+                    if isinstance(taken, idempotency.Replay):
+                        results[index] = _bulk_accepted(index, 200, taken.body)
+                        continue
+                    claim = taken
+                    claimed[idem_key] = (index, fp)
+                pending.append((index, _notification_request(payload, claim), claim))
             except APIException as exc:
-                results.append({"index": index, "status": exc.status_code, "error": describe(exc)})
-        accepted = sum(1 for r in results if r["status"] in (200, 202))
+                results[index] = _bulk_refused(index, exc)
+        try:
+            outcomes = services.notifications_create_bulk(
+                owner=owner, requests=[request for _, request, _ in pending]
+            )
+        except BaseException:
+            for _, _, claim in pending:
+                if claim is not None:
+                    idempotency.release(owner_id=owner.pk, claim=claim)
+            raise
+        for (index, _, claim), outcome in zip(pending, outcomes, strict=True):
+            results[index] = _bulk_result(owner, index, claim, outcome)
+        for index, first in twins:
+            answer = results[first]
+            assert answer is not None
+            if answer["status"] == 202:
+                results[index] = _bulk_accepted(index, 200, answer)
+            else:
+                results[index] = {**answer, "index": index}
+        accepted = sum(1 for r in results if r is not None and r["status"] in (200, 202))
         return Response(
             {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
         )
+
+
+def _bulk_accepted(index: int, code: int, body: dict[str, Any]) -> dict[str, Any]:
+    return {"index": index, "status": code, "id": body["id"], "deliveries": body["deliveries"]}
+
+
+def _bulk_refused(index: int, exc: APIException) -> dict[str, Any]:
+    return {"index": index, "status": exc.status_code, "error": describe(exc)}
+
+
+def _bulk_result(
+    owner: Owner,
+    index: int,
+    claim: idempotency.Proceed | None,
+    outcome: services.BulkOutcome,
+) -> dict[str, Any]:
+    if outcome.body is not None:
+        if claim is not None:
+            idempotency.complete(owner_id=owner.pk, claim=claim, status_code=202, body=outcome.body)
+        return _bulk_accepted(index, 202, outcome.body)
+    if outcome.error is not None:
+        if claim is not None:
+            idempotency.release(owner_id=owner.pk, claim=claim)
+        return _bulk_refused(index, FieldErrors(outcome.error.fields))
+    assert claim is not None and outcome.idempotency_record_exists
+    try:
+        replay = _recorded(owner, claim)
+    except IdempotencyMismatch as exc:
+        return _bulk_refused(index, exc)
+    if replay is None:
+        # The record had expired; the item was not written. Sent again, it will be.
+        idempotency.release(owner_id=owner.pk, claim=claim)
+        return _bulk_refused(index, Conflict())
+    return _bulk_accepted(index, 200, replay.body)
 
 
 class NotificationDetailView(APIView):

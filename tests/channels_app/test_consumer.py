@@ -431,3 +431,79 @@ def test_an_idle_socket_still_receives(owner: Any, template: Any) -> None:
         await ws.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_socket_rejoins_its_group_when_the_layer_forgot_it(
+    owner: Any, template: Any, settings: Any
+) -> None:
+    """channels-redis drops group members after its group_expiry; the heartbeat re-joins once
+    WS_GROUP_REFRESH_SECONDS have passed, so a long-lived socket keeps receiving."""
+    from channels.layers import get_channel_layer
+
+    recipient, token = recipient_with_token(owner, "user-a")
+    settings.WS_PING_INTERVAL_SECONDS = 0.2
+    settings.WS_PING_TIMEOUT_SECONDS = 0.1
+    settings.WS_GROUP_REFRESH_SECONDS = 0.3
+    group = consumers.recipient_group(recipient.pk)
+
+    async def scenario() -> None:
+        layer = get_channel_layer()
+        ws = communicator(token=token)
+        assert await ws.connect() == (True, None)
+        assert await ws.receive_json_from() == {"type": "ready"}
+        # What group_expiry does to a member: the group forgets it, and a push misses it.
+        await layer.connection(0).delete(layer._group_key(group))
+        missed = await sync_to_async(create_web_notification)(owner, "user-a", "A-0")
+        await sync_to_async(push)(missed)
+        # Only pings come (answered): the missed frame is gone, and a ping 0.3 s after the
+        # join re-joins the group (pings come every 0.2 s).
+        for _ in range(5):
+            assert await ws.receive_json_from(timeout=2) == {"type": "ping"}
+            await ws.send_json_to({"type": "pong"})
+        notification = await sync_to_async(create_web_notification)(owner, "user-a", "A-1")
+        await sync_to_async(push)(notification)
+        frames = []
+        for _ in range(10):  # 2 s of pings at most
+            frames.append(await ws.receive_json_from(timeout=5))
+            if frames[-1] != {"type": "ping"}:
+                break
+            await ws.send_json_to({"type": "pong"})
+        assert frames[-1] == expected_frame(notification), frames
+        await ws.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_an_exhausted_layer_pool_is_waited_for_then_refused_with_1013(owner: Any) -> None:
+    """Thousands of sockets subscribing at once can exhaust the layer's connection pool for a
+    moment: the consumer tries again, and gives up with 1013 (try again later), never a 500."""
+    from channels_redis.core import RedisChannelLayer
+    from redis.exceptions import MaxConnectionsError
+
+    _, token = recipient_with_token(owner, "user-a")
+    real_group_add = RedisChannelLayer.group_add
+    failures = {"left": 2}
+
+    async def flaky_group_add(self: Any, group: str, channel: str) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise MaxConnectionsError("Too many connections")
+        await real_group_add(self, group, channel)
+
+    async def scenario() -> None:
+        with mock.patch.object(RedisChannelLayer, "group_add", flaky_group_add):
+            ws = communicator(token=token)
+            assert await ws.connect() == (True, None)
+            assert await ws.receive_json_from() == {"type": "ready"}
+            await ws.disconnect()
+            assert failures["left"] == 0
+
+            failures["left"] = consumers.JOIN_ATTEMPTS
+            ws = communicator()
+            assert await ws.connect() == (True, None)
+            await ws.send_json_to({"type": "auth", "token": token})
+            assert await ws.receive_output(3) == {"type": "websocket.close", "code": 1013}
+            await ws.disconnect()
+            assert failures["left"] == 0
+
+    async_to_sync(scenario)()

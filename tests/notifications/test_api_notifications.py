@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
+from django.utils import timezone
 
 from notifications.models import Delivery, IdempotencyRecord, Notification
 from tests.factories import DeviceFactory, TemplateFactory
@@ -268,6 +271,20 @@ class TestIdempotency:
         assert changed.status_code == 422
         assert Notification.objects.count() == 1
         assert IdempotencyRecord.objects.get().response == first.json()
+
+    def test_an_expired_record_does_not_replay(self, api: Any, template: Any) -> None:
+        """Past IDEMPOTENCY_TTL_SECONDS, a key is new again even while the purge has not
+        removed its record yet."""
+        first = post(api, body_for(), HTTP_IDEMPOTENCY_KEY="k-old")
+        IdempotencyRecord.objects.update(
+            created_at=timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS + 1)
+        )
+        cache.clear()
+        again = post(api, body_for(), HTTP_IDEMPOTENCY_KEY="k-old")
+        assert again.status_code == 202
+        assert again.json()["id"] != first.json()["id"]
+        assert Notification.objects.count() == 2
+        assert IdempotencyRecord.objects.get().response == again.json()
 
     def test_unique_record_stops_a_twin_that_redis_let_through(
         self, owner: Any, template: Any

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.core.cache import cache
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from notifications.models import Notification
+from notifications.models import Delivery, DeliveryEvent, IdempotencyRecord, Notification
 from tests.factories import DeviceFactory, RecipientFactory
 
 pytestmark = pytest.mark.django_db
@@ -83,3 +84,67 @@ def test_bulk_refuses_more_than_1000(api: Any, template: Any) -> None:
     assert response.json()["fields"] == {
         "notifications": ["Ensure this field has no more than 1000 elements."]
     }
+
+
+def _items(count: int, *, prefix: str = "k") -> list[dict[str, Any]]:
+    return [
+        {
+            "recipient": {"id": f"r-{n}", "email": f"r{n}@example.com"},
+            "template": "order_shipped",
+            "data": {"order_id": str(n)},
+            "channels": ["email", "web"],
+            "idempotency_key": f"{prefix}-{n}",
+        }
+        for n in range(count)
+    ]
+
+
+def test_bulk_writes_every_item_in_one_set_of_inserts(api: Any, template: Any) -> None:
+    """A bulk request is one transaction whatever its size: one INSERT per table, not one per
+    item (recipients known and cached, as a bulk usually goes)."""
+    first = api.post("/api/v1/notifications/bulk", {"notifications": _items(50)}, format="json")
+    assert first.json()["accepted"] == 50
+    items = _items(50, prefix="again")
+    for item in items:
+        item["recipient"] = item["recipient"]["id"]
+    with CaptureQueriesContext(connection) as queries:
+        response = api.post("/api/v1/notifications/bulk", {"notifications": items}, format="json")
+    assert response.json()["accepted"] == 50
+    statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+    # notifications, deliveries, their "queued" events, idempotency records
+    assert statements.count("INSERT") == 4, statements
+    assert "SELECT" not in statements
+    assert Notification.objects.count() == 100
+    assert Delivery.objects.count() == 200
+    assert DeliveryEvent.objects.count() == 200
+    assert IdempotencyRecord.objects.count() == 100
+
+
+def test_bulk_falls_back_one_by_one_when_redis_forgot_a_key(api: Any, template: Any) -> None:
+    """Redis lost the keys (flush, eviction) but the database holds one item's record: the
+    bulk write fails on it, each item is written on its own, and that item answers as the
+    first time while the others are accepted."""
+    items = _items(3)
+    first = api.post("/api/v1/notifications/bulk", {"notifications": items[1:2]}, format="json")
+    [original] = first.json()["results"]
+    cache.clear()
+    response = api.post("/api/v1/notifications/bulk", {"notifications": items}, format="json")
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [202, 200, 202]
+    assert results[1]["id"] == original["id"]
+    assert Notification.objects.count() == 3
+    assert IdempotencyRecord.objects.count() == 3
+    # The answers are remembered in Redis again: a third try replays all three.
+    again = api.post("/api/v1/notifications/bulk", {"notifications": items}, format="json")
+    assert [r["status"] for r in again.json()["results"]] == [200, 200, 200]
+    assert [r["id"] for r in again.json()["results"]] == [r["id"] for r in results]
+
+
+def test_bulk_item_reusing_a_key_with_another_body_is_refused(api: Any, template: Any) -> None:
+    items = _items(2)
+    items[1]["idempotency_key"] = items[0]["idempotency_key"]
+    response = api.post("/api/v1/notifications/bulk", {"notifications": items}, format="json")
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [202, 422]
+    assert results[1]["error"]["error"] == "idempotency_key_reused"
+    assert Notification.objects.count() == 1
