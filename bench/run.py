@@ -58,6 +58,7 @@ SOURCE_ADDRESSES = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
 # The sandbox is no vendor: its channels get no rate limit worth the name, so the end-to-end
 # figure measures the pipeline rather than the token bucket (defaults: email=1000/m, sms=100/s).
 BENCH_RATE_LIMITS = "email=1000000/s,sms=1000000/s,push=1000000/s,web=1000000/s"
+BENCH_API_RATE_LIMIT = 1_000_000
 TWO_CHANNEL_TEMPLATE = {
     "email": {
         "subject": "Order {{ order_id }} shipped",
@@ -190,6 +191,9 @@ def bench_environment(secret_key: str) -> tuple[dict[str, str], list[str]]:
         CLARION_VAR_DIR=str(VAR_DIR),
         SECRET_KEY=secret_key,
         RATE_LIMITS=BENCH_RATE_LIMITS,
+        # One API key sends everything: its own limit (100/s by default) would answer most
+        # of the load with 429 and the figure would measure the throttle.
+        API_RATE_LIMIT_PER_SECOND=str(BENCH_API_RATE_LIMIT),
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(ROOT),
         DJANGO_SETTINGS_MODULE="project.settings",
@@ -527,8 +531,14 @@ class Bench:
                 peak["db_per_request"] = {
                     k: round((db1[k] - db0[k]) / peak["requests"], 2) for k in db0
                 }
+            # Only 2xx answers are accepts; anything else is reported and fails the target.
+            requests = peak.get("requests") or 0
+            accepted = requests - peak.get("non_2xx", 0) - peak.get("socket_errors", 0)
+            peak["accepts_per_s"] = (
+                round(peak["rate_per_s"] * accepted / requests, 1) if requests else 0.0
+            )
             self.results["figures"]["api_max"] = peak
-            rate = 0.7 * peak["rate_per_s"]
+            rate = 0.7 * peak["accepts_per_s"]
             if rate <= 0:
                 raise PhaseFailed("the API accepted nothing")
             fixed = asyncio.run(
@@ -1105,7 +1115,7 @@ class Bench:
         b_ws_mem = (b.get("B_ws") or {}).get("kib_per_connection")
         if "api" in self.config.phases:
             api = f.get("api_max") or {}
-            value = api.get("rate_per_s")
+            value = api.get("accepts_per_s")
             r = ratio_of(value, b_http)
             bad = api.get("non_2xx", 0) + api.get("socket_errors", 0)
             add(

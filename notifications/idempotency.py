@@ -90,10 +90,61 @@ def begin(*, owner_id: int, key: str, fp: str) -> Proceed | Replay:
     raise InFlight
 
 
+def begin_many(
+    *, owner_id: int, claims: list[tuple[str, str]]
+) -> list[Proceed | Replay | InFlight | Mismatch]:
+    """begin() for many (key, fingerprint) pairs in two Redis round trips; each answer is what
+    begin() would return, or the exception it would raise. Keys must be distinct."""
+    token = uuid.uuid4().hex
+    cache_keys = [_cache_key(owner_id, key) for key, _ in claims]
+    taken = cache.add_many(  # type: ignore[attr-defined]
+        {
+            cache_key: {"state": "in_flight", "fp": fp, "token": token}
+            for cache_key, (_, fp) in zip(cache_keys, claims, strict=True)
+        },
+        settings.IDEMPOTENCY_LOCK_SECONDS,
+    )
+    held = cache.get_many([k for k in cache_keys if k not in taken])
+    answers: list[Proceed | Replay | InFlight | Mismatch] = []
+    for cache_key, (key, fp) in zip(cache_keys, claims, strict=True):
+        if cache_key in taken:
+            answers.append(Proceed(key=key, fingerprint=fp, lock_token=token))
+            continue
+        entry = held.get(cache_key)
+        if entry is None:  # expired between the two calls
+            try:
+                answers.append(begin(owner_id=owner_id, key=key, fp=fp))
+            except (InFlight, Mismatch) as exc:
+                answers.append(exc)
+        elif entry["fp"] != fp:
+            answers.append(Mismatch())
+        elif entry["state"] == "in_flight":
+            answers.append(InFlight())
+        else:
+            answers.append(Replay(entry["status"], entry["body"]))
+    return answers
+
+
+def complete_many(*, owner_id: int, done: list[tuple[Proceed, int, Any]]) -> None:
+    """complete() for many (claim, status, body) in one Redis round trip."""
+    if done:
+        cache.set_many(
+            {
+                _cache_key(owner_id, claim.key): _done_entry(claim.fingerprint, code, body)
+                for claim, code, body in done
+            },
+            settings.IDEMPOTENCY_TTL_SECONDS,
+        )
+
+
+def _done_entry(fp: str, status_code: int, body: Any) -> dict[str, Any]:
+    return {"state": "done", "fp": fp, "status": status_code, "body": body}
+
+
 def _remember(cache_key: str, fp: str, replay: Replay) -> None:
     cache.set(
         cache_key,
-        {"state": "done", "fp": fp, "status": replay.status_code, "body": replay.body},
+        _done_entry(fp, replay.status_code, replay.body),
         settings.IDEMPOTENCY_TTL_SECONDS,
     )
 

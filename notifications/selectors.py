@@ -76,6 +76,22 @@ def recipient_context_get(*, owner_id: int, external_id: str) -> RecipientContex
     return context
 
 
+def recipient_contexts_get_many(
+    *, owner_id: int, external_ids: list[str]
+) -> dict[str, RecipientContext]:
+    """recipient_context_get() for many recipients: one Redis round trip for the cached ones;
+    unknown recipients are absent from the answer."""
+    by_key = {
+        keys.recipient_key(owner_id, external_id): external_id for external_id in external_ids
+    }
+    contexts = {by_key[key]: value for key, value in cache.get_many(list(by_key)).items()}
+    for external_id in set(external_ids) - set(contexts):
+        context = recipient_context_get(owner_id=owner_id, external_id=external_id)
+        if context is not None:
+            contexts[external_id] = context
+    return contexts
+
+
 def devices_active_get(*, recipient_id: int) -> list[tuple[str, str]]:
     """Active push devices as (platform, token), cached for CACHE_TTL_DEVICES."""
     key = keys.devices_key(recipient_id)

@@ -47,6 +47,7 @@ from notifications.selectors import (
     TemplateSnapshot,
     devices_active_get,
     recipient_context_get,
+    recipient_contexts_get_many,
     template_snapshot_get,
 )
 
@@ -389,9 +390,11 @@ def _notification_prepare(
     request: NotificationRequest,
     now: datetime,
     templates: dict[str, TemplateSnapshot | None],
+    contexts: dict[str, RecipientContext] | None = None,
 ) -> PreparedNotification:
     """Render and route one notification (ValidationFailed for bad input). `templates` memoises
-    snapshots across the items of one bulk request."""
+    snapshots across the items of one bulk request; `contexts` holds the recipients (by id)
+    it read at once."""
     template_key = request.template_key
     if template_key not in templates:
         templates[template_key] = template_snapshot_get(owner_id=owner.pk, key=template_key)
@@ -403,9 +406,14 @@ def _notification_prepare(
         external_id = request.recipient["id"]
         contact = {k: v for k, v in request.recipient.items() if k != "id"}
         recipient_upsert(owner=owner, external_id=external_id, **contact)
+        if contexts is not None:
+            contexts.pop(external_id, None)  # read before this change
+        context = recipient_context_get(owner_id=owner.pk, external_id=external_id)
     else:
         external_id = request.recipient
-    context = recipient_context_get(owner_id=owner.pk, external_id=external_id)
+        context = (contexts or {}).get(external_id) or recipient_context_get(
+            owner_id=owner.pk, external_id=external_id
+        )
     if context is None:
         raise ValidationFailed(
             {"recipient": [f"Unknown recipient '{external_id}'; send its contact data."]}
@@ -594,6 +602,10 @@ def notifications_create_bulk(
     where that item raises IdempotencyRecordExists in its outcome's place."""
     now = timezone.now()
     templates: dict[str, TemplateSnapshot | None] = {}
+    contexts = recipient_contexts_get_many(
+        owner_id=owner.pk,
+        external_ids=list({r.recipient for r in requests if isinstance(r.recipient, str)}),
+    )
     outcomes: list[BulkOutcome | None] = []
     prepared: list[tuple[int, PreparedNotification]] = []
     for index, request in enumerate(requests):
@@ -602,7 +614,11 @@ def notifications_create_bulk(
                 (
                     index,
                     _notification_prepare(
-                        owner=owner, request=request, now=now, templates=templates
+                        owner=owner,
+                        request=request,
+                        now=now,
+                        templates=templates,
+                        contexts=contexts,
                     ),
                 )
             )

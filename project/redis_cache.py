@@ -27,8 +27,26 @@ class SharedPoolRedisCacheClient(RedisCacheClient):
                     client = _CLIENTS[slot] = self._client(connection_pool=pool)
         return client
 
+    def add_many(self, data: dict[Any, Any], timeout: int) -> dict[Any, bool]:
+        """add() of many keys in one round trip: which of them this call set."""
+        client = self.get_client(None, write=True)
+        pipeline = client.pipeline(transaction=False)
+        for key, value in data.items():
+            pipeline.set(key, self._serializer.dumps(value), ex=timeout, nx=True)
+        return {key: bool(done) for key, done in zip(data, pipeline.execute(), strict=True)}
+
 
 class SharedPoolRedisCache(RedisCache):
     def __init__(self, server: str, params: dict[str, Any]):
         super().__init__(server, params)
         self._class = SharedPoolRedisCacheClient
+
+    def add_many(self, data: dict[str, Any], timeout: int) -> set[str]:
+        """add() of many keys in one round trip; returns the keys this call set (the others
+        existed). `timeout` is in seconds, and positive."""
+        seconds = int(timeout)
+        if seconds <= 0:
+            raise ValueError("add_many needs a positive timeout")
+        made = {self.make_and_validate_key(key): key for key in data}
+        done = self._cache.add_many({k: data[made[k]] for k in made}, seconds)
+        return {made[k] for k, ok in done.items() if ok}

@@ -8,7 +8,7 @@ import time
 
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,8 @@ COUNTDOWN_MARGIN_SECONDS = 60
 # publish to a broker that is down waits out its connection retries, and a bulk request of a
 # thousand deliveries would wait a thousand times. Unpublished rows are the sweeper's.
 _paused_until = 0.0
+# Broker operations buffered before a flush, in a bulk publish.
+PUBLISH_BATCH_SIZE = 500
 
 
 def max_countdown_seconds() -> float:
@@ -39,13 +41,16 @@ def deliveries_publish_rollback_unsafe(
     from project.celery import app as celery_app
     from workers.tasks import DELIVER_TASKS
 
-    if countdown is not None and countdown > max_countdown_seconds():
+    if not items or (countdown is not None and countdown > max_countdown_seconds()):
         return 0
     global _paused_until
     published = 0
     try:
-        # One producer (one pooled broker connection) for the whole list.
-        with celery_app.producer_or_acquire() as producer:
+        # One producer (one pooled broker connection) for the whole list, and on Redis one
+        # pipeline: kombu's Producer.batch() sends the buffered LPUSHes in one round trip when
+        # the block ends (AMQP publishes each at once). Nothing counts as published before
+        # that; a failure leaves the whole list to the sweeper.
+        with celery_app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH_SIZE):
             for delivery_id, channel in items:
                 if time.monotonic() < _paused_until:
                     break
@@ -63,10 +68,10 @@ def deliveries_publish_rollback_unsafe(
                     },
                 )
                 published += 1
-    except (OperationalError, OSError) as exc:
+    except (OperationalError, OSError, BatchPublishError) as exc:
         _paused_until = time.monotonic() + settings.BROKER_PUBLISH_PAUSE_SECONDS
-        _leave_to_sweeper(items[published:], f"publish failed: {exc}")
-        return published
+        _leave_to_sweeper(items, f"publish failed: {exc}")
+        return 0
     if published < len(items):
         _leave_to_sweeper(items[published:], "the broker failed moments ago")
     return published

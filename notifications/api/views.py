@@ -197,31 +197,49 @@ class NotificationBulkView(APIView):
         owner = _owner(request)
         items = _validated(s.BulkCreateSerializer, request.data)["notifications"]
         results: list[dict[str, Any] | None] = [None] * len(items)
-        pending: list[tuple[int, services.NotificationRequest, idempotency.Proceed | None]] = []
+        valid: list[tuple[int, dict[str, Any], tuple[str, str] | None]] = []
         # An item repeating the key of an earlier item of this request answers as that item.
-        claimed: dict[str, tuple[int, str]] = {}
+        first_with_key: dict[str, tuple[int, str]] = {}
         twins: list[tuple[int, int]] = []
         for index, item in enumerate(items):
             try:
                 payload = _validated(s.BulkItemSerializer, item)
-                claim = None
-                if (idem_key := payload.get("idempotency_key")) is not None:
-                    fp = idempotency.fingerprint(method="POST", path="bulk-item", body=item)
-                    if idem_key in claimed:
-                        first, first_fp = claimed[idem_key]
-                        if first_fp != fp:
-                            raise IdempotencyMismatch
-                        twins.append((index, first))
-                        continue
-                    taken = _claim(owner, idem_key, fp)
-                    if isinstance(taken, idempotency.Replay):
-                        results[index] = _bulk_accepted(index, 200, taken.body)
-                        continue
-                    claim = taken
-                    claimed[idem_key] = (index, fp)
-                pending.append((index, _notification_request(payload, claim), claim))
             except APIException as exc:
                 results[index] = _bulk_refused(index, exc)
+                continue
+            key = payload.get("idempotency_key")
+            if key is None:
+                valid.append((index, payload, None))
+                continue
+            fp = idempotency.fingerprint(method="POST", path="bulk-item", body=item)
+            if key in first_with_key:
+                first, first_fp = first_with_key[key]
+                if first_fp != fp:
+                    results[index] = _bulk_refused(index, IdempotencyMismatch())
+                else:
+                    twins.append((index, first))
+                continue
+            first_with_key[key] = (index, fp)
+            valid.append((index, payload, (key, fp)))
+        keyed = [(index, pair) for index, _, pair in valid if pair is not None]
+        answers = dict(
+            zip(
+                [index for index, _ in keyed],
+                idempotency.begin_many(owner_id=owner.pk, claims=[pair for _, pair in keyed]),
+                strict=True,
+            )
+        )
+        pending: list[tuple[int, services.NotificationRequest, idempotency.Proceed | None]] = []
+        for index, payload, _ in valid:
+            answer = answers.get(index)
+            if isinstance(answer, idempotency.Replay):
+                results[index] = _bulk_accepted(index, 200, answer.body)
+            elif isinstance(answer, idempotency.InFlight):
+                results[index] = _bulk_refused(index, Conflict())
+            elif isinstance(answer, idempotency.Mismatch):
+                results[index] = _bulk_refused(index, IdempotencyMismatch())
+            else:
+                pending.append((index, _notification_request(payload, answer), answer))
         try:
             outcomes = services.notifications_create_bulk(
                 owner=owner, requests=[request for _, request, _ in pending]
@@ -231,15 +249,22 @@ class NotificationBulkView(APIView):
                 if claim is not None:
                     idempotency.release(owner_id=owner.pk, claim=claim)
             raise
+        done: list[tuple[idempotency.Proceed, int, Any]] = []
         for (index, _, claim), outcome in zip(pending, outcomes, strict=True):
-            results[index] = _bulk_result(owner, index, claim, outcome)
-        for index, first in twins:
-            answer = results[first]
-            assert answer is not None
-            if answer["status"] == 202:
-                results[index] = _bulk_accepted(index, 200, answer)
+            if outcome.body is not None:
+                results[index] = _bulk_accepted(index, 202, outcome.body)
+                if claim is not None:
+                    done.append((claim, 202, outcome.body))
             else:
-                results[index] = {**answer, "index": index}
+                results[index] = _bulk_not_written(owner, index, claim, outcome)
+        idempotency.complete_many(owner_id=owner.pk, done=done)
+        for index, first in twins:
+            first_result = results[first]
+            assert first_result is not None
+            if first_result["status"] == 202:
+                results[index] = _bulk_accepted(index, 200, first_result)
+            else:
+                results[index] = {**first_result, "index": index}
         accepted = sum(1 for r in results if r is not None and r["status"] in (200, 202))
         return Response(
             {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
@@ -254,16 +279,13 @@ def _bulk_refused(index: int, exc: APIException) -> dict[str, Any]:
     return {"index": index, "status": exc.status_code, "error": describe(exc)}
 
 
-def _bulk_result(
+def _bulk_not_written(
     owner: Owner,
     index: int,
     claim: idempotency.Proceed | None,
     outcome: services.BulkOutcome,
 ) -> dict[str, Any]:
-    if outcome.body is not None:
-        if claim is not None:
-            idempotency.complete(owner_id=owner.pk, claim=claim, status_code=202, body=outcome.body)
-        return _bulk_accepted(index, 202, outcome.body)
+    """An item the bulk write refused, or found already recorded in the database."""
     if outcome.error is not None:
         if claim is not None:
             idempotency.release(owner_id=owner.pk, claim=claim)

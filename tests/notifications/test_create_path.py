@@ -148,3 +148,19 @@ def test_bulk_item_reusing_a_key_with_another_body_is_refused(api: Any, template
     assert [r["status"] for r in results] == [202, 422]
     assert results[1]["error"]["error"] == "idempotency_key_reused"
     assert Notification.objects.count() == 1
+
+
+def test_bulk_item_whose_key_is_in_flight_elsewhere_answers_409(
+    api: Any, owner: Any, template: Any
+) -> None:
+    from notifications import idempotency
+
+    items = _items(2)
+    fp = idempotency.fingerprint(method="POST", path="bulk-item", body=items[0])
+    held = idempotency.begin(owner_id=owner.pk, key=items[0]["idempotency_key"], fp=fp)
+    assert isinstance(held, idempotency.Proceed)
+    response = api.post("/api/v1/notifications/bulk", {"notifications": items}, format="json")
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [409, 202]
+    assert results[0]["error"]["error"] == "conflict"
+    assert Notification.objects.count() == 1
