@@ -381,29 +381,8 @@ class NotificationAdmin(admin.ModelAdmin):
     list_select_related = ["owner", "recipient"]
     date_hierarchy = "created_at"
     ordering = ["-created_at"]
-    fieldsets = [
-        (
-            None,
-            {
-                "fields": [
-                    "id",
-                    "owner",
-                    "recipient",
-                    "template",
-                    "template_key",
-                    "category",
-                    "priority",
-                    "locale",
-                    "data",
-                    "send_at",
-                    "idempotency_key",
-                    "created_at",
-                ]
-            },
-        ),
-        ("Timeline: every status change and provider attempt", {"fields": ["timeline"]}),
-    ]
-    readonly_fields = [
+    # Everything is read-only: a notification is a record of what was asked and done.
+    _fields: list[str] = [
         "id",
         "owner",
         "recipient",
@@ -416,8 +395,12 @@ class NotificationAdmin(admin.ModelAdmin):
         "send_at",
         "idempotency_key",
         "created_at",
-        "timeline",
     ]
+    fieldsets = [
+        (None, {"fields": tuple(_fields)}),
+        ("Timeline: every status change and provider attempt", {"fields": ["timeline"]}),
+    ]
+    readonly_fields = [*_fields, "timeline"]
     inlines = [DeliveryInline]
 
     class Media:

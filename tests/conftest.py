@@ -65,6 +65,13 @@ def clean_redis() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def no_api_rate_limit(settings: Any) -> None:
+    """Tests drive the API in-process faster than the default per-key limit (100/s); the
+    limit has tests of its own, which set it."""
+    settings.API_RATE_LIMIT_PER_SECOND = 0
+
+
+@pytest.fixture(autouse=True)
 def broker_publishing_resumed() -> Iterator[None]:
     """A test that made a publish fail does not leave the next one's publishes paused."""
     from workers import dispatch

@@ -4,7 +4,6 @@ real delivery path, and WebSocket clients on the real ASGI application or a real
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from channels_app.tokens import recipient_token_issue
 from notifications import services
 from notifications.models import Delivery, Notification, Owner, Recipient
 from project.asgi import application
-from tests.conftest import BIN, Process, free_port, process_env, wait_until
+from tests.conftest import Process
+from tests.project.api_server import start_api_server
 from workers.services import delivery_process
 
 ORIGIN = "http://127.0.0.1"
@@ -72,33 +72,7 @@ def start_server(
     spawn: Callable[..., Process], tmp_path: Path, name: str, *, port: int | None = None
 ) -> tuple[str, Process]:
     """A real uvicorn process serving project.asgi; returns its base URL once it answers."""
-    port = port or free_port()
-    server = spawn(
-        name,
-        [
-            str(BIN / "uvicorn"),
-            "project.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--lifespan",
-            "off",
-        ],
-        process_env(tmp_path),
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if server.popen.poll() is not None:
-            raise AssertionError(f"{name} exited:\n{server.log()}")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as answer:
-                return bool(answer.status == 200)
-        except OSError:
-            return False
-
-    wait_until(healthy, timeout=30, message=f"{name} to answer")
+    server, base = start_api_server(spawn, tmp_path, name=name, port=port)
     return base, server
 
 

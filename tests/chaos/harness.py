@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from notifications.models import PENDING_STATUSES, Delivery, DeliveryStatus
 from tests.conftest import BIN, Process, free_port, process_env, wait_until
+from tests.project.api_server import start_api_server
 
 # `make chaos` sets CHAOS_FULL=1: the sizes and outages the issue names. The normal suite runs
 # the same scenarios smaller and shorter, all of them within about two minutes.
@@ -293,29 +294,9 @@ def start_api(
     workers: int = 1,
     **env: Any,
 ) -> ApiServer:
-    port = free_port()
-    argv = [
-        str(BIN / "uvicorn"),
-        "project.asgi:application",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--lifespan",
-        "off",
-        "--no-access-log",
-    ]
-    process = spawn(name, argv, process_env(tmp_path, **env))
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if process.popen.poll() is not None:
-            raise AssertionError(f"the API server exited:\n{process.log()}")
-        return http("GET", url + "/healthz", None, "")[0] == 200
-
-    wait_until(up, timeout=60, interval=0.2, message="the API server")
+    process, url = start_api_server(
+        spawn, tmp_path, name=name, workers=workers, access_log=False, **env
+    )
     return ApiServer(process, url)
 
 

@@ -5,7 +5,6 @@ the live preview follow each edit, and saves."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from notifications.models import Template
-from tests.conftest import BIN, Process, free_port, process_env, wait_until
+from tests.conftest import Process
+from tests.project.api_server import start_api_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,34 +25,7 @@ UI_TIMEOUT_MS = 15_000
 
 
 def _serve(spawn: Callable[..., Process], tmp_path: Path) -> str:
-    port = free_port()
-    server = spawn(
-        "asgi",
-        [
-            str(BIN / "uvicorn"),
-            "project.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--lifespan",
-            "off",
-        ],
-        process_env(tmp_path),
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if server.popen.poll() is not None:
-            pytest.fail(f"uvicorn exited early:\n{server.log()}")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as answer:
-                return bool(answer.status == 200)
-        except OSError:
-            return False
-
-    wait_until(ready, timeout=30, message="the ASGI server")
-    return base
+    return start_api_server(spawn, tmp_path, name="asgi")[1]
 
 
 def test_template_preview_follows_edits_and_saves(

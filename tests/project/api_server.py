@@ -46,29 +46,38 @@ def _lowered(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 def start_api_server(
-    spawn: Callable[..., Process], tmp_path: Path, *, name: str = "api", **env: Any
+    spawn: Callable[..., Process],
+    tmp_path: Path,
+    *,
+    name: str = "api",
+    port: int | None = None,
+    workers: int = 1,
+    access_log: bool = True,
+    **env: Any,
 ) -> tuple[Process, str]:
-    """Start uvicorn and wait until it answers /healthz; returns the process and base URL."""
-    port = free_port()
-    server = spawn(
-        name,
-        [
-            str(BIN / "uvicorn"),
-            "project.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--lifespan",
-            "off",
-        ],
-        process_env(tmp_path, **env),
-    )
+    """Start uvicorn on project.asgi (the API and the WebSocket server) and wait until it
+    answers /healthz; returns the process and base URL. The one way tests start a server."""
+    port = port or free_port()
+    argv = [
+        str(BIN / "uvicorn"),
+        "project.asgi:application",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--lifespan",
+        "off",
+    ]
+    if not access_log:
+        argv.append("--no-access-log")
+    server = spawn(name, argv, process_env(tmp_path, **env))
     base = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
         if server.popen.poll() is not None:
-            pytest.fail(f"API server exited early:\n{server.log()}")
+            pytest.fail(f"API server {name} exited early:\n{server.log()}")
         try:
             return http("GET", f"{base}/healthz").status == 200
         except OSError:
