@@ -598,8 +598,8 @@ def notifications_create_bulk(
     """Accept many notifications at once: each is rendered and routed on its own (a bad one is
     refused alone), and all the good ones are written in one transaction and published on
     one broker connection after it commits. An item whose idempotency record is already in the
-    database (Redis lost its key) makes the whole write fall back to one transaction per item,
-    where that item raises IdempotencyRecordExists in its outcome's place."""
+    database (Redis lost its key) makes the whole write fall back to one transaction per item;
+    that item's outcome then says its record exists, for the caller to answer from it."""
     now = timezone.now()
     templates: dict[str, TemplateSnapshot | None] = {}
     contexts = recipient_contexts_get_many(
