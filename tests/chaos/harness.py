@@ -294,6 +294,8 @@ def start_api(
     workers: int = 1,
     **env: Any,
 ) -> ApiServer:
+    # The scenarios are about faults, not the per-key limit: one key sends all their load.
+    env = {"API_RATE_LIMIT_PER_SECOND": "0", **env}
     process, url = start_api_server(
         spawn, tmp_path, name=name, workers=workers, access_log=False, **env
     )
