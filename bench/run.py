@@ -620,6 +620,16 @@ class Bench:
         (VAR_DIR / "profile-api.txt").write_text(render(summary) + "\n")
         self.results["profile_api"] = summary
 
+    def bulk_request(self, items: list[dict[str, Any]]) -> bytes:
+        """The raw HTTP request of POST /api/v1/notifications/bulk with these items."""
+        return http_request(
+            "POST",
+            "/api/v1/notifications/bulk",
+            host=HOST,
+            headers={"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"},
+            body=json.dumps({"notifications": items}).encode(),
+        )
+
     def _bulk(self, api: Proc) -> dict[str, Any]:
         """POST /notifications/bulk with 1000 items each, one request after another."""
         port = api.port
@@ -640,16 +650,7 @@ class Bench:
                 }
                 for i in range(1, self.config.bulk_items + 1)
             ]
-            raw = http_request(
-                "POST",
-                "/api/v1/notifications/bulk",
-                host=HOST,
-                headers={
-                    "Authorization": f"Bearer {self.api_key}",
-                    "Content-Type": "application/json",
-                },
-                body=json.dumps({"notifications": items}).encode(),
-            )
+            raw = self.bulk_request(items)
             t0 = time.perf_counter()
             status, body = asyncio.run(http_once(HOST, port, raw, timeout=180))
             elapsed = time.perf_counter() - t0
@@ -810,16 +811,7 @@ class Bench:
                         }
                         for i in range(min(batch, n - k))
                     ]
-                    raw = http_request(
-                        "POST",
-                        "/api/v1/notifications/bulk",
-                        host=HOST,
-                        headers={
-                            "Authorization": f"Bearer {self.api_key}",
-                            "Content-Type": "application/json",
-                        },
-                        body=json.dumps({"notifications": items}).encode(),
-                    )
+                    raw = self.bulk_request(items)
                     status, body = await http_once(HOST, port, raw, timeout=120)
                     if status != 200:
                         raise PhaseFailed(f"bulk answered {status}: {body[:300]!r}")

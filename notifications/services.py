@@ -542,7 +542,6 @@ def _log_accepted(prepared: PreparedNotification) -> None:
     )
 
 
-@scoped_log_context
 def notification_create(
     *,
     owner: Owner,
@@ -554,24 +553,33 @@ def notification_create(
     send_at: datetime | None = None,
     idempotency: IdempotencyClaim | None = None,
 ) -> dict[str, Any]:
+    """notification_accept() with the request given field by field (admin, commands)."""
+    return notification_accept(
+        owner=owner,
+        request=NotificationRequest(
+            recipient=recipient,
+            template_key=template_key,
+            data=data,
+            channels=channels,
+            priority=priority,
+            send_at=send_at,
+            idempotency=idempotency,
+        ),
+    )
+
+
+@scoped_log_context
+def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[str, Any]:
     """Accept one notification: render it, route it, write it with its deliveries in one
     transaction, and enqueue the deliveries after commit. Returns the 202 body."""
     now = timezone.now()
-    request = NotificationRequest(
-        recipient=recipient,
-        template_key=template_key,
-        data=data,
-        channels=channels,
-        priority=priority,
-        send_at=send_at,
-        idempotency=idempotency,
-    )
     prepared = _notification_prepare(owner=owner, request=request, now=now, templates={})
     structlog.contextvars.bind_contextvars(notification_id=str(prepared.notification.pk))
     try:
         _notifications_write(owner=owner, prepared=[prepared], now=now)
     except IntegrityError as exc:
-        if idempotency is not None and _idempotency_record_exists(owner, [idempotency.key]):
+        claim = request.idempotency
+        if claim is not None and _idempotency_record_exists(owner, [claim.key]):
             raise IdempotencyRecordExists from exc
         raise
     _log_accepted(prepared)

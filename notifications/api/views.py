@@ -119,7 +119,7 @@ def _create_one(
         # A second try only when an expired record, gone now, refused the first.
         for _ in range(2):
             try:
-                body = services.notification_create(owner=owner, **vars(request))
+                body = services.notification_accept(owner=owner, request=request)
             except services.IdempotencyRecordExists:
                 assert claim is not None
                 replay = _recorded(owner, claim)
