@@ -75,6 +75,21 @@ RATE_LIMITER_WAITS = Counter(
     "Deliveries that slept for a rate-limit token or were deferred for lack of one.",
     ["channel", "provider"],
 )
+RELAY_PUBLISHED = Counter(
+    "clarion_relay_published_total",
+    "Deliveries the outbox relay handed to the broker, per channel.",
+    ["channel"],
+)
+RELAY_MESSAGES = Counter(
+    "clarion_relay_messages_total",
+    "Broker messages (one per batch of deliveries) the outbox relay published, per channel.",
+    ["channel"],
+)
+RELAY_LAG = Histogram(
+    "clarion_relay_lag_seconds",
+    "From a delivery becoming due (its commit, or its due time) to the relay publishing it.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 WEBSOCKET_CONNECTIONS = Gauge(
     "clarion_websocket_connections",
     "Open WebSocket connections, summed over the live server processes.",
@@ -124,6 +139,16 @@ def delivery_sent_latency(*, channel: str, accepted_at: datetime, send_at: datet
 
 def rate_limiter_waited(*, channel: str, provider: str, count: int = 1) -> None:
     RATE_LIMITER_WAITS.labels(channel=channel, provider=provider or "none").inc(count)
+
+
+def relay_published(*, channel: str, deliveries: int, messages: int) -> None:
+    RELAY_PUBLISHED.labels(channel=channel).inc(deliveries)
+    RELAY_MESSAGES.labels(channel=channel).inc(messages)
+
+
+def relay_lag(*, seconds: Iterable[float]) -> None:
+    for value in seconds:
+        RELAY_LAG.observe(max(0.0, value))
 
 
 def websocket_connection_opened() -> None:

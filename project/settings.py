@@ -265,6 +265,18 @@ DELIVERY_LEASE_SECONDS = env.int("DELIVERY_LEASE_SECONDS", default=120)
 SWEEPER_STALE_SECONDS = env.int("SWEEPER_STALE_SECONDS", default=300)
 SWEEPER_INTERVAL_SECONDS = env.float("SWEEPER_INTERVAL_SECONDS", default=30.0)
 SWEEPER_BATCH_SIZE = env.int("SWEEPER_BATCH_SIZE", default=1000)
+# Delivery ids per task: the relay publishes one task per chunk of this many deliveries of one
+# channel, and a worker claims, sends and settles them together. 50 amortises the claim and the
+# settle transaction (docs/benchmarks.md) while a batch stays well inside one lease.
+DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=50)
+# The relay (workers/relay.py) wakes on a signal sent at commit; with no signal it still looks
+# this often, which bounds the delay of a lost signal and of a relay that was down.
+RELAY_POLL_SECONDS = env.float("RELAY_POLL_SECONDS", default=1.0)
+# Rows one relay claims per round: one broker round trip publishes them all.
+RELAY_CLAIM_SIZE = env.int("RELAY_CLAIM_SIZE", default=1000)
+# Provider calls a worker makes at once for a batch on providers without a batch API (Twilio,
+# FCM, SMTP): bounded so one worker process keeps a handful of pooled connections.
+PROVIDER_CONCURRENCY = env.int("PROVIDER_CONCURRENCY", default=8)
 # Redis redelivers an unacknowledged message after this; no countdown may exceed it.
 BROKER_VISIBILITY_TIMEOUT = env.int("BROKER_VISIBILITY_TIMEOUT", default=3600)
 # Publishing happens after commit; a broker that does not answer must not hold the API up.
