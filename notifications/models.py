@@ -4,6 +4,7 @@ says what still has to be sent."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from django.db import models
 
@@ -205,6 +206,31 @@ class Notification(models.Model):
         return f"{self.template_key} → {self.recipient_id}"
 
 
+# Statuses of a delivery the outbox relay may still have to publish (workers/relay.py): new
+# or retrying ones, and scheduled ones once they fall due.
+OUTBOX_STATUSES = (DeliveryStatus.SCHEDULED, *PENDING_STATUSES)
+
+
+class DeliveryQuerySet(models.QuerySet["Delivery"]):
+    def due(self, now: datetime) -> DeliveryQuerySet:
+        return self.filter(
+            models.Q(next_attempt_at__isnull=True) | models.Q(next_attempt_at__lte=now)
+        )
+
+    def unleased(self, now: datetime) -> DeliveryQuerySet:
+        return self.filter(
+            models.Q(lease_expires_at__isnull=True) | models.Q(lease_expires_at__lt=now)
+        )
+
+    def claimable(self, now: datetime) -> DeliveryQuerySet:
+        """Pending, due, and held by no worker: a worker may lease these."""
+        return self.filter(status__in=PENDING_STATUSES).due(now).unleased(now)
+
+    def outbox(self) -> DeliveryQuerySet:
+        """Rows the relay still has to hand to the broker (enqueued_at NULL), due or not."""
+        return self.filter(status__in=OUTBOX_STATUSES, enqueued_at__isnull=True)
+
+
 class Delivery(models.Model):
     notification = models.ForeignKey(
         Notification, on_delete=models.CASCADE, related_name="deliveries"
@@ -223,8 +249,9 @@ class Delivery(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
-    # When the delivery was last handed to the broker; the sweeper re-enqueues a pending
-    # delivery whose message has not been taken for too long.
+    # When the relay last handed the delivery to the broker. NULL is the outbox: the relay
+    # publishes such a row once it is due, and the sweeper puts back here a pending delivery
+    # whose message has not been taken for too long.
     enqueued_at = models.DateTimeField(null=True, blank=True)
     # A worker's claim: while it holds, no other worker sends this delivery.
     lease_token = models.UUIDField(null=True, blank=True)
@@ -237,6 +264,8 @@ class Delivery(models.Model):
     archived_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = DeliveryQuerySet.as_manager()
 
     class Meta:
         verbose_name_plural = "deliveries"
@@ -251,6 +280,16 @@ class Delivery(models.Model):
                 fields=["channel", "next_attempt_at", "enqueued_at"],
                 condition=models.Q(status="queued"),
                 name="delivery_queued_lag",
+            ),
+            # The outbox: partial, so it holds only rows still to publish, and the relay's
+            # claim and its "when is the next one due" read stay small seeks however large
+            # the table grows.
+            models.Index(
+                fields=["next_attempt_at", "id"],
+                condition=models.Q(
+                    enqueued_at__isnull=True, status__in=["scheduled", "queued", "retrying"]
+                ),
+                name="delivery_outbox",
             ),
         ]
 

@@ -470,7 +470,6 @@ def _notification_prepare(
             address=route.address,
             content=rendered.get(route.channel, {}),
             next_attempt_at=send_at if scheduled else None,
-            enqueued_at=now if route.status == DeliveryStatus.QUEUED else None,
         )
         for route in routes
     ]
@@ -489,7 +488,7 @@ def _notifications_write(
     """Write notifications with their deliveries, first status events and idempotency records
     in one transaction; publish the queued deliveries once it commits."""
     from workers.delivery_log import StatusEvent, get_delivery_log
-    from workers.dispatch import deliveries_enqueue_on_commit
+    from workers.dispatch import outbox_wake_on_commit
 
     with transaction.atomic():
         Notification.objects.bulk_create([p.notification for p in prepared])
@@ -523,10 +522,10 @@ def _notifications_write(
                 if p.idempotency is not None
             ]
         )
-        # bulk_create sets primary keys on PostgreSQL and SQLite alike.
-        deliveries_enqueue_on_commit(
-            [(d.pk, d.channel) for d in deliveries if d.status == DeliveryStatus.QUEUED]
-        )
+        # Nothing is published here: the queued rows are the outbox, and the relay publishes
+        # them once woken after commit.
+        if any(d.status == DeliveryStatus.QUEUED for d in deliveries):
+            outbox_wake_on_commit()
         metrics.notifications_accepted_on_commit(
             d.channel
             for d in deliveries
@@ -686,8 +685,7 @@ def _inbox_transition(
     """Move the recipient's web deliveries (one, or all when notification_id is None) from
     `from_statuses` to delivered or read, record each change in the delivery log, and return
     how many changed. Repeating it changes nothing (idempotent)."""
-    from workers.delivery_log import get_delivery_log
-    from workers.services import delivery_status_events
+    from workers.delivery_log import delivery_status_events, get_delivery_log
 
     now = timezone.now()
     at = Value(now, output_field=models.DateTimeField())

@@ -41,6 +41,11 @@ app.conf.update(
         "clarion.*": {"queue": "maintenance"},
     },
     task_create_missing_queues=False,
+    # Celery's Django fixup closes every database connection before and after each task, and
+    # in a prefork child with a connection pool it closes the whole pool: two new PostgreSQL
+    # connections per task. Reuse them instead (they are closed after this many tasks x 2);
+    # a connection broken by an error is dropped before the next task (_database_checked).
+    CELERY_DB_REUSE_MAX=1_000_000,
     worker_hijack_root_logger=False,
     worker_send_task_events=True,
     # No task-sent events: each would be one more broker publish on the API's hot path;
@@ -80,6 +85,17 @@ def _configure_logging(**kwargs: object) -> None:
     from notifications.logs import configure
 
     configure(settings.LOGGING)
+
+
+@task_prerun.connect
+def _database_checked(**kwargs: object) -> None:
+    """Connections are kept across tasks: drop one that an error left unusable (a restarted
+    PostgreSQL), as Django does at the start of each request."""
+    from django.db import connections
+
+    for connection in connections.all(initialized_only=True):
+        if connection.errors_occurred:
+            connection.close_if_unusable_or_obsolete()
 
 
 @task_prerun.connect

@@ -235,12 +235,46 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
 
 
 @pytest.fixture
-def celery_worker_process(spawn: Callable[..., Process], tmp_path: Path) -> Callable[..., Process]:
-    """Start `celery worker` on the given queues and wait until it is ready."""
+def relay_process(spawn: Callable[..., Process], tmp_path: Path) -> Callable[..., Process]:
+    """Start the outbox relay (`manage.py relay`) and wait until it runs."""
+
+    def start(*, name: str = "relay", **env: Any) -> Process:
+        process = spawn(
+            name,
+            [sys.executable, str(ROOT / "manage.py"), "relay"],
+            process_env(tmp_path, **env),
+        )
+
+        def ready() -> bool:
+            if process.popen.poll() is not None:
+                pytest.fail(f"relay exited early:\n{process.log()}")
+            return "relay started" in process.log()
+
+        wait_until(ready, timeout=60, message="the relay to be running")
+        return process
+
+    return start
+
+
+@pytest.fixture
+def celery_worker_process(
+    spawn: Callable[..., Process], tmp_path: Path, relay_process: Callable[..., Process]
+) -> Callable[..., Process]:
+    """Start `celery worker` on the given queues and wait until it is ready; with `relay`
+    (the default), an outbox relay with the same environment, since nothing reaches a
+    worker without one."""
 
     def start(
-        queues: str, *, concurrency: int = 2, beat: bool = False, name: str = "worker", **env: Any
+        queues: str,
+        *,
+        concurrency: int = 2,
+        beat: bool = False,
+        name: str = "worker",
+        relay: bool = True,
+        **env: Any,
     ) -> Process:
+        if relay:
+            relay_process(name=f"{name}-relay", **env)
         argv = [
             str(BIN / "celery"),
             "-A",

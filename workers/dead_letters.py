@@ -13,8 +13,8 @@ from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from notifications.models import Delivery, DeliveryStatus, Owner
-from workers.delivery_log import get_delivery_log
-from workers.dispatch import deliveries_enqueue_on_commit
+from workers.delivery_log import delivery_status_events, get_delivery_log
+from workers.dispatch import outbox_wake_on_commit
 from workers.models import DeadLetter, DeadLetterStatus
 
 
@@ -76,7 +76,6 @@ def dead_letter_replay(*, dead_letter: DeadLetter) -> bool:
 
 def dead_letters_replay(*, letters: QuerySet[DeadLetter]) -> int:
     """Replay every open dead letter in `letters`; returns how many."""
-    from workers.services import delivery_status_events
 
     now = timezone.now()
     with transaction.atomic():
@@ -96,7 +95,8 @@ def dead_letters_replay(*, letters: QuerySet[DeadLetter]) -> int:
             attempts=0,
             last_error="",
             next_attempt_at=None,
-            enqueued_at=now,
+            # Back in the outbox: the relay publishes it.
+            enqueued_at=None,
             lease_token=None,
             lease_expires_at=None,
             updated_at=now,
@@ -109,7 +109,8 @@ def dead_letters_replay(*, letters: QuerySet[DeadLetter]) -> int:
         get_delivery_log().record_statuses(
             delivery_status_events(deliveries, DeliveryStatus.QUEUED, detail="replayed")
         )
-        deliveries_enqueue_on_commit([(d.pk, d.channel) for d in deliveries])
+        if deliveries:
+            outbox_wake_on_commit()
     return len(chosen)
 
 

@@ -127,5 +127,40 @@ def rate_limit_refund(*, channel: str, provider: str, count: int) -> None:
         redis_client().hincrbyfloat(_key(channel, provider), "tokens", count)
 
 
+# Empty the bucket and push its refill `seconds` into the future: no token is granted before
+# then (a provider's 429 with Retry-After), whatever the bucket held.
+_SLOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate = tonumber(ARGV[1])
+local seconds = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or 0
+local ts = tonumber(state[2]) or now
+tokens = math.min(tokens + (now - ts) * rate, -seconds * rate)
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(seconds) + 60)
+return 1
+"""
+
+
+@cache
+def _slow_script() -> Script:
+    return redis_client().register_script(_SLOW)
+
+
+def rate_limit_slow(*, channel: str, provider: str, seconds: float) -> None:
+    """Grant no token of this provider's bucket for `seconds` (it answered 429)."""
+    rate = _rates().get(channel)
+    if rate is not None and seconds > 0:
+        _slow_script()(keys=[_key(channel, provider)], args=[rate.per_second, seconds])
+
+
+def rate_limit_spread_seconds(*, channel: str, count: int) -> float:
+    """How long the channel's bucket takes to refill `count` tokens."""
+    rate = _rates().get(channel)
+    return count / rate.per_second if rate is not None else 0.0
+
+
 def _key(channel: str, provider: str) -> str:
     return f"clarion:ratelimit:{channel}:{provider}"

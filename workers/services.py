@@ -1,41 +1,45 @@
-"""The delivery path: claim a delivery, send it through its channel's provider, record the
-attempt, then mark it sent, schedule a retry, or give up; and the sweeper that re-enqueues
-what the broker lost."""
+"""The delivery path, a batch at a time: claim the deliveries of one task, take their tokens
+from the provider's bucket in one call, ask the breaker once, send them (the vendor's batch
+call, or bounded concurrent calls), and settle every one in one transaction; and the sweeper
+that hands back to the relay what the broker lost."""
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import random
 import time
-import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any
 
 import structlog
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F, Q, Value
-from django.db.models.functions import Coalesce
+from django.db.models import Q
 from django.utils import timezone
 
-from notifications import cache as keys
 from notifications import metrics
 from notifications.logs import scoped_log_context
-from notifications.models import (
-    PENDING_STATUSES,
-    Channel,
-    Delivery,
-    DeliveryStatus,
-    Device,
-)
+from notifications.models import PENDING_STATUSES, Channel, Delivery, Device
 from workers import retry
 from workers.circuit_breaker import circuit_allow, circuit_record
-from workers.dead_letters import dead_letter_create
-from workers.delivery_log import AttemptRecord, StatusEvent, get_delivery_log
-from workers.dispatch import deliveries_publish_rollback_unsafe
-from workers.providers import BatchProvider, OutboundMessage, Outcome, SendResult, provider_for
-from workers.rate_limiter import rate_limit_refund, rate_limit_take_many
+from workers.providers import (
+    BatchProvider,
+    OutboundMessage,
+    Outcome,
+    Provider,
+    SendResult,
+    provider_for,
+)
+from workers.rate_limiter import rate_limit_slow, rate_limit_spread_seconds, rate_limit_take_many
+from workers.transitions import (
+    Settle,
+    Settlement,
+    deliveries_claim,
+    deliveries_return_to_outbox,
+    deliveries_settle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,446 +52,313 @@ class ProcessOutcome(enum.StrEnum):
     DEFERRED = "deferred"
 
 
+_OUTCOME_OF = {
+    Settle.SENT: ProcessOutcome.SENT,
+    Settle.RETRY: ProcessOutcome.RETRY,
+    Settle.DEFER: ProcessOutcome.DEFERRED,
+    Settle.DEAD: ProcessOutcome.DEAD,
+}
+_METRIC_OF = {
+    Settle.SENT: metrics.OUTCOME_SENT,
+    Settle.RETRY: metrics.OUTCOME_RETRIED,
+    Settle.DEFER: metrics.OUTCOME_DEFERRED,
+    Settle.DEAD: metrics.OUTCOME_DEAD,
+}
+
+
 def _max_attempts() -> int:
     return settings.RETRY_MAX_ATTEMPTS + 1
 
 
-def delivery_claim(*, delivery_id: int) -> Delivery | None:
-    """Take a lease on a pending, due delivery that nobody holds; count the attempt now, so a
-    worker that dies mid-send has still spent one. None when it is not this worker's to send."""
-    now = timezone.now()
-    token = uuid.uuid4()
-    claimed = (
-        Delivery.objects.filter(pk=delivery_id, status__in=PENDING_STATUSES)
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
-        .update(
-            lease_token=token,
-            lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
-            attempts=F("attempts") + 1,
-            updated_at=now,
-        )
-    )
-    if not claimed:
-        return None
-    return Delivery.objects.select_related("notification", "notification__recipient").get(
-        pk=delivery_id
-    )
-
-
-def _republish_if_early(delivery_id: int) -> None:
-    """A message that arrived before its delivery is due goes back with the time left."""
-    row = (
-        Delivery.objects.filter(pk=delivery_id, status__in=PENDING_STATUSES)
-        .values("channel", "next_attempt_at", "lease_expires_at")
-        .first()
-    )
-    if row is None or row["next_attempt_at"] is None:
-        return
-    remaining = (row["next_attempt_at"] - timezone.now()).total_seconds()
-    if remaining > 0:
-        deliveries_publish_rollback_unsafe([(delivery_id, row["channel"])], countdown=remaining)
-
-
-def _outbound_message(delivery: Delivery) -> OutboundMessage | SendResult:
-    notification = delivery.notification
-    to: str | list[str] = delivery.address
-    if delivery.channel == Channel.PUSH:
-        to = list(
-            Device.objects.filter(recipient_id=notification.recipient_id, active=True)
-            .order_by("created_at")
-            .values_list("token", flat=True)
-        )
-        if not to:
-            return SendResult(Outcome.PERMANENT, error="no active device for this recipient")
-    return OutboundMessage(
-        delivery_id=delivery.pk,
-        notification_id=str(notification.pk),
-        owner_id=notification.owner_id,
-        channel=delivery.channel,
-        to=to,
-        content=delivery.content,
-        data=notification.data,
-    )
-
-
-@scoped_log_context
-def delivery_process(*, delivery_id: int) -> ProcessOutcome:
-    # Every line logged while this delivery is handled carries its ids (stdlib calls too).
-    structlog.contextvars.bind_contextvars(delivery_id=delivery_id)
-    delivery = delivery_claim(delivery_id=delivery_id)
-    if delivery is None:
-        _republish_if_early(delivery_id)
-        return ProcessOutcome.NOT_CLAIMED
-    structlog.contextvars.bind_contextvars(notification_id=str(delivery.notification_id))
-    number = delivery.attempts
-    if number > _max_attempts():
-        # Workers died mid-send on every attempt: stop handing it out.
-        result = SendResult(
-            Outcome.PERMANENT,
-            error=f"abandoned after {number - 1} attempts that did not finish (worker lost)",
-        )
-        return _finish(delivery, result, number=number - 1, provider_name="", record=False)
-    message = _outbound_message(delivery)
-    if isinstance(message, SendResult):
-        return _complete(delivery, message, provider_name="", started_at=timezone.now())
-    provider = provider_for(delivery.channel)
-    provider_name = provider.name
-    batch_size = provider.max_batch if isinstance(provider, BatchProvider) else 1
-    candidates = _batch_candidates(delivery, batch_size - 1)
-    granted, wait = rate_limit_take_many(
-        channel=delivery.channel,
-        provider=provider_name,
-        max_wait=settings.RATE_LIMIT_MAX_SLEEP_SECONDS,
-        want=1 + len(candidates),
-    )
-    if not granted:
-        metrics.rate_limiter_waited(channel=delivery.channel, provider=provider_name)
-        return _defer(delivery, wait, reason="rate limited", provider_name=provider_name)
-    companions = _claim_companions(delivery, candidates[: granted - 1])
-    rate_limit_refund(
-        channel=delivery.channel, provider=provider_name, count=granted - 1 - len(companions)
-    )
-    batch: list[tuple[Delivery, OutboundMessage]] = [(delivery, message)]
-    for companion in companions:
-        companion_message = _outbound_message(companion)
-        if isinstance(companion_message, SendResult):
-            _complete(companion, companion_message, provider_name="", started_at=timezone.now())
-        else:
-            batch.append((companion, companion_message))
-    if wait > 0:
-        metrics.rate_limiter_waited(
-            channel=delivery.channel, provider=provider_name, count=len(batch)
-        )
-        time.sleep(wait)
-    wait = circuit_allow(provider=provider_name)
-    if wait > 0:
-        for held, _ in batch:
-            # Spread the deferred deliveries so they do not all ask again at once.
-            _defer(
-                held,
-                wait + random.uniform(0, 1),
-                reason="circuit open",
-                provider_name=provider_name,
+def _outbound_messages(deliveries: list[Delivery]) -> list[OutboundMessage | SendResult]:
+    """What to send for each delivery, or why it cannot be sent. Push reads the devices of
+    every recipient of the batch in one query."""
+    tokens: dict[int, list[str]] = {}
+    pushes = [d.notification.recipient_id for d in deliveries if d.channel == Channel.PUSH]
+    if pushes:
+        for recipient_id, token in (
+            Device.objects.filter(recipient_id__in=set(pushes), active=True)
+            .order_by("created_at", "id")
+            .values_list("recipient_id", "token")
+        ):
+            tokens.setdefault(recipient_id, []).append(token)
+    out: list[OutboundMessage | SendResult] = []
+    for delivery in deliveries:
+        notification = delivery.notification
+        to: str | list[str] = delivery.address
+        if delivery.channel == Channel.PUSH:
+            to = tokens.get(notification.recipient_id, [])
+            if not to:
+                out.append(
+                    SendResult(Outcome.PERMANENT, error="no active device for this recipient")
+                )
+                continue
+        out.append(
+            OutboundMessage(
+                delivery_id=delivery.pk,
+                notification_id=str(notification.pk),
+                owner_id=notification.owner_id,
+                channel=delivery.channel,
+                to=to,
+                content=delivery.content,
+                data=notification.data,
             )
-        return ProcessOutcome.DEFERRED
-    started_at = timezone.now()
-    t0 = time.perf_counter()
-    if len(batch) == 1:
-        results = [provider.send(message)]
-    else:
-        assert isinstance(provider, BatchProvider)  # only batch providers get companions
-        results = provider.send_batch([m for _, m in batch])
-    latency_ms = (time.perf_counter() - t0) * 1000
-    circuit_record(provider=provider_name, outcome=_call_outcome(results).value)
-    outcomes = [
-        _complete(
-            held,
-            result,
-            provider_name=provider_name,
-            started_at=started_at,
-            latency_ms=latency_ms,
         )
-        for (held, _), result in zip(batch, results, strict=True)
-    ]
-    return outcomes[0]
+    return out
 
 
-def _call_outcome(results: list[SendResult]) -> Outcome:
-    """What one provider call tells the breaker: it answered if any message went through."""
+_executor: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _send_pool() -> ThreadPoolExecutor:
+    """This process's threads for concurrent provider calls (made anew after a fork)."""
+    global _executor
+    if _executor is None or _executor[0] != os.getpid():
+        _executor = (
+            os.getpid(),
+            ThreadPoolExecutor(
+                max_workers=max(1, settings.PROVIDER_CONCURRENCY),
+                thread_name_prefix="provider",
+            ),
+        )
+    return _executor[1]
+
+
+def _send(provider: Provider, messages: list[OutboundMessage]) -> list[SendResult]:
+    """One result per message, in order: the vendor's batch call where there is one, else at
+    most PROVIDER_CONCURRENCY calls at once on the provider's pooled connections."""
+    if isinstance(provider, BatchProvider) and len(messages) > 1:
+        size = max(1, provider.max_batch)
+        results: list[SendResult] = []
+        for start in range(0, len(messages), size):
+            results += provider.send_batch(messages[start : start + size])
+        return results
+    if len(messages) == 1 or settings.PROVIDER_CONCURRENCY <= 1:
+        return [provider.send(message) for message in messages]
+    return list(_send_pool().map(provider.send, messages))
+
+
+def _breaker_outcome(results: list[SendResult]) -> Outcome:
+    """What one round of calls tells the breaker: the provider is up if any message went
+    through or it only asked us to slow down (429); transient failures count against it."""
     outcomes = {r.outcome for r in results}
-    for outcome in (Outcome.OK, Outcome.TRANSIENT):
-        if outcome in outcomes:
-            return outcome
+    if Outcome.OK in outcomes or any(r.throttled for r in results):
+        return Outcome.OK
+    if Outcome.TRANSIENT in outcomes:
+        return Outcome.TRANSIENT
     return Outcome.PERMANENT
 
 
-def _batch_candidates(delivery: Delivery, limit: int) -> list[int]:
-    """Other queued deliveries of the same channel, oldest first, that one batched provider
-    call can carry along. Their own messages, when they come, find them final and do nothing."""
-    if limit <= 0:
-        return []
-    now = timezone.now()
-    return list(
-        Delivery.objects.filter(channel=delivery.channel, status=DeliveryStatus.QUEUED)
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
-        .exclude(pk=delivery.pk)
-        .order_by("id")
-        .values_list("id", flat=True)[:limit]
-    )
-
-
-def _claim_companions(delivery: Delivery, candidate_ids: list[int]) -> list[Delivery]:
-    """Lease the candidates nobody took meanwhile under the batch's own lease token."""
-    if not candidate_ids:
-        return []
-    now = timezone.now()
-    Delivery.objects.filter(
-        pk__in=candidate_ids, status=DeliveryStatus.QUEUED, attempts__lt=_max_attempts()
-    ).filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)).filter(
-        Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
-    ).update(
-        lease_token=delivery.lease_token,
-        lease_expires_at=delivery.lease_expires_at,
-        attempts=F("attempts") + 1,
-        updated_at=now,
-    )
-    return list(
-        Delivery.objects.filter(pk__in=candidate_ids, lease_token=delivery.lease_token)
-        .select_related("notification", "notification__recipient")
-        .order_by("id")
-    )
-
-
-def _complete(
-    delivery: Delivery,
-    result: SendResult,
-    *,
-    provider_name: str,
-    started_at: datetime,
-    latency_ms: float = 0.0,
-) -> ProcessOutcome:
-    """Record the attempt a claimed delivery just made, then settle it: one transaction for
-    the attempt, the delivery's new state and its status event."""
-    with transaction.atomic():
-        return _complete_in_transaction(
-            delivery,
-            result,
-            provider_name=provider_name,
-            started_at=started_at,
-            latency_ms=latency_ms,
+def _judge(delivery: Delivery, result: SendResult, provider_name: str) -> Settlement:
+    """Sent, retry, defer or dead for one delivery after its provider call."""
+    if result.ok:
+        return Settlement(delivery, Settle.SENT, result, provider=provider_name)
+    if result.throttled:
+        # 429: the provider is fine but wants us slower. Not an attempt that failed: wait
+        # what it asked (or the next backoff step) and try again.
+        delay = result.retry_after
+        if delay is None:
+            delay = retry.backoff_seconds(max(1, delivery.attempts))
+        return Settlement(delivery, Settle.DEFER, result, provider=provider_name, delay=delay)
+    decision = retry.decide(result, attempts_made=delivery.attempts)
+    if decision.retry:
+        return Settlement(
+            delivery, Settle.RETRY, result, provider=provider_name, delay=decision.delay_seconds
         )
+    return Settlement(delivery, Settle.DEAD, result, provider=provider_name)
 
 
-def _complete_in_transaction(
-    delivery: Delivery,
-    result: SendResult,
-    *,
-    provider_name: str,
-    started_at: datetime,
-    latency_ms: float,
-) -> ProcessOutcome:
-    number = delivery.attempts
-    if result.invalid_tokens:
-        _devices_deactivate(delivery, result.invalid_tokens)
-    get_delivery_log().record_attempt(
-        AttemptRecord(
-            delivery_id=delivery.pk,
-            notification_id=str(delivery.notification_id),
-            owner_id=delivery.notification.owner_id,
-            recipient_id=delivery.notification.recipient.external_id,
-            channel=delivery.channel,
-            number=number,
-            provider=provider_name or "-",
-            outcome=result.outcome.value,
-            status_code=result.status_code,
-            provider_message_id=result.provider_message_id,
-            error=result.error,
-            started_at=started_at,
-            latency_ms=latency_ms,
-        )
-    )
-    return _finish(delivery, result, number=number, provider_name=provider_name, record=True)
-
-
-def _defer(delivery: Delivery, delay: float, *, reason: str, provider_name: str) -> ProcessOutcome:
-    """Put a claimed delivery back for later without spending its attempt."""
-    now = timezone.now()
-    Delivery.objects.filter(pk=delivery.pk, lease_token=delivery.lease_token).update(
-        lease_token=None,
-        lease_expires_at=None,
-        attempts=delivery.attempts - 1,
-        next_attempt_at=now + timedelta(seconds=delay),
-        enqueued_at=now,
-        updated_at=now,
-    )
-    deliveries_publish_rollback_unsafe([(delivery.pk, delivery.channel)], countdown=delay)
-    log.info(
-        "delivery %s deferred %.2fs: %s",
-        delivery.pk,
-        delay,
-        reason,
-        extra={"delivery_id": delivery.pk, "notification_id": str(delivery.notification_id)},
-    )
-    metrics.delivery_outcome(
-        channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_DEFERRED
-    )
-    return ProcessOutcome.DEFERRED
-
-
-def delivery_status_events(
-    deliveries: list[Delivery], status: str, *, detail: str = ""
-) -> list[StatusEvent]:
-    """Status events for deliveries loaded with notification__recipient."""
-    now = timezone.now()
+def _held(
+    deliveries: list[Delivery], *, delay: Callable[[int], float], why: str, provider_name: str
+) -> list[Settlement]:
+    """Deferred without a provider call (no token, breaker open): the attempt is not spent."""
     return [
-        StatusEvent(
-            delivery_id=d.pk,
-            notification_id=str(d.notification_id),
-            owner_id=d.notification.owner_id,
-            recipient_id=d.notification.recipient.external_id,
-            channel=d.channel,
-            status=status,
-            at=now,
-            detail=detail,
+        Settlement(
+            delivery,
+            Settle.DEFER,
+            SendResult(Outcome.TRANSIENT, error=why),
+            provider=provider_name,
+            delay=delay(index),
+            record_attempt=False,
         )
-        for d in deliveries
+        for index, delivery in enumerate(deliveries)
     ]
 
 
-def _finish(
-    delivery: Delivery, result: SendResult, *, number: int, provider_name: str, record: bool
-) -> ProcessOutcome:
+@scoped_log_context
+def deliveries_process(*, delivery_ids: list[int]) -> dict[int, ProcessOutcome]:
+    """Deliver one task's batch (ids of one channel). Returns each id's outcome; ids that
+    were not this worker's to send (final, leased elsewhere, not due) are NOT_CLAIMED."""
+    outcomes = dict.fromkeys(delivery_ids, ProcessOutcome.NOT_CLAIMED)
+    claimed = deliveries_claim(delivery_ids=delivery_ids)
+    if not claimed:
+        return outcomes
+    channel = claimed[0].channel
+    structlog.contextvars.bind_contextvars(channel=channel, batch=len(claimed))
     now = timezone.now()
-    ours = Delivery.objects.filter(pk=delivery.pk, lease_token=delivery.lease_token)
-    common: dict[str, Any] = {
-        "lease_token": None,
-        "lease_expires_at": None,
-        "attempts": number,
-        "updated_at": now,
-    }
-    if provider_name:
-        common["provider"] = provider_name
-    context = {"delivery_id": delivery.pk, "notification_id": str(delivery.notification_id)}
-    if result.ok:
-        changed = ours.update(
-            status=DeliveryStatus.SENT,
-            provider_message_id=result.provider_message_id,
-            sent_at=now,
-            next_attempt_at=None,
-            last_error="",
-            **common,
+    settled: list[Settlement] = []
+    sendable: list[tuple[Delivery, OutboundMessage]] = []
+    for delivery, message in zip(claimed, _outbound_messages(claimed), strict=True):
+        if delivery.attempts > _max_attempts():
+            # Workers died mid-send on every attempt: stop handing it out.
+            error = f"abandoned after {delivery.attempts - 1} attempts that did not finish"
+            settled.append(
+                Settlement(
+                    delivery,
+                    Settle.DEAD,
+                    SendResult(Outcome.PERMANENT, error=f"{error} (worker lost)"),
+                    record_attempt=False,
+                )
+            )
+        elif isinstance(message, SendResult):
+            settled.append(Settlement(delivery, Settle.DEAD, message))
+        else:
+            sendable.append((delivery, message))
+    if not sendable:
+        return _settle(outcomes, settled, started_at=now)
+
+    provider = provider_for(channel)
+    name = provider.name
+    granted, wait = rate_limit_take_many(
+        channel=channel,
+        provider=name,
+        max_wait=settings.RATE_LIMIT_MAX_SLEEP_SECONDS,
+        want=len(sendable),
+    )
+    if granted < len(sendable):
+        # Tokens not granted: the rest goes back for later, spread over the time the bucket
+        # needs to refill for them, costing no attempt.
+        rest = [delivery for delivery, _ in sendable[granted:]]
+        spread = rate_limit_spread_seconds(channel=channel, count=len(rest))
+        # Settled after the granted ones' sleep (if any were granted): count from then.
+        start = wait if not granted else 0.0
+        settled += _held(
+            rest,
+            delay=lambda i: start + spread * (i + random.random()) / len(rest),
+            why="rate limited",
+            provider_name=name,
         )
-        if changed:
-            get_delivery_log().record_statuses(
-                delivery_status_events([delivery], DeliveryStatus.SENT, detail=provider_name)
+        metrics.rate_limiter_waited(channel=channel, provider=name, count=len(rest))
+        sendable = sendable[:granted]
+    if sendable and wait > 0:
+        metrics.rate_limiter_waited(channel=channel, provider=name, count=len(sendable))
+        time.sleep(wait)
+    if sendable:
+        closed_in = circuit_allow(provider=name)
+        if closed_in > 0:
+            # Spread so the held deliveries do not all ask again at once.
+            settled += _held(
+                [delivery for delivery, _ in sendable],
+                delay=lambda i: closed_in + random.uniform(0, 1),
+                why="circuit open",
+                provider_name=name,
+            )
+            sendable = []
+    started_at = timezone.now()
+    latency_ms = 0.0
+    if sendable:
+        t0 = time.perf_counter()
+        results = _send(provider, [message for _, message in sendable])
+        latency_ms = (time.perf_counter() - t0) * 1000
+        circuit_record(provider=name, outcome=_breaker_outcome(results).value)
+        slow_for = max((r.retry_after or 0.0 for r in results if r.throttled), default=0.0)
+        if slow_for > 0:
+            rate_limit_slow(channel=channel, provider=name, seconds=slow_for)
+        settled += [
+            _judge(delivery, result, name)
+            for (delivery, _), result in zip(sendable, results, strict=True)
+        ]
+    return _settle(outcomes, settled, started_at=started_at, latency_ms=latency_ms)
+
+
+def _settle(
+    outcomes: dict[int, ProcessOutcome],
+    settled: list[Settlement],
+    *,
+    started_at: datetime,
+    latency_ms: float = 0.0,
+) -> dict[int, ProcessOutcome]:
+    applied = deliveries_settle(settled, started_at=started_at, latency_ms=latency_ms)
+    applied_ids = {s.delivery.pk for s in applied}
+    for settlement in settled:
+        delivery, result = settlement.delivery, settlement.result
+        outcomes[delivery.pk] = _OUTCOME_OF[settlement.kind]
+        context = {"delivery_id": delivery.pk, "notification_id": str(delivery.notification_id)}
+        metrics.delivery_outcome(
+            channel=delivery.channel,
+            provider=settlement.provider,
+            outcome=_METRIC_OF[settlement.kind],
+        )
+        if settlement.kind is Settle.SENT:
+            if delivery.pk in applied_ids or delivery.channel == Channel.WEB:
+                metrics.delivery_sent_latency(
+                    channel=delivery.channel,
+                    accepted_at=delivery.notification.created_at,
+                    send_at=delivery.notification.send_at,
+                )
+            log.info("delivery %s sent via %s", delivery.pk, settlement.provider, extra=context)
+        elif settlement.kind is Settle.RETRY:
+            log.info(
+                "delivery %s attempt %s failed (%s), retry in %.2fs",
+                delivery.pk,
+                delivery.attempts,
+                result.error,
+                settlement.delay,
+                extra=context,
+            )
+        elif settlement.kind is Settle.DEFER:
+            log.info(
+                "delivery %s deferred %.2fs: %s",
+                delivery.pk,
+                settlement.delay,
+                result.error,
+                extra=context,
             )
         else:
-            # The client acknowledged the in-app frame before this write (its ack releases
-            # the lease): keep `delivered`/`read`, only fill in how it was sent.
-            Delivery.objects.filter(
-                pk=delivery.pk,
-                status__in=(DeliveryStatus.DELIVERED, DeliveryStatus.READ),
-                provider="",
-            ).update(
-                provider=provider_name,
-                provider_message_id=result.provider_message_id,
-                sent_at=Coalesce("sent_at", Value(now)),
-                attempts=number,
+            log.warning(
+                "delivery %s dead after %s attempts: %s",
+                delivery.pk,
+                delivery.attempts,
+                result.error,
+                extra=context,
             )
-        log.info("delivery %s sent via %s", delivery.pk, provider_name, extra=context)
-        metrics.delivery_outcome(
-            channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_SENT
-        )
-        metrics.delivery_sent_latency(
-            channel=delivery.channel,
-            accepted_at=delivery.notification.created_at,
-            send_at=delivery.notification.send_at,
-        )
-        return ProcessOutcome.SENT
-    decision = retry.decide(result, attempts_made=number)
-    if decision.retry:
-        ours.update(
-            status=DeliveryStatus.RETRYING,
-            next_attempt_at=now + timedelta(seconds=decision.delay_seconds),
-            enqueued_at=now,
-            last_error=result.error,
-            **common,
-        )
-        get_delivery_log().record_statuses(
-            delivery_status_events([delivery], DeliveryStatus.RETRYING, detail=result.error)
-        )
-        delay = decision.delay_seconds
-        # After commit: a worker taking the message early would find the delivery still leased.
-        transaction.on_commit(
-            lambda: deliveries_publish_rollback_unsafe(
-                [(delivery.pk, delivery.channel)], countdown=delay
-            )
-        )
-        log.info(
-            "delivery %s attempt %s failed (%s), retry in %.2fs",
-            delivery.pk,
-            number,
-            result.error,
-            decision.delay_seconds,
-            extra=context,
-        )
-        metrics.delivery_outcome(
-            channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_RETRIED
-        )
-        return ProcessOutcome.RETRY
-    with transaction.atomic(savepoint=False):
-        if ours.update(
-            status=DeliveryStatus.DEAD, next_attempt_at=None, last_error=result.error, **common
-        ):
-            delivery.attempts = number
-            dead_letter_create(delivery=delivery, provider=provider_name, error=result.error)
-            get_delivery_log().record_statuses(
-                delivery_status_events([delivery], DeliveryStatus.DEAD, detail=result.error)
-            )
-    log.warning(
-        "delivery %s dead after %s attempts: %s", delivery.pk, number, result.error, extra=context
-    )
-    metrics.delivery_outcome(
-        channel=delivery.channel, provider=provider_name, outcome=metrics.OUTCOME_DEAD
-    )
-    return ProcessOutcome.DEAD
+    return outcomes
 
 
-def _devices_deactivate(delivery: Delivery, tokens: tuple[str, ...]) -> None:
-    recipient_id = delivery.notification.recipient_id
-    Device.objects.filter(recipient_id=recipient_id, token__in=tokens).update(active=False)
-    keys.invalidate_on_commit(keys.devices_key(recipient_id))
+def delivery_process(*, delivery_id: int) -> ProcessOutcome:
+    """deliveries_process() of one delivery."""
+    return deliveries_process(delivery_ids=[delivery_id])[delivery_id]
 
 
 def deliveries_sweep() -> int:
-    """Enqueue scheduled deliveries that are due, and pending ones whose message was lost
-    (broker restart, crash between commit and publish, worker killed). Returns how many."""
+    """Hand back to the relay the pending deliveries whose message was lost (broker restart,
+    worker killed after its lease ran out, a message dropped): due, unleased, and published
+    longer than SWEEPER_STALE_SECONDS ago. Returns how many."""
     now = timezone.now()
-    batch = settings.SWEEPER_BATCH_SIZE
-    due_scheduled = list(
-        Delivery.objects.filter(status=DeliveryStatus.SCHEDULED, next_attempt_at__lte=now)
-        .order_by("next_attempt_at")
-        .values_list("id", "channel")[:batch]
-    )
-    if due_scheduled:
-        with transaction.atomic():
-            Delivery.objects.filter(
-                id__in=[d for d, _ in due_scheduled], status=DeliveryStatus.SCHEDULED
-            ).update(
-                status=DeliveryStatus.QUEUED, next_attempt_at=None, enqueued_at=now, updated_at=now
-            )
-            released = Delivery.objects.filter(id__in=[d for d, _ in due_scheduled]).select_related(
-                "notification__recipient"
-            )
-            get_delivery_log().record_statuses(
-                delivery_status_events(list(released), DeliveryStatus.QUEUED, detail="due")
-            )
     stale_before = now - timedelta(seconds=settings.SWEEPER_STALE_SECONDS)
     lost = list(
         Delivery.objects.filter(status__in=PENDING_STATUSES)
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
-        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=stale_before))
+        .due(now)
+        .unleased(now)
+        .filter(Q(enqueued_at__lt=stale_before))
         # A queue with messages waiting is a backlog, not a loss: its stale rows most likely
         # have their message in it, and publishing each again would double the backlog at
-        # every sweep. Rows known to be unpublished (enqueued_at NULL) go out regardless.
-        .exclude(channel__in=_channels_with_backlog(), enqueued_at__isnull=False)
+        # every sweep.
+        .exclude(channel__in=_channels_with_backlog())
         .order_by("id")
-        .values_list("id", "channel")[:batch]
+        .values_list("id", flat=True)[: settings.SWEEPER_BATCH_SIZE]
     )
     if lost:
-        Delivery.objects.filter(id__in=[d for d, _ in lost]).update(enqueued_at=now)
-        log.warning("sweeper re-enqueues %s deliveries whose messages were lost", len(lost))
-    published = deliveries_publish_rollback_unsafe(due_scheduled + lost)
-    return published
+        log.warning("sweeper hands %s deliveries whose messages were lost to the relay", len(lost))
+    return deliveries_return_to_outbox(delivery_ids=lost)
 
 
 def _channels_with_backlog() -> list[str]:
     """Channels whose broker queue holds messages; none when the broker cannot say."""
+    from notifications.metrics_scrape import queue_depths
+
     try:
-        depths = metrics.queue_depths()
+        depths = queue_depths()
     except Exception as exc:  # noqa: BLE001 - any broker failure: sweep as if all were empty
         log.warning("queue depths unavailable, sweeping every channel: %s", exc)
         return []

@@ -1,5 +1,6 @@
 """Celery tasks: thin adapters that take ids and call the delivery services. One delivery
-task per channel queue, built by one factory; the sweeper and housekeeping on maintenance."""
+task per channel queue, built by one factory, each taking a batch of delivery ids; the
+sweeper and housekeeping on maintenance."""
 
 from __future__ import annotations
 
@@ -8,12 +9,19 @@ from celery import Task
 from notifications.models import CHANNEL_ORDER
 from project.celery import app
 from workers import services
+from workers.dispatch import deliver_task_name
 
 
 def _deliver_task(channel: str) -> Task:
-    @app.task(name=f"clarion.deliver.{channel}", ignore_result=True)
-    def deliver(delivery_id: int) -> str:
-        return services.delivery_process(delivery_id=delivery_id).value
+    @app.task(name=deliver_task_name(channel), ignore_result=True)
+    def deliver(delivery_ids: list[int] | int) -> dict[str, int]:
+        # A single id is what messages published before batching carried.
+        ids = [delivery_ids] if isinstance(delivery_ids, int) else list(delivery_ids)
+        outcomes = services.deliveries_process(delivery_ids=ids)
+        counts: dict[str, int] = {}
+        for outcome in outcomes.values():
+            counts[outcome.value] = counts.get(outcome.value, 0) + 1
+        return counts
 
     return deliver
 

@@ -252,6 +252,7 @@ def test_compose_parses_with_the_expected_services(services: dict[str, Any]) -> 
         "worker-push",
         "worker-web",
         "worker-maintenance",
+        "relay",
         "beat",
         "flower",
         "prometheus",
@@ -268,7 +269,7 @@ def test_clarion_services_share_one_image_built_from_the_dockerfile(
     clarion = clarion_services(services)
     built = {name for name, spec in services.items() if "build" in spec}
     assert built == set(clarion)
-    assert len(clarion) == 10
+    assert len(clarion) == 11
     for name, spec in clarion.items():
         assert spec["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}, name
     context = (DOCKER / "..").resolve()
@@ -302,7 +303,7 @@ def test_every_command_is_a_real_entry_point(services: dict[str, Any]) -> None:
             assert args[:2] == ["python", "manage.py"], name
             assert args[2] in manage_commands, f"{name}: no management command {args[2]!r}"
     # The repo's own commands the compose file relies on, found as files.
-    for command in ("delivery_log_schema", "deadletters", "create_api_key"):
+    for command in ("delivery_log_schema", "deadletters", "create_api_key", "relay"):
         assert list(ROOT.glob(f"*/management/commands/{command}.py")), command
 
 

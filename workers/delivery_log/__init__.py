@@ -7,10 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from notifications.models import Delivery
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,34 @@ class StatusEvent:
     detail: str = ""
 
 
+def delivery_status_events(
+    deliveries: Iterable[Delivery], status: str, *, detail: str = ""
+) -> list[StatusEvent]:
+    """Status events, stamped now, for deliveries loaded with notification__recipient."""
+    from django.utils import timezone
+
+    now = timezone.now()
+    return [
+        StatusEvent(
+            delivery_id=d.pk,
+            notification_id=str(d.notification_id),
+            owner_id=d.notification.owner_id,
+            recipient_id=d.notification.recipient.external_id,
+            channel=d.channel,
+            status=status,
+            at=now,
+            detail=detail,
+        )
+        for d in deliveries
+    ]
+
+
 class DeliveryLog(Protocol):
     def record_attempt(self, attempt: AttemptRecord) -> None: ...
+
+    def record_attempts(self, attempts: list[AttemptRecord]) -> None:
+        """record_attempt() of many, in as few writes as the backend allows."""
+        ...
 
     def record_statuses(self, events: list[StatusEvent]) -> None: ...
 

@@ -297,6 +297,12 @@ class CassandraDeliveryLog:
             ),
         )
 
+    def record_attempts(self, attempts: list[AttemptRecord]) -> None:
+        # Each attempt is its own partition's row (by notification): one write each, as
+        # record_attempt does; a batch of several partitions would only load a coordinator.
+        for attempt in attempts:
+            self.record_attempt(attempt)
+
     def record_statuses(self, events: list[StatusEvent]) -> None:
         # Each event goes to two tables with different partition keys, and one call's events
         # may span many notifications (a sweep, a replay). A multi-partition batch would make

@@ -22,6 +22,24 @@ class SqlDeliveryLog:
             latency_ms=attempt.latency_ms,
         )
 
+    def record_attempts(self, attempts: list[AttemptRecord]) -> None:
+        DeliveryAttempt.objects.bulk_create(
+            [
+                DeliveryAttempt(
+                    delivery_id=a.delivery_id,
+                    number=a.number,
+                    provider=a.provider,
+                    outcome=a.outcome,
+                    status_code=a.status_code,
+                    provider_message_id=a.provider_message_id,
+                    error=a.error,
+                    started_at=a.started_at,
+                    latency_ms=a.latency_ms,
+                )
+                for a in attempts
+            ]
+        )
+
     def record_statuses(self, events: list[StatusEvent]) -> None:
         DeliveryEvent.objects.bulk_create(
             [

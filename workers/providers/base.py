@@ -40,6 +40,11 @@ class SendResult:
     def ok(self) -> bool:
         return self.outcome is Outcome.OK
 
+    @property
+    def throttled(self) -> bool:
+        """The provider asked us to slow down (HTTP 429): not a failure of the provider."""
+        return self.status_code == 429
+
 
 class Provider(Protocol):
     name: str

@@ -44,6 +44,8 @@ Clarion is starting.
   Admin     {base}/admin/   ({admin_line})
   Health    {base}/readyz
   Flower    http://127.0.0.1:{settings.FLOWER_PORT}/
+  Processes web (API + WebSocket), relay (outbox → broker), workers email, sms, push and
+            inapp, maintenance (sweeper), beat, flower
   API key   {raw_key}{inbox_line}
 
 Try it:

@@ -1,0 +1,164 @@
+"""The outbox relay: the accept path publishes nothing; the relay publishes due rows in batches
+of DISPATCH_BATCH_SIZE per channel, marks them published, releases scheduled ones when due,
+leaves everything in the outbox when the broker fails, and wakes on the commit signal."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from notifications.models import Delivery, DeliveryEvent, DeliveryStatus
+from workers import dispatch
+from workers.relay import outbox_next_due, outbox_publish_due
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def broker() -> redis.Redis:
+    if not settings.CELERY_BROKER_URL.startswith(("redis://", "redis+socket://")):
+        pytest.skip("inspects Redis broker lists; the broker here is not Redis")
+    return redis.Redis.from_url(settings.CELERY_BROKER_URL.replace("redis+socket://", "unix://"))
+
+
+def messages(broker: redis.Redis, queue: str) -> list[tuple[str, list[int]]]:
+    """(task name, delivery ids) of each message in a queue, oldest first."""
+    out = []
+    for raw in reversed(broker.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        out.append((message["headers"]["task"], body[0][0]))
+    return out
+
+
+def accept(api: Any, n: int, *, channels: list[str], **body: Any) -> list[str]:
+    ids = []
+    for i in range(n):
+        response = api.post(
+            "/api/v1/notifications",
+            {
+                "recipient": {"id": f"u{i}", "email": f"u{i}@example.com", "phone": "+14155550100"},
+                "template": "order_shipped",
+                "data": {"order_id": str(i)},
+                "channels": channels,
+                **body,
+            },
+            format="json",
+        )
+        assert response.status_code == 202, response.content
+        ids.append(response.json()["id"])
+    return ids
+
+
+def test_accept_publishes_nothing_and_the_relay_publishes_batches_per_channel(
+    api: Any, template: Any, broker: redis.Redis, settings: Any
+) -> None:
+    settings.DISPATCH_BATCH_SIZE = 2
+    accept(api, 3, channels=["email", "sms"])
+    assert broker.llen("email") == 0 and broker.llen("sms") == 0
+    emails = list(
+        Delivery.objects.filter(channel="email").order_by("pk").values_list("pk", flat=True)
+    )
+    sms = list(Delivery.objects.filter(channel="sms").order_by("pk").values_list("pk", flat=True))
+    assert Delivery.objects.outbox().count() == 6
+
+    assert outbox_publish_due() == 6
+
+    assert messages(broker, "email") == [
+        ("clarion.deliver.email", emails[:2]),
+        ("clarion.deliver.email", emails[2:]),
+    ]
+    assert messages(broker, "sms") == [
+        ("clarion.deliver.sms", sms[:2]),
+        ("clarion.deliver.sms", sms[2:]),
+    ]
+    assert Delivery.objects.outbox().count() == 0
+    assert Delivery.objects.filter(enqueued_at__isnull=True).count() == 0
+    assert outbox_publish_due() == 0  # published once
+    assert broker.llen("email") == 2
+
+
+def test_the_commit_signal_wakes_the_relay_after_commit_only(
+    api: Any, template: Any, broker: redis.Redis, django_capture_on_commit_callbacks: Any
+) -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete(dispatch.RELAY_WAKE_KEY)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        accept(api, 3, channels=["email"])
+    assert client.llen(dispatch.RELAY_WAKE_KEY) == 0  # nothing before commit
+    wakes = [c for c in callbacks if c is dispatch.outbox_wake]
+    assert len(wakes) == 3  # one per accept transaction
+    for wake in wakes:
+        wake()
+    # At most one wake-up waits, however many commits signalled.
+    assert client.lrange(dispatch.RELAY_WAKE_KEY, 0, -1) == [b"1"]
+
+
+def test_a_failed_publish_leaves_every_row_in_the_outbox(
+    api: Any, template: Any, broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.exceptions import OperationalError
+
+    from project.celery import app
+
+    accept(api, 3, channels=["email"])
+    calls = []
+
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        calls.append(kwargs["args"][0])
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(app, "send_task", broker_down)
+        with pytest.raises(OperationalError):
+            outbox_publish_due()
+    assert len(calls) == 1
+    assert Delivery.objects.outbox().count() == 3
+    assert outbox_publish_due() == 3
+    assert broker.llen("email") == 1
+
+
+def test_scheduled_rows_are_released_when_due_and_not_before(
+    api: Any, template: Any, broker: redis.Redis
+) -> None:
+    later = timezone.now() + timedelta(hours=1)
+    [notification_id] = accept(api, 1, channels=["email"], send_at=later.isoformat())
+    delivery = Delivery.objects.get(notification_id=notification_id)
+    assert delivery.status == DeliveryStatus.SCHEDULED
+    assert outbox_publish_due() == 0
+    assert 3590 < (outbox_next_due() or 0) <= 3600
+
+    Delivery.objects.filter(pk=delivery.pk).update(
+        next_attempt_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert outbox_publish_due() == 1
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.next_attempt_at) == (DeliveryStatus.QUEUED, None)
+    assert list(
+        DeliveryEvent.objects.filter(delivery=delivery).values_list("status", "detail")
+    ) == [("scheduled", ""), ("queued", "due")]
+    assert messages(broker, "email") == [("clarion.deliver.email", [delivery.pk])]
+    assert outbox_next_due() is None
+
+
+def test_a_retry_waits_in_the_outbox_until_due(
+    api: Any, template: Any, broker: redis.Redis
+) -> None:
+    accept(api, 1, channels=["email"])
+    delivery = Delivery.objects.get()
+    Delivery.objects.filter(pk=delivery.pk).update(
+        status=DeliveryStatus.RETRYING, next_attempt_at=timezone.now() + timedelta(seconds=0.3)
+    )
+    assert outbox_publish_due() == 0
+    assert 0 < (outbox_next_due() or 0) <= 0.3
+    time.sleep(0.35)
+    assert outbox_publish_due() == 1
+    assert messages(broker, "email") == [("clarion.deliver.email", [delivery.pk])]

@@ -1,0 +1,165 @@
+"""The outbox relay: the one process kind that publishes deliveries. It claims due rows of the
+outbox (Delivery.enqueued_at NULL: new, retrying, deferred, and scheduled ones once due),
+publishes one task per batch of ids of a channel in one broker round trip, and marks them
+published in the same transaction. It wakes on the signal writers send at commit, or after
+RELAY_POLL_SECONDS, or when the next row falls due, whichever comes first.
+
+Several relays may run: on PostgreSQL each claims with FOR UPDATE SKIP LOCKED, so they take
+disjoint rows. A crash between publish and commit leaves the rows in the outbox, to be
+published again: a duplicate message, which the worker's lease turns into a no-op."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import defaultdict
+from datetime import datetime
+from types import FrameType
+
+import redis
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections, transaction
+from django.db.models import Min
+from django.utils import timezone
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
+
+from notifications import metrics
+from notifications.models import Delivery, DeliveryStatus
+from workers.delivery_log import delivery_status_events, get_delivery_log
+from workers.dispatch import RELAY_WAKE_KEY, batches_publish_rollback_unsafe
+
+log = logging.getLogger(__name__)
+
+# After a failed round (broker or database down) the relay waits this long, doubling up to
+# the maximum, rather than spinning on an outage.
+FAILURE_BACKOFF_SECONDS = 0.5
+FAILURE_BACKOFF_MAX_SECONDS = 5.0
+
+
+def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None) -> int:
+    """One round: claim up to `limit` due outbox rows, publish them in batches, mark them
+    published; all or nothing. Returns how many deliveries were published."""
+    now = now or timezone.now()
+    limit = limit or settings.RELAY_CLAIM_SIZE
+    with transaction.atomic():
+        rows = list(
+            Delivery.objects.outbox()
+            .due(now)
+            .order_by("id")
+            .select_for_update(skip_locked=True)
+            .values_list("id", "channel", "status", "created_at", "next_attempt_at")[:limit]
+        )
+        if not rows:
+            return 0
+        by_channel: dict[str, list[int]] = defaultdict(list)
+        for delivery_id, channel, *_ in rows:
+            by_channel[channel].append(delivery_id)
+        scheduled = [row[0] for row in rows if row[2] == DeliveryStatus.SCHEDULED]
+        if scheduled:
+            # Due now: they become queued (and say so in the log) as they are published.
+            Delivery.objects.filter(pk__in=scheduled).update(
+                status=DeliveryStatus.QUEUED, next_attempt_at=None, updated_at=now
+            )
+            released = Delivery.objects.filter(pk__in=scheduled).select_related(
+                "notification__recipient"
+            )
+            get_delivery_log().record_statuses(
+                delivery_status_events(list(released), DeliveryStatus.QUEUED, detail="due")
+            )
+        # Marked before the publish, inside the same transaction: should the publish fail,
+        # the rollback puts every row back in the outbox.
+        Delivery.objects.filter(pk__in=[row[0] for row in rows]).update(enqueued_at=now)
+        messages = batches_publish_rollback_unsafe(by_channel)
+    published_at = timezone.now()
+    metrics.relay_lag(
+        seconds=(
+            (published_at - max(created_at, next_attempt_at or created_at)).total_seconds()
+            for _, _, _, created_at, next_attempt_at in rows
+        )
+    )
+    for channel, ids in by_channel.items():
+        chunks = -(-len(ids) // max(1, settings.DISPATCH_BATCH_SIZE))
+        metrics.relay_published(channel=channel, deliveries=len(ids), messages=chunks)
+    log.debug("relay published %s deliveries in %s messages", len(rows), messages)
+    return len(rows)
+
+
+def outbox_next_due(*, now: datetime | None = None) -> float | None:
+    """Seconds until the earliest outbox row that is not due yet falls due; None if none."""
+    now = now or timezone.now()
+    earliest = (
+        Delivery.objects.outbox()
+        .filter(next_attempt_at__gt=now)
+        .aggregate(earliest=Min("next_attempt_at"))["earliest"]
+    )
+    if earliest is None:
+        return None
+    return max(0.0, (earliest - now).total_seconds())
+
+
+class Relay:
+    """The relay's loop: drain the outbox, then sleep until woken, polled, or the next due."""
+
+    def __init__(self, *, poll_seconds: float | None = None):
+        self.poll_seconds = (
+            poll_seconds if poll_seconds is not None else settings.RELAY_POLL_SECONDS
+        )
+        self.stopping = False
+        # Its own connection: a blocking pop holds it, and must outlast its own timeout.
+        self.signals = redis.Redis.from_url(
+            settings.REDIS_URL,
+            socket_timeout=self.poll_seconds + 10,
+            socket_connect_timeout=5,
+        )
+
+    def stop(self, *args: int | FrameType | None) -> None:
+        self.stopping = True
+
+    def drain(self) -> int:
+        """Publish every due row, a round of RELAY_CLAIM_SIZE at a time."""
+        total = 0
+        while not self.stopping:
+            published = outbox_publish_due()
+            total += published
+            if published < settings.RELAY_CLAIM_SIZE:
+                break
+        return total
+
+    def wait(self) -> None:
+        """Until a writer's signal, the poll interval, or the next due row."""
+        timeout = self.poll_seconds
+        next_due = outbox_next_due()
+        if next_due is not None:
+            timeout = min(timeout, next_due)
+        if timeout <= 0:
+            return
+        try:
+            # BLPOP takes fractions of a second since Redis 6; at least 10 ms.
+            self.signals.blpop([RELAY_WAKE_KEY], timeout=max(0.01, timeout))
+        except (RedisError, OSError) as exc:
+            log.warning("relay signal unavailable, polling: %s", exc)
+            time.sleep(timeout)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        log.info(
+            "relay started (poll %.2fs, batch %s)", self.poll_seconds, settings.DISPATCH_BATCH_SIZE
+        )
+        backoff = FAILURE_BACKOFF_SECONDS
+        while not self.stopping:
+            try:
+                close_old_connections()
+                self.drain()
+                if self.stopping:
+                    break
+                self.wait()
+                backoff = FAILURE_BACKOFF_SECONDS
+            except (DatabaseError, KombuError, OSError, RedisError) as exc:
+                # Nothing was marked published: the rows wait in the outbox for the next round.
+                log.warning("relay round failed, retrying in %.1fs: %s", backoff, exc)
+                time.sleep(backoff)
+                backoff = min(FAILURE_BACKOFF_MAX_SECONDS, backoff * 2)
+        log.info("relay stopped")
