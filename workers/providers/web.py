@@ -1,40 +1,66 @@
-"""In-app provider: pushes a web delivery to the recipient's open sockets through the
-channel layer. `sent` means published; the browser's ack makes it `delivered`."""
+"""In-app provider: pushes web deliveries to the recipients' open sockets through the channel
+layer. `sent` means published; the browser's ack makes it `delivered`."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from redis.exceptions import RedisError
 
-from channels_app.broadcast import notification_frame, recipient_broadcast
+from channels_app.broadcast import notification_frame, recipients_broadcast
 from notifications.models import Notification
 from workers.providers.base import OutboundMessage, Outcome, SendResult
 
+GONE = SendResult(Outcome.PERMANENT, error="the notification no longer exists")
+
 
 class WebSocketProvider:
+    """A batch provider: a worker's batch of web deliveries costs one query and one concurrent
+    round of publishes on the process's broadcast loop."""
+
     name = "websocket"
 
-    def __init__(self, *, timeout: float):
+    def __init__(self, *, timeout: float, max_batch: int | None = None):
         self.timeout = timeout
+        self.max_batch = max(1, max_batch or settings.DISPATCH_BATCH_SIZE)
 
     def send(self, message: OutboundMessage) -> SendResult:
-        row = (
-            Notification.objects.filter(pk=message.notification_id)
-            .values("recipient_id", "created_at")
-            .first()
-        )
-        if row is None:
-            return SendResult(Outcome.PERMANENT, error="the notification no longer exists")
-        frame = notification_frame(
-            notification_id=message.notification_id,
-            content=message.content,
-            data=message.data,
-            created_at=row["created_at"],
-        )
-        try:
-            recipient_broadcast(recipient_id=row["recipient_id"], frame=frame, timeout=self.timeout)
-        except (RedisError, OSError, TimeoutError) as exc:
-            # The layer is down or slow: worth retrying. Nothing is lost meanwhile, since the
-            # browser also reads the notification from the database when it (re)connects.
-            error = f"channel layer: {type(exc).__name__}: {exc}"
-            return SendResult(Outcome.TRANSIENT, error=error)
+        [result] = self.send_batch([message])
+        return result
+
+    def send_batch(self, messages: list[OutboundMessage]) -> list[SendResult]:
+        """One result per message, in order."""
+        rows = {
+            str(row["id"]): row
+            for row in Notification.objects.filter(
+                pk__in={m.notification_id for m in messages}
+            ).values("id", "recipient_id", "created_at")
+        }
+        found = [rows.get(str(message.notification_id)) for message in messages]
+        frames = [
+            (
+                row["recipient_id"],
+                notification_frame(
+                    notification_id=message.notification_id,
+                    content=message.content,
+                    data=message.data,
+                    created_at=row["created_at"],
+                ),
+            )
+            for message, row in zip(messages, found, strict=True)
+            if row is not None
+        ]
+        errors = iter(recipients_broadcast(frames=frames, timeout=self.timeout))
+        return [GONE if row is None else _result(next(errors)) for row in found]
+
+
+def _result(error: BaseException | None) -> SendResult:
+    if error is None:
         return SendResult(Outcome.OK)
+    if isinstance(error, RedisError | OSError | TimeoutError):
+        # The layer is down or slow: worth retrying. Nothing is lost meanwhile, since the
+        # browser also reads the notification from the database when it (re)connects.
+        return SendResult(
+            Outcome.TRANSIENT, error=f"channel layer: {type(error).__name__}: {error}"
+        )
+    # Anything else is a bug (a frame the layer cannot serialise), not a provider outcome.
+    raise error
