@@ -1,6 +1,7 @@
-"""Prometheus metrics. Every process (API servers, Celery pool children) writes its counters
-into the shared PROMETHEUS_MULTIPROC_DIR; GET /metrics adds them up across processes and
-reads queue depth, queue lag, dead letters and breaker states when Prometheus scrapes."""
+"""Prometheus counters that every layer (API, services, workers, consumers) writes to,
+file-backed in PROMETHEUS_MULTIPROC_DIR so that a scrape adds them up across processes. It
+imports nothing of Clarion's, so any module may import it; the scrape side, which reads across
+layers, is notifications.metrics_scrape."""
 
 from __future__ import annotations
 
@@ -8,28 +9,15 @@ import atexit
 import logging
 import os
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
-from django.views.decorators.http import require_GET
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-    values,
-)
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client.core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +88,6 @@ OUTCOME_SENT = "sent"
 OUTCOME_RETRIED = "retried"
 OUTCOME_DEAD = "dead"
 OUTCOME_DEFERRED = "deferred"
-
-# A circuit breaker's state as a number, so alert rules can compare it.
-CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 # --- Recording ------------------------------------------------------------------------------
@@ -212,198 +197,13 @@ class ClarionMultiProcessCollector(multiprocess.MultiProcessCollector):
                 yield metric
 
 
-# --- Read at scrape time --------------------------------------------------------------------
-
-
-def queue_depths() -> dict[str, int]:
-    """Messages waiting on the broker in each Celery queue."""
-    from project.celery import app
-
-    with app.connection_for_read() as conn:
-        conn.ensure_connection(max_retries=1, timeout=settings.METRICS_SOURCE_TIMEOUT_SECONDS)
-        if conn.transport.driver_type == "redis":
-            return _redis_queue_depths(conn.default_channel, settings.CELERY_QUEUES)
-        return _amqp_queue_depths(conn, settings.CELERY_QUEUES)
-
-
-def _redis_queue_depths(channel: Any, queues: Iterable[str]) -> dict[str, int]:
-    # kombu's Redis transport keeps a queue as one list per priority step: the queue's name
-    # for step 0, name + sep + step for the others (kombu/transport/redis.py, _q_for_pri).
-    queues = list(queues)
-    steps = list(channel.priority_steps)
-    with channel.conn_or_acquire() as client:
-        pipe = client.pipeline(transaction=False)
-        for queue in queues:
-            for step in steps:
-                pipe.llen(f"{queue}{channel.sep}{step}" if step else queue)
-        lengths = pipe.execute()
-    return {
-        queue: int(sum(lengths[i * len(steps) : (i + 1) * len(steps)]))
-        for i, queue in enumerate(queues)
-    }
-
-
-def _amqp_queue_depths(conn: Any, queues: Iterable[str]) -> dict[str, int]:
-    from amqp.exceptions import NotFound
-
-    depths = {}
-    for queue in queues:
-        # A passive declare of a missing queue closes the channel: one channel per queue.
-        channel = conn.channel()
-        try:
-            _, message_count, _ = channel.queue_declare(queue=queue, passive=True)
-            depths[queue] = int(message_count)
-        except NotFound:
-            depths[queue] = 0
-        finally:
-            if getattr(channel, "is_open", True):
-                channel.close()
-    return depths
-
-
-def queue_oldest_ages(*, now: datetime | None = None) -> dict[str, float]:
-    """Per channel, seconds the oldest queued delivery that is due has been waiting: since it
-    was enqueued, or since its next_attempt_at came. Two index seeks per channel on the
-    partial index delivery_queued_lag."""
-    from notifications.models import CHANNEL_ORDER, Delivery, DeliveryStatus
-
-    now = now or timezone.now()
-    queued = Delivery.objects.filter(status=DeliveryStatus.QUEUED)
-    ages = {}
-    for channel in CHANNEL_ORDER:
-        in_channel = queued.filter(channel=channel)
-        since = [
-            in_channel.filter(next_attempt_at__isnull=True, enqueued_at__isnull=False)
-            .order_by("enqueued_at")
-            .values_list("enqueued_at", flat=True)
-            .first(),
-            in_channel.filter(next_attempt_at__lte=now)
-            .order_by("next_attempt_at")
-            .values_list("next_attempt_at", flat=True)
-            .first(),
-        ]
-        oldest = min((s for s in since if s is not None), default=None)
-        ages[channel] = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
-    return ages
-
-
-def dead_letters_open() -> dict[str, int]:
-    from workers.dead_letters import dead_letter_counts
-
-    return dict(dead_letter_counts()["channels"])
-
-
-def circuit_states() -> dict[str, str]:
-    from workers.circuit_breaker import circuit_states_present
-    from workers.providers import FACTORIES
-
-    providers = sorted({name for names in FACTORIES.values() for name in names})
-    return {provider: state.value for provider, state in circuit_states_present(providers).items()}
-
-
-class ScrapeTimeCollector:
-    """Gauges computed when Prometheus scrapes, never stored. A source that is down (broker,
-    database, Redis) is logged and left out; the rest of the scrape still answers."""
-
-    def collect(self) -> Iterator[Metric]:
-        sources: list[tuple[str, Callable[[], Metric]]] = [
-            ("queue depth", self._queue_depth),
-            ("queue lag", self._queue_oldest_age),
-            ("dead letters", self._dead_letters),
-            ("circuit breakers", self._circuits),
-        ]
-        for name, build in sources:
-            started = time.perf_counter()
-            try:
-                family = build()
-            # Broad on purpose: one source down must not fail the whole scrape.
-            except Exception:
-                log.warning("metrics: %s unavailable, left out of this scrape", name, exc_info=True)
-                continue
-            log.debug("metrics: %s read in %.3fs", name, time.perf_counter() - started)
-            yield family
-
-    def _queue_depth(self) -> Metric:
-        family = GaugeMetricFamily(
-            "clarion_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"]
-        )
-        for queue, depth in queue_depths().items():
-            family.add_metric([queue], depth)
-        return family
-
-    def _queue_oldest_age(self) -> Metric:
-        family = GaugeMetricFamily(
-            "clarion_queue_oldest_age_seconds",
-            "Age of the oldest queued, due delivery per channel queue (queue lag).",
-            labels=["queue"],
-        )
-        for channel, age in queue_oldest_ages().items():
-            family.add_metric([channel], age)
-        return family
-
-    def _dead_letters(self) -> Metric:
-        family = GaugeMetricFamily(
-            "clarion_dead_letters_open", "Open dead letters per channel.", labels=["channel"]
-        )
-        for channel, count in dead_letters_open().items():
-            family.add_metric([channel], count)
-        return family
-
-    def _circuits(self) -> Metric:
-        family = GaugeMetricFamily(
-            "clarion_circuit_state",
-            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
-            labels=["provider"],
-        )
-        for provider, state in circuit_states().items():
-            family.add_metric([provider], CIRCUIT_STATE_VALUES[state])
-        return family
-
-
 def multiprocess_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     ClarionMultiProcessCollector(registry, path=settings.PROMETHEUS_MULTIPROC_DIR)
     return registry
 
 
-def scrape_registry() -> CollectorRegistry:
-    registry = multiprocess_registry()
-    registry.register(ScrapeTimeCollector())
-    return registry
-
-
-# --- Serving --------------------------------------------------------------------------------
-
-
-def metrics_allowed(ip: str) -> bool:
-    """METRICS_ALLOWED_IPS: addresses or networks (CIDR); empty lets everyone scrape."""
-    import ipaddress
-
-    allowed = settings.METRICS_ALLOWED_IPS
-    if not allowed:
-        return True
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    for entry in allowed:
-        try:
-            if address in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            log.warning("METRICS_ALLOWED_IPS entry %r is not an address or network", entry)
-    return False
-
-
-@require_GET
-def metrics_view(request: HttpRequest) -> HttpResponse:
-    from notifications.api.errors import error_body
-    from notifications.api.middleware import client_ip
-
-    if not metrics_allowed(client_ip(request)):
-        return JsonResponse(error_body("forbidden", "Not allowed to read metrics."), status=403)
-    multiprocess_dir_cleanup()
-    return HttpResponse(generate_latest(scrape_registry()), content_type=CONTENT_TYPE_LATEST)
+# --- Serving this host's counters ------------------------------------------------------------
 
 
 def worker_metrics_server_start() -> None:

@@ -6,7 +6,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from channels_app.views import inbox_page
-from notifications import metrics
+from notifications import metrics_scrape
 from notifications.api import health
 
 urlpatterns = [
@@ -15,7 +15,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
-    path("metrics", metrics.metrics_view, name="metrics"),
+    path("metrics", metrics_scrape.metrics_view, name="metrics"),
     path("inbox/", inbox_page, name="inbox-page"),
     path("admin/", admin.site.urls),
 ]

@@ -20,13 +20,13 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from notifications import metrics
+from notifications import metrics, metrics_scrape
 from notifications.models import Delivery, DeliveryStatus, Notification, Recipient
 from tests.conftest import Process, free_port, wait_until
 from tests.factories import TemplateFactory, api_key_for
 from tests.project.api_server import http, start_api_server
-from workers import circuit_breaker
-from workers.dispatch import deliveries_publish_rollback_unsafe
+from workers import circuit_breaker, selectors
+from workers.dispatch import batches_publish_rollback_unsafe
 from workers.models import DeadLetter, DeadLetterStatus
 
 EMAIL_AND_SMS = {
@@ -271,9 +271,11 @@ def breakers(settings: Any) -> None:
 def test_scrape_time_gauges_read_broker_database_and_redis(
     owner: Any, breakers: None, settings: Any
 ) -> None:
-    # Broker: messages published while no worker consumes.
-    deliveries_publish_rollback_unsafe([(1000 + n, "email") for n in range(7)])
-    deliveries_publish_rollback_unsafe([(2000 + n, "sms") for n in range(3)])
+    # Broker: messages published while no worker consumes, one delivery id per message.
+    settings.DISPATCH_BATCH_SIZE = 1
+    batches_publish_rollback_unsafe(
+        {"email": [1000 + n for n in range(7)], "sms": [2000 + n for n in range(3)]}
+    )
     # Database: the queue lag counts queued, due deliveries only.
     now = timezone.now()
     recipient = Recipient.objects.create(owner=owner, external_id="r-1")
@@ -302,15 +304,25 @@ def test_scrape_time_gauges_read_broker_database_and_redis(
             status=status,
         )
 
-    assert metrics.queue_depths() == {"email": 7, "sms": 3, "push": 0, "web": 0, "maintenance": 0}
-    assert metrics.queue_oldest_ages(now=now) == {
+    assert metrics_scrape.queue_depths() == {
+        "email": 7,
+        "sms": 3,
+        "push": 0,
+        "web": 0,
+        "maintenance": 0,
+    }
+    assert metrics_scrape.queue_oldest_ages(now=now) == {
         "email": 30.0,
         "sms": 12.0,
         "push": 0.0,
         "web": 0.0,
     }
-    assert metrics.dead_letters_open() == {"email": 2, "sms": 1, "push": 0, "web": 0}
-    assert metrics.circuit_states() == {"sandbox": "closed", "smtp": "open", "twilio": "half_open"}
+    assert metrics_scrape.dead_letters_open() == {"email": 2, "sms": 1, "push": 0, "web": 0}
+    assert metrics_scrape.circuit_states() == {
+        "sandbox": "closed",
+        "smtp": "open",
+        "twilio": "half_open",
+    }
 
     text = Client().get("/metrics").content.decode()
     assert samples(text, "clarion_queue_depth") == {
@@ -359,7 +371,9 @@ def test_queue_depth_on_rabbitmq_is_a_passive_declare() -> None:
                 )
             # Published without confirms: the broker counts them a moment later.
             wait_until(
-                lambda: metrics._amqp_queue_depths(conn, [name, missing]) == {name: 4, missing: 0},
+                lambda: (
+                    selectors._amqp_queue_depths(conn, [name, missing]) == {name: 4, missing: 0}
+                ),
                 timeout=10,
                 message="RabbitMQ to count four messages",
             )
@@ -375,7 +389,7 @@ def test_a_source_that_is_down_is_left_out_and_the_scrape_still_answers(
     def broker_down() -> dict[str, int]:
         raise ConnectionRefusedError("broker down")
 
-    monkeypatch.setattr(metrics, "queue_depths", broker_down)
+    monkeypatch.setattr(metrics_scrape, "queue_depths", broker_down)
     response = Client().get("/metrics")
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/plain; version=")
