@@ -31,7 +31,7 @@ run: migrate
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy notifications workers channels_app
+	$(BIN)/mypy notifications workers channels_app project
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -44,7 +44,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 typecheck: venv
-	$(BIN)/mypy notifications workers channels_app
+	$(BIN)/mypy notifications workers channels_app project
 
 # Stop the embedded Redis that `make run` and `make test` leave running under var/.
 stop: venv

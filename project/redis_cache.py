@@ -6,15 +6,26 @@ over its pool, so one per pool is enough."""
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
-from django.core.cache.backends.redis import RedisCache, RedisCacheClient
+import redis
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient, RedisSerializer
 
 _CLIENTS: dict[tuple[str, int], Any] = {}
 _LOCK = threading.Lock()
 
 
 class SharedPoolRedisCacheClient(RedisCacheClient):
+    # Set by RedisCacheClient.__init__ (django/core/cache/backends/redis.py); django-stubs
+    # declares only the public methods. Annotations only: nothing here shadows them.
+    _servers: list[str]
+    _client: type[redis.Redis]
+    _pool_class: type[redis.ConnectionPool]
+    _pool_options: dict[str, Any]
+    _serializer: RedisSerializer
+    _get_connection_pool_index: Callable[[bool], int]
+
     def get_client(self, key: Any = None, *, write: bool = False) -> Any:
         index = self._get_connection_pool_index(write)
         slot = (self._servers[index], index)
@@ -48,5 +59,7 @@ class SharedPoolRedisCache(RedisCache):
         if seconds <= 0:
             raise ValueError("add_many needs a positive timeout")
         made = {self.make_and_validate_key(key): key for key in data}
-        done = self._cache.add_many({k: data[made[k]] for k in made}, seconds)
+        # __init__ made _class this client; django-stubs types _cache as the base class.
+        client = cast(SharedPoolRedisCacheClient, self._cache)
+        done = client.add_many({k: data[made[k]] for k in made}, seconds)
         return {made[k] for k, ok in done.items() if ok}
