@@ -274,7 +274,7 @@ class Delivery(models.Model):
         ]
         indexes = [
             models.Index(fields=["status", "next_attempt_at"], name="delivery_status_due"),
-            # The queue-lag gauge (notifications.metrics.queue_oldest_ages): the oldest due
+            # The queue-lag gauge (notifications.metrics_scrape.queue_oldest_ages): the oldest due
             # queued delivery per channel in two seeks; partial, so it holds only the backlog.
             models.Index(
                 fields=["channel", "next_attempt_at", "enqueued_at"],
