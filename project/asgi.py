@@ -12,6 +12,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from channels_app.gc_freeze import gc_freezer_start_in_server  # noqa: E402
 from channels_app.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -20,3 +21,8 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
     }
 )
+
+# Open sockets are long-lived objects that full garbage collections kept walking (the WebSocket
+# p99 tail); channels_app/gc_freeze.py says how and why. Only in a server process: importing
+# this module (tests, tools) leaves the collector alone.
+gc_freezer_start_in_server()
