@@ -188,9 +188,10 @@ def recipients_broadcast(
         return runner.call(
             _publish_all(runner, frames, timeout), timeout=timeout + LOOP_GRACE_SECONDS
         )
-    except TimeoutError as exc:
+    except TimeoutError:
         # The loop did not even answer: nothing is known of any frame, so each one failed.
-        return [TimeoutError(f"broadcast loop did not answer in {timeout}s: {exc}")] * len(frames)
+        waited = timeout + LOOP_GRACE_SECONDS
+        return [TimeoutError(f"broadcast loop did not answer in {waited}s") for _ in frames]
 
 
 def recipient_broadcast(*, recipient_id: int, frame: dict[str, Any], timeout: float) -> None:
