@@ -1,8 +1,17 @@
-"""What one accepted notification costs, counted rather than timed: the real ASGI application
-(project.asgi) is called in-process, request after request, while SQL statements, Redis round
-trips, new Redis connections, redis.Redis clients built and broker publishes are counted, and
-the process's CPU time is taken. The counts do not depend on how busy the machine is, so they
-tell a regression from noise where req/s cannot.
+"""What one accepted notification and one delivery cost, counted rather than timed, along the
+outbox pipeline:
+
+- accept: the real ASGI application (project.asgi) called in-process, request after request;
+  it writes the Notification and its Delivery rows (the outbox) and publishes nothing;
+- relay: workers.relay.outbox_publish_due() run in-process on the outbox the accepts left,
+  until it is empty (one task per DISPATCH_BATCH_SIZE ids of a channel); its share per delivery;
+- delivery: workers.services.deliveries_process() on batches of DISPATCH_BATCH_SIZE ids of one
+  channel, as a worker gets them from a task.
+
+Each counts SQL statements, commits, Redis round trips, new Redis and database connections,
+redis.Redis clients built and broker publishes, and takes the process's CPU time. The counts
+do not depend on how busy the machine is, so they tell a regression from noise where req/s
+cannot.
 
     python -m bench.anatomy API_KEY   (with the bench's environment; prints JSON)
 """
@@ -63,11 +72,48 @@ def _counting(counter: Counter[str]) -> Iterator[None]:
         wrap(getattr(redis.connection, name), "_connect", lambda *a, **k: "redis new connections")
     wrap(redis.Redis, "__init__", lambda *a, **k: "redis.Redis clients built")
     wrap(kombu.messaging.Producer, "publish", publish_label)
+    # A checkout of a Django connection (from the pool, or a new one without a pool) ...
+    wrap(BaseDatabaseWrapper, "connect", lambda *a, **k: "db connection checkouts")
+    # ... and a new connection to the database server (psycopg 3, with or without the pool).
+    restore_classmethod = _count_classmethod(counter, "psycopg", "Connection", "connect")
     try:
         yield
     finally:
         for owner, name, original in reversed(patched):
             setattr(owner, name, original)
+        restore_classmethod()
+
+
+def _count_classmethod(
+    counter: Counter[str], module: str, cls: str, name: str
+) -> Callable[[], None]:
+    try:
+        owner = getattr(importlib.import_module(module), cls)
+    except ImportError:
+        return lambda: None
+    descriptor = owner.__dict__[name]
+    original = getattr(owner, name)
+
+    def counted(klass: Any, *args: Any, **kwargs: Any) -> Any:
+        counter["db new connections"] += 1
+        return original(*args, **kwargs)
+
+    setattr(owner, name, classmethod(counted))
+    return lambda: setattr(owner, name, descriptor)
+
+
+def _per_unit(counter: Counter[str], units: int) -> dict[str, float]:
+    """Counts per unit, with the totals a reader looks for first always present."""
+    per = {name: round(n / units, 4) for name, n in sorted(counter.items())}
+    per["sql statements"] = round(
+        sum(n for name, n in counter.items() if name.startswith("sql ")) / units, 4
+    )
+    per["broker publishes"] = round(
+        sum(n for name, n in counter.items() if name.startswith("broker publish (")) / units, 4
+    )
+    for name in ("db commits", "redis sends", "db new connections", "db connection checkouts"):
+        per.setdefault(name, 0.0)
+    return per
 
 
 async def _call(app: Any, body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -156,52 +202,94 @@ def measure(
         asyncio.run(run(100 + (n + 1) * requests, requests))
         cpu = min(cpu, time.process_time() - cpu0)
         wall = min(wall, time.perf_counter() - wall0)
-    per = {name: round(n / requests, 2) for name, n in sorted(counter.items())}
-    per["sql statements"] = round(
-        sum(n for name, n in counter.items() if name.startswith("sql ")) / requests, 2
-    )
     return {
         "requests": requests,
         "statuses": {str(k): v for k, v in statuses.items()},
-        "per_request": per,
+        "per_request": _per_unit(counter, requests),
         "cpu_ms_per_request": round(cpu * 1000 / requests, 2),
         "wall_ms_per_request": round(wall * 1000 / requests, 2),
     }
 
 
-def measure_delivery(*, deliveries: int) -> dict[str, Any]:
-    """What a channel worker does per delivery: delivery_process() on queued deliveries (the
-    ones the accepts above created), in-process, one after another, counted like an accept."""
-    from notifications.models import Delivery
-    from workers.services import delivery_process
+def measure_relay() -> dict[str, Any]:
+    """The relay's share: outbox_publish_due() rounds until the outbox is empty (everything
+    the accepts above left in it), counted; per delivery published."""
+    from workers.relay import outbox_publish_due
 
-    ids = list(
-        Delivery.objects.filter(status="queued")
-        .order_by("id")
-        .values_list("id", flat=True)[: deliveries + 20]
-    )
-    if len(ids) < deliveries + 20:
-        return {"error": f"only {len(ids)} queued deliveries to work on"}
-    for delivery_id in ids[:20]:
-        delivery_process(delivery_id=delivery_id)
+    counter: Counter[str] = Counter()
+    published = rounds = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    with _counting(counter):
+        while True:
+            n = outbox_publish_due()
+            if not n:
+                break
+            published += n
+            rounds += 1
+    cpu = time.process_time() - cpu0
+    wall = time.perf_counter() - wall0
+    if not published:
+        return {"error": "the outbox was empty"}
+    return {
+        "deliveries": published,
+        "rounds": rounds,
+        "per_delivery": _per_unit(counter, published),
+        "cpu_ms_per_delivery": round(cpu * 1000 / published, 3),
+        "wall_ms_per_delivery": round(wall * 1000 / published, 3),
+    }
+
+
+def measure_delivery(*, deliveries: int) -> dict[str, Any]:
+    """What a channel worker does per delivery: deliveries_process() on batches of
+    DISPATCH_BATCH_SIZE queued deliveries of one channel (the ones the accepts above created,
+    as the relay batched them), in-process, one batch after another, counted like an accept.
+    One batch per channel first, to warm up."""
+    from django.conf import settings
+
+    from notifications.models import Delivery
+    from workers.services import deliveries_process
+
+    size = max(1, settings.DISPATCH_BATCH_SIZE)
+    by_channel: dict[str, list[int]] = {}
+    for delivery_id, channel in (
+        Delivery.objects.filter(status="queued").order_by("id").values_list("id", "channel")
+    ):
+        by_channel.setdefault(channel, []).append(delivery_id)
+    warm = [ids[:size] for ids in by_channel.values()]
+    rest = {channel: ids[size:] for channel, ids in by_channel.items()}
+    # Batches of each channel in turn, as several queues feed their pools.
+    batches: list[list[int]] = []
+    offset = 0
+    while sum(map(len, batches)) < deliveries and any(len(ids) > offset for ids in rest.values()):
+        for ids in rest.values():
+            if len(ids) > offset and sum(map(len, batches)) < deliveries:
+                batches.append(ids[offset : offset + size])
+        offset += size
+    counted = sum(map(len, batches))
+    if counted < min(deliveries, size):
+        return {"error": f"only {counted} queued deliveries to work on"}
+    for batch in warm:
+        deliveries_process(delivery_ids=batch)
     counter: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with _counting(counter):
-        for delivery_id in ids[20:]:
-            outcomes[delivery_process(delivery_id=delivery_id).value] += 1
+        for batch in batches:
+            for outcome in deliveries_process(delivery_ids=batch).values():
+                outcomes[outcome.value] += 1
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - wall0
-    per = {name: round(n / deliveries, 2) for name, n in sorted(counter.items())}
-    per["sql statements"] = round(
-        sum(n for name, n in counter.items() if name.startswith("sql ")) / deliveries, 2
-    )
     return {
-        "deliveries": deliveries,
+        "deliveries": counted,
+        "batches": len(batches),
+        "batch_size": size,
         "outcomes": dict(outcomes),
-        "per_delivery": per,
-        "cpu_ms_per_delivery": round(cpu * 1000 / deliveries, 2),
-        "wall_ms_per_delivery": round(wall * 1000 / deliveries, 2),
+        "per_delivery": _per_unit(counter, counted),
+        "per_batch_sql_statements": round(
+            sum(n for name, n in counter.items() if name.startswith("sql ")) / len(batches), 2
+        ),
+        "cpu_ms_per_delivery": round(cpu * 1000 / counted, 3),
+        "wall_ms_per_delivery": round(wall * 1000 / counted, 3),
     }
 
 
@@ -226,7 +314,9 @@ def main() -> None:
         requests=requests,
         tag=f"anatomy-{os.getpid()}-{time.time_ns()}",
     )
-    result["delivery"] = measure_delivery(deliveries=requests)
+    # Everything the accepts (warm-up and CPU rounds included) left in the outbox.
+    result["relay"] = measure_relay()
+    result["delivery"] = measure_delivery(deliveries=2 * requests)
     print(json.dumps(result))
 
 
