@@ -16,7 +16,10 @@ def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        text = f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+        if 0 < abs(value) < 0.1:
+            text = f"{value:.2g}"  # a relay's share per delivery: 0.0031, not 0.00
+        else:
+            text = f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
     else:
         text = f"{value:,}" if isinstance(value, int) else str(value)
     return f"{text} {unit}".strip()
@@ -33,12 +36,21 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                 _fmt(t.get("ratio")) + ("x" if t.get("ratio") is not None else ""),
                 t["target"],
                 t["result"],
+                t.get("reference_text") or "-",
             ]
         )
     return out
 
 
-HEADER = ["figure", "measured", "baseline (same run)", "ratio", "target", "result"]
+HEADER = [
+    "figure",
+    "measured",
+    "baseline (same run)",
+    "ratio",
+    "target",
+    "result",
+    "reference (not a target)",
+]
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -67,11 +79,26 @@ def baselines_markdown(results: dict[str, Any]) -> str:
             "| B_http | bare Django ASGI view, same uvicorn flags and pinning, wrk | "
             f"{_fmt(http.get('rate_per_s'), 'req/s')} (p99 {_fmt(http.get('p99_ms'), 'ms')}) |"
         )
+    publish = b.get("B_publish") or {}
+    if publish:
+        lines.append(
+            "| B_publish | the no-op task published by Celery's client, one process, one "
+            "producer reused, nobody consuming | "
+            f"{_fmt(publish.get('messages_per_s'), 'messages/s')} |"
+        )
     celery = b.get("B_celery") or {}
     if celery:
         lines.append(
-            "| B_celery | no-op task, same broker, prefork pool, concurrency and topology | "
+            "| B_celery | no-op task, same broker, prefork pool, concurrency and topology, "
+            "Clarion's transport settings (late ack, prefetch 1, task events) | "
             f"{_fmt(celery.get('tasks_per_s'), 'tasks/s')} |"
+        )
+    stock = b.get("B_celery_stock") or {}
+    if stock:
+        lines.append(
+            "| B_celery stock (reference) | the same with Celery's stock settings (early ack, "
+            "prefetch multiplier 4, no task events) | "
+            f"{_fmt(stock.get('tasks_per_s'), 'tasks/s')} |"
         )
     ws = b.get("B_ws") or {}
     if ws:
@@ -90,30 +117,122 @@ def baselines_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The rows a reader looks for first, in this order; the rest follow alphabetically.
+_ANATOMY_FIRST = [
+    "sql statements",
+    "db commits",
+    "redis sends",
+    "broker publishes",
+    "db new connections",
+    "db connection checkouts",
+]
+
+
 def anatomy_markdown(results: dict[str, Any]) -> str:
     anatomy = (results.get("figures") or {}).get("anatomy")
     if not anatomy:
         return ""
+    relay = anatomy.get("relay") or {}
     delivery = anatomy.get("delivery") or {}
     per_request = anatomy.get("per_request", {})
+    per_relay = relay.get("per_delivery", {})
     per_delivery = delivery.get("per_delivery", {})
-    names = sorted(set(per_request) | set(per_delivery))
+    names = set(per_request) | set(per_relay) | set(per_delivery)
+    ordered = [n for n in _ANATOMY_FIRST if n in names] + sorted(names - set(_ANATOMY_FIRST))
+    batch = delivery.get("batch_size", "?")
     lines = [
-        "Anatomy (in-process, through the real ASGI app and `delivery_process`; the counts do "
-        "not depend on machine load, the times do):",
+        "Anatomy (in-process: the real ASGI app for the accept, which writes the outbox and "
+        "publishes nothing; `outbox_publish_due()` for the relay's share, one task per "
+        f"{batch} ids of a channel; `deliveries_process()` on batches of {batch} ids for the "
+        "worker; the counts do not depend on machine load, the times do):",
         "",
-        "| per unit | one accept (POST, 2 channels) | one delivery (worker, sandbox) |",
-        "|---|---|---|",
+        "| per unit | one accept (POST, 2 channels) | relay, per delivery published "
+        f"| one delivery (worker, batch of {batch}, sandbox) |",
+        "|---|---|---|---|",
         f"| CPU ms | {_fmt(anatomy.get('cpu_ms_per_request'))} "
+        f"| {_fmt(relay.get('cpu_ms_per_delivery'))} "
         f"| {_fmt(delivery.get('cpu_ms_per_delivery'))} |",
         f"| wall ms, one at a time | {_fmt(anatomy.get('wall_ms_per_request'))} "
+        f"| {_fmt(relay.get('wall_ms_per_delivery'))} "
         f"| {_fmt(delivery.get('wall_ms_per_delivery'))} |",
     ]
     lines += [
-        f"| {name} | {_fmt(per_request.get(name))} | {_fmt(per_delivery.get(name))} |"
-        for name in names
+        f"| {name} | {_fmt(per_request.get(name))} | {_fmt(per_relay.get(name))} "
+        f"| {_fmt(per_delivery.get(name))} |"
+        for name in ordered
     ]
     return "\n".join(lines)
+
+
+def figures_markdown(results: dict[str, Any]) -> str:
+    """The figures that are more than one number: the relay's latency, idle CPU per process,
+    the memory soak's RSS series, the end-to-end run's CPU per process."""
+    f = results.get("figures") or {}
+    parts: list[str] = []
+    lag = f.get("relay_lag") or {}
+    if lag:
+        a, b = lag.get("from_202") or {}, lag.get("from_post_sent") or {}
+        hist = lag.get("histogram") or {}
+        parts.append(
+            f"Relay commit → publish ({lag.get('posted')} single POSTs at "
+            f"{lag.get('rate_per_s')}/s, {lag.get('deliveries')} deliveries, no worker "
+            "consuming), measured from the outside: from the API's 202 to the message in the "
+            "broker's Redis list (polled every 1 ms) "
+            f"p50 {_fmt(a.get('p50_ms'), 'ms')}, p99 {_fmt(a.get('p99_ms'), 'ms')}, "
+            f"max {_fmt(a.get('max_ms'), 'ms')}; from the POST going out p50 "
+            f"{_fmt(b.get('p50_ms'), 'ms')}, p99 {_fmt(b.get('p99_ms'), 'ms')} (the commit "
+            "lies between the two; a negative time is a message on the broker before the 202 "
+            "reached the client; the API answered in p50 "
+            f"{_fmt((lag.get('api_post_to_202') or {}).get('p50_ms'), 'ms')}, p99 "
+            f"{_fmt((lag.get('api_post_to_202') or {}).get('p99_ms'), 'ms')}). "
+            "The relay's own `clarion_relay_lag_seconds` histogram "
+            f"({hist.get('count', 0)} observations, interpolated in its buckets): p50 "
+            f"{_fmt(hist.get('p50_ms'), 'ms')}, p99 {_fmt(hist.get('p99_ms'), 'ms')}. Relay "
+            f"CPU {_fmt(lag.get('relay_cpu_ms_per_delivery'), 'ms')} per delivery at that rate."
+        )
+    idle = f.get("idle") or {}
+    if idle.get("processes"):
+        rows = [
+            "| process | CPU s | share of one core |",
+            "|---|---|---|",
+            *(
+                f"| {name} | {_fmt(p.get('cpu_s'))} | {100 * p.get('share_of_core', 0):.2f} % |"
+                for name, p in sorted(
+                    idle["processes"].items(), key=lambda item: -item[1].get("cpu_s", 0)
+                )
+            ),
+            f"| **total** | {_fmt(idle.get('cpu_s'))} | "
+            f"{100 * idle.get('share_of_core', 0):.2f} % |",
+        ]
+        parts.append(
+            f"Idle CPU of the Procfile's process set over {idle.get('seconds')} s, no traffic "
+            "(each process with its children):\n\n" + "\n".join(rows)
+        )
+    soak = f.get("ws_soak") or {}
+    if soak.get("rss_closed_kib"):
+        mib = ", ".join(f"{kib / 1024:.0f}" for kib in soak["rss_closed_kib"])
+        peak = ", ".join(f"{kib / 1024:.0f}" for kib in soak.get("rss_open_kib", []))
+        growth = soak.get("last_third_growth")
+        parts.append(
+            f"WebSocket memory soak: {soak.get('waves')} waves of {soak.get('wave_size')} "
+            f"sockets ({soak.get('sockets_opened')} opened and closed in "
+            f"{soak.get('seconds')} s) against one server process; RSS "
+            f"{soak.get('rss_start_kib', 0) / 1024:.0f} MiB before, after each wave closed "
+            f"(MiB): {mib}; with the wave open: {peak}. The server ran "
+            f"{soak.get('server_full_collections', '?')} full collections of frozen objects. "
+            "Peak of the last third over the peak before it: "
+            + (f"{100 * growth:.1f} %" if growth is not None else "-")
+            + (" (levels off)." if soak.get("levels_off") else " (does not level off).")
+        )
+    e2e = f.get("e2e") or {}
+    if e2e.get("cpu_s"):
+        cpu = ", ".join(f"{name} {seconds} s" for name, seconds in e2e["cpu_s"].items())
+        parts.append(
+            f"End-to-end run: {e2e.get('deliveries_sent')} deliveries in "
+            f"{e2e.get('elapsed_s')} s, tasks of up to {e2e.get('batch_size')} ids; CPU "
+            f"per process group: {cpu}."
+        )
+    return "\n\n".join(parts)
 
 
 def generated_markdown(results: dict[str, Any]) -> str:
@@ -133,6 +252,8 @@ def generated_markdown(results: dict[str, Any]) -> str:
         baselines_markdown(results),
         "",
         anatomy_markdown(results),
+        "",
+        figures_markdown(results),
         "",
         f"Machine: {machine.get('nproc')} CPUs ({machine.get('cpu_model')}), "
         f"{machine.get('memory_gib')} GiB, Linux {machine.get('kernel')}; "
