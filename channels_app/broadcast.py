@@ -56,7 +56,7 @@ def notification_frame(
 # Publishes of one batch that run at once: bounded so a large batch cannot take more than its
 # share of the layer's Redis pool (CHANNEL_LAYERS max_connections), which refuses rather than
 # waits when it is empty. A batch is DISPATCH_BATCH_SIZE (50) frames by default.
-BROADCAST_CONCURRENCY = getattr(settings, "BROADCAST_CONCURRENCY", 100)
+BROADCAST_CONCURRENCY = settings.BROADCAST_CONCURRENCY
 # What run_coroutine_threadsafe waits beyond the per-frame timeout before giving up on the loop
 # itself (a frame's own timeout ends it on the loop first; this only guards a wedged loop).
 LOOP_GRACE_SECONDS = 1.0

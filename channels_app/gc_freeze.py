@@ -20,15 +20,15 @@ log = logging.getLogger(__name__)
 # it lives, and a full collection walks all of them to find nothing. gc.freeze() moves every
 # object tracked so far to the permanent generation, which no collection scans; doing it every
 # few seconds keeps the generations the collector does scan down to what is recent. 0 is off.
-FREEZE_SECONDS = getattr(settings, "WS_GC_FREEZE_SECONDS", 5.0)
+FREEZE_SECONDS = settings.WS_GC_FREEZE_SECONDS
 # The cost of freezing: a reference cycle that becomes garbage after it was frozen (a closed
 # socket's consumer and its tasks) is never collected. So, at most this often, the server
 # unfreezes, collects everything once (a pause as long as the old full collections, logged with
 # its duration, but once per period instead of whenever the collector decided), and refreezes.
-FULL_COLLECT_SECONDS = getattr(settings, "WS_GC_FULL_COLLECT_SECONDS", 600.0)
+FULL_COLLECT_SECONDS = settings.WS_GC_FULL_COLLECT_SECONDS
 # ... and sooner when the frozen objects grew by this many since the last time, so garbage
 # that freezing keeps alive is bounded in size (about 100 MB of small objects) as well as age.
-FULL_COLLECT_GROWTH = getattr(settings, "WS_GC_FULL_COLLECT_GROWTH", 1_000_000)
+FULL_COLLECT_GROWTH = settings.WS_GC_FULL_COLLECT_GROWTH
 
 # Processes started by these commands serve project.asgi; anything else that imports it (tests
 # driving the application in-process, management commands) keeps the collector as it is.

@@ -253,6 +253,15 @@ WS_BACKLOG_MAX = env.int("WS_BACKLOG_MAX", default=1000)
 # Notification ids remembered per connection to drop a live frame already sent (backlog
 # overlap, a worker retry that had already published).
 WS_SENT_IDS_MAX = env.int("WS_SENT_IDS_MAX", default=5000)
+# The WebSocket server's garbage collector (channels_app/gc_freeze.py). Full collections that
+# scan every open socket's objects made the latency tail (0.4 s at 2,000 sockets, 1.6 s at
+# 10,000): every WS_GC_FREEZE_SECONDS the server moves what survived into the permanent
+# generation (0 turns it off). Cycles that die after being frozen are freed only by a full
+# collection, at most WS_GC_FULL_COLLECT_SECONDS apart, sooner once the frozen count grew by
+# WS_GC_FULL_COLLECT_GROWTH objects (about 100 MB of such garbage at most).
+WS_GC_FREEZE_SECONDS = env.float("WS_GC_FREEZE_SECONDS", default=5.0)
+WS_GC_FULL_COLLECT_SECONDS = env.float("WS_GC_FULL_COLLECT_SECONDS", default=600.0)
+WS_GC_FULL_COLLECT_GROWTH = env.int("WS_GC_FULL_COLLECT_GROWTH", default=1_000_000)
 INBOX_PAGE_SIZE = env.int("INBOX_PAGE_SIZE", default=50)
 
 # --- Delivery -------------------------------------------------------------------------------
@@ -277,6 +286,9 @@ RELAY_CLAIM_SIZE = env.int("RELAY_CLAIM_SIZE", default=1000)
 # Provider calls a worker makes at once for a batch on providers without a batch API (Twilio,
 # FCM, SMTP): bounded so one worker process keeps a handful of pooled connections.
 PROVIDER_CONCURRENCY = env.int("PROVIDER_CONCURRENCY", default=8)
+# In-app frames of one batch the broadcaster sends at once: keeps a large batch inside the
+# channel layer's Redis pool, which refuses a command when the pool is empty instead of waiting.
+BROADCAST_CONCURRENCY = env.int("BROADCAST_CONCURRENCY", default=100)
 # Redis redelivers an unacknowledged message after this; no countdown may exceed it.
 BROKER_VISIBILITY_TIMEOUT = env.int("BROKER_VISIBILITY_TIMEOUT", default=3600)
 # Publishing happens after commit; a broker that does not answer must not hold the API up.

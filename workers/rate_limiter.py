@@ -156,6 +156,16 @@ def rate_limit_slow(*, channel: str, provider: str, seconds: float) -> None:
         _slow_script()(keys=[_key(channel, provider)], args=[rate.per_second, seconds])
 
 
+def rate_limit_offsets(*, channel: str, granted: int, wait: float) -> list[float]:
+    """When each of `granted` tokens of one take falls due, in seconds from the take: the last
+    at `wait`, the ones before it one refill interval apart, none before 0. Pacing each send
+    on its own token keeps the provider's rate even instead of a burst after the wait."""
+    rate = _rates().get(channel)
+    if rate is None or wait <= 0:
+        return [0.0] * granted
+    return [max(0.0, wait - (granted - k) / rate.per_second) for k in range(1, granted + 1)]
+
+
 def rate_limit_spread_seconds(*, channel: str, count: int) -> float:
     """How long the channel's bucket takes to refill `count` tokens."""
     rate = _rates().get(channel)

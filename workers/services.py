@@ -32,7 +32,14 @@ from workers.providers import (
     SendResult,
     provider_for,
 )
-from workers.rate_limiter import rate_limit_slow, rate_limit_spread_seconds, rate_limit_take_many
+from workers.rate_limiter import (
+    rate_limit_offsets,
+    rate_limit_refund,
+    rate_limit_slow,
+    rate_limit_spread_seconds,
+    rate_limit_take_many,
+)
+from workers.selectors import queue_depths
 from workers.transitions import (
     Settle,
     Settlement,
@@ -124,18 +131,30 @@ def _send_pool() -> ThreadPoolExecutor:
     return _executor[1]
 
 
-def _send(provider: Provider, messages: list[OutboundMessage]) -> list[SendResult]:
-    """One result per message, in order: the vendor's batch call where there is one, else at
-    most PROVIDER_CONCURRENCY calls at once on the provider's pooled connections."""
+def _send(
+    provider: Provider, messages: list[OutboundMessage], offsets: list[float]
+) -> list[SendResult]:
+    """One result per message, in order: the vendor's batch call where there is one (after the
+    last token is due), else at most PROVIDER_CONCURRENCY calls at once on the provider's
+    pooled connections, each made when its own token is due (`offsets`, from now)."""
+    start = time.monotonic()
     if isinstance(provider, BatchProvider) and len(messages) > 1:
+        time.sleep(max(offsets, default=0.0))
         size = max(1, provider.max_batch)
         results: list[SendResult] = []
-        for start in range(0, len(messages), size):
-            results += provider.send_batch(messages[start : start + size])
+        for first in range(0, len(messages), size):
+            results += provider.send_batch(messages[first : first + size])
         return results
+
+    def paced(index: int) -> SendResult:
+        delay = start + offsets[index] - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        return provider.send(messages[index])
+
     if len(messages) == 1 or settings.PROVIDER_CONCURRENCY <= 1:
-        return [provider.send(message) for message in messages]
-    return list(_send_pool().map(provider.send, messages))
+        return [paced(index) for index in range(len(messages))]
+    return list(_send_pool().map(paced, range(len(messages))))
 
 
 def _breaker_outcome(results: list[SendResult]) -> Outcome:
@@ -240,12 +259,14 @@ def deliveries_process(*, delivery_ids: list[int]) -> dict[int, ProcessOutcome]:
         )
         metrics.rate_limiter_waited(channel=channel, provider=name, count=len(rest))
         sendable = sendable[:granted]
+    offsets = rate_limit_offsets(channel=channel, granted=len(sendable), wait=wait)
     if sendable and wait > 0:
         metrics.rate_limiter_waited(channel=channel, provider=name, count=len(sendable))
-        time.sleep(wait)
     if sendable:
         closed_in = circuit_allow(provider=name)
         if closed_in > 0:
+            # The tokens were not used: give them back to the bucket.
+            rate_limit_refund(channel=channel, provider=name, count=len(sendable))
             # Spread so the held deliveries do not all ask again at once.
             settled += _held(
                 [delivery for delivery, _ in sendable],
@@ -258,7 +279,7 @@ def deliveries_process(*, delivery_ids: list[int]) -> dict[int, ProcessOutcome]:
     latency_ms = 0.0
     if sendable:
         t0 = time.perf_counter()
-        results = _send(provider, [message for _, message in sendable])
+        results = _send(provider, [message for _, message in sendable], offsets)
         latency_ms = (time.perf_counter() - t0) * 1000
         circuit_record(provider=name, outcome=_breaker_outcome(results).value)
         slow_for = max((r.retry_after or 0.0 for r in results if r.throttled), default=0.0)
@@ -355,8 +376,6 @@ def deliveries_sweep() -> int:
 
 def _channels_with_backlog() -> list[str]:
     """Channels whose broker queue holds messages; none when the broker cannot say."""
-    from notifications.metrics_scrape import queue_depths
-
     try:
         depths = queue_depths()
     except Exception as exc:  # noqa: BLE001 - any broker failure: sweep as if all were empty

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 from notifications.models import Delivery, DeliveryStatus
 from project.celery import app as celery_app
 from tests.conftest import BIN, Process, SmtpSink, free_port, process_env, wait_until
 from tests.factories import TemplateFactory
 from workers.models import SandboxMessage
+from workers.relay import outbox_publish_due
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
 
@@ -133,7 +135,7 @@ def test_every_channel_runs_to_sent_through_the_sandbox_providers(
     assert api.get(f"/api/v1/notifications/{notification_id}").json()["status"] == "sent"
 
 
-def test_broker_flush_loses_nothing_the_sweeper_re_enqueues(
+def test_broker_flush_loses_nothing_the_sweeper_hands_back_to_the_relay(
     api: Any, owner: Any, smtp_server: SmtpSink, celery_worker_process: Callable[..., Process]
 ) -> None:
     TemplateFactory(owner=owner, key="receipt", content=EMAIL_ONLY)
@@ -152,9 +154,12 @@ def test_broker_flush_loses_nothing_the_sweeper_re_enqueues(
         assert response.status_code == 202
         ids.append(response.json()["id"])
 
-    # The broker loses every message (a restart without persistence, a flushed queue).
+    # The relay publishes them (four batches of DISPATCH_BATCH_SIZE), then the broker loses
+    # every message (a restart without persistence, a flushed queue).
+    assert outbox_publish_due() == total
+    assert Delivery.objects.outbox().count() == 0
     purged = celery_app.control.purge()
-    assert purged == total
+    assert purged == total // settings.DISPATCH_BATCH_SIZE
     assert Delivery.objects.filter(status=DeliveryStatus.QUEUED).count() == total
 
     celery_worker_process(

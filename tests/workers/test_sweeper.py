@@ -56,7 +56,7 @@ def make(api: Any, n: int, **body: Any) -> list[Delivery]:
 
 
 def test_sweeps_lost_and_due_only(api: Any, template: Any, redis_broker: None) -> None:
-    lost, fresh, leased, waiting = make(api, 4)
+    lost, _fresh, leased, waiting = make(api, 4)
     assert outbox_publish_due() == 4
     old = timezone.now() - timedelta(seconds=settings.SWEEPER_STALE_SECONDS + 5)
     Delivery.objects.filter(pk__in=[lost.pk, leased.pk, waiting.pk]).update(enqueued_at=old)
