@@ -71,16 +71,6 @@ def no_api_rate_limit(settings: Any) -> None:
     settings.API_RATE_LIMIT_PER_SECOND = 0
 
 
-@pytest.fixture(autouse=True)
-def broker_publishing_resumed() -> Iterator[None]:
-    """A test that made a publish fail does not leave the next one's publishes paused."""
-    from workers import dispatch
-
-    dispatch._paused_until = 0.0
-    yield
-    dispatch._paused_until = 0.0
-
-
 @pytest.fixture
 def owner(db: None) -> Any:
     return OwnerFactory(name="acme")

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -24,7 +25,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from notifications.models import PENDING_STATUSES, Delivery, DeliveryStatus
-from tests.conftest import BIN, Process, free_port, process_env, wait_until
+from tests.conftest import BIN, ROOT, Process, free_port, process_env, wait_until
 from tests.project.api_server import start_api_server
 
 # `make chaos` sets CHAOS_FULL=1: the sizes and outages the issue names. The normal suite runs
@@ -207,11 +208,36 @@ class WorkerSpec:
     beat: bool = False
 
 
+def start_relay(
+    spawn: Callable[..., Process], tmp_path: Path, *, name: str = "relay", **env: Any
+) -> Process:
+    """Start an outbox relay (`manage.py relay`) and wait until it runs."""
+    process = spawn(
+        name, [sys.executable, str(ROOT / "manage.py"), "relay"], process_env(tmp_path, **env)
+    )
+
+    def ready() -> bool:
+        if process.popen.poll() is not None:
+            raise AssertionError(f"relay {name} exited early:\n{process.log()}")
+        return "relay started" in process.log()
+
+    wait_until(ready, timeout=60, interval=0.2, message=f"the relay {name} to be running")
+    return process
+
+
 def start_workers(
-    spawn: Callable[..., Process], tmp_path: Path, specs: list[WorkerSpec], **env: Any
+    spawn: Callable[..., Process],
+    tmp_path: Path,
+    specs: list[WorkerSpec],
+    *,
+    relay: bool = True,
+    **env: Any,
 ) -> list[Process]:
     """Start several `celery worker` processes at once (as tests/conftest.py's fixture does
-    one at a time) and wait until every one is ready."""
+    one at a time) and wait until every one is ready; with `relay`, also an outbox relay
+    (not in the returned list), since nothing reaches a worker without one."""
+    if relay:
+        start_relay(spawn, tmp_path, name=f"relay-{specs[0].name}" if specs else "relay", **env)
     started = []
     for spec in specs:
         argv = [

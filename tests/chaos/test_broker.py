@@ -1,6 +1,7 @@
 """Chaos between the database and the broker: a Redis broker killed and restarted with a
-backlog in it, and deliveries committed whose message never reached the broker (a publish that
-fails after commit, an API process killed under load). The sweeper must find every one."""
+backlog in it, an API whose broker is down (it publishes nothing, so it must not care), an API
+process killed under load, and the outbox relay killed in the middle of publishing. The
+relay and the sweeper must find every committed delivery, and send none twice."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tests.chaos.harness import (
     report,
     scale,
     start_api,
+    start_relay,
     start_workers,
     tally,
     wait_settled,
@@ -72,12 +74,21 @@ def test_broker_killed_and_restarted_with_a_backlog_loses_nothing(
             assert (body["accepted"], body["rejected"]) == (len(chunk), 0), body
             for result, sent in zip(body["results"], chunk, strict=True):
                 record(ledger, result["id"], sent["data"]["ref"], result["deliveries"])
+    # The relay publishes the whole outbox before any worker runs: the backlog, in batches.
+    start_relay(spawn, tmp_path, **env)
+    wait_until(
+        lambda: Delivery.objects.outbox().count() == 0,
+        timeout=scale(30, 120),
+        interval=0.2,
+        message="the relay to publish the outbox",
+    )
     queued = broker.backlog(["sms"])
-    assert queued == backlog
+    assert queued == -(-backlog // 50)  # DISPATCH_BATCH_SIZE ids a message
     start_workers(
         spawn,
         tmp_path,
         [WorkerSpec("sweeper", "maintenance", concurrency=1, beat=True), WorkerSpec("sms", "sms")],
+        relay=False,
         **env,
     )
     # Kill it while the workers are busy with the backlog: what it held is gone for good.
@@ -111,8 +122,8 @@ def test_publish_failing_after_commit_loses_nothing(
     spawn: Callable[..., Process],
     tmp_path: Path,
 ) -> None:
-    """The API commits, then cannot publish (its broker does not answer): it still answers
-    202, and the sweeper sends every delivery."""
+    """The API's broker does not answer: the API publishes nothing anyway, so it answers 202
+    as fast as ever, and the relay (which reaches the broker) sends every delivery."""
     count = scale(10, 200)
     env = {**RECOVERY_ENV, **sendgrid.settings_env(), **twilio.settings_env()}
     api_key = api_key_for(owner)
@@ -213,10 +224,9 @@ def test_api_killed_under_load_loses_no_committed_delivery(
 def test_a_bulk_request_is_not_held_up_by_a_broker_that_is_down(
     owner: Any, chaos_template: Any, spawn: Callable[..., Process], tmp_path: Path
 ) -> None:
-    """settings.BROKER_PUBLISH_MAX_RETRIES: 'a broker that does not answer must not hold the
-    API up'. Twenty notifications of two deliveries each in one bulk request, then ten single
-    posts: after one failed publish the process stops trying for BROKER_PUBLISH_PAUSE_SECONDS
-    and marks the rows for the next sweep."""
+    """A broker that does not answer must not hold the API up: the accept path publishes
+    nothing (the relay does), so twenty notifications of two deliveries each in one bulk
+    request, then ten single posts, answer as fast as with a broker."""
     api_key = api_key_for(owner)
     server = start_api(
         spawn, tmp_path, CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0", **RECOVERY_ENV
@@ -242,3 +252,53 @@ def test_a_bulk_request_is_not_held_up_by_a_broker_that_is_down(
     pending = Delivery.objects.filter(status=DeliveryStatus.QUEUED)
     assert pending.count() == 60
     assert not pending.filter(enqueued_at__isnull=False).exists()  # all marked for the sweep
+
+
+def test_relay_killed_mid_publish_loses_nothing(
+    owner: Any,
+    chaos_template: Any,
+    sendgrid: SendGridEmulator,
+    twilio: TwilioEmulator,
+    spawn: Callable[..., Process],
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the relay while accepts pour in and it publishes them: a round it had
+    published but not committed stays in the outbox and goes out again with the next relay (a
+    duplicate message, which the workers' lease makes a no-op), and what was accepted while no
+    relay ran waits in the outbox. Nothing is lost, nothing is sent twice."""
+    count = scale(600, 6000)
+    env = {**RECOVERY_ENV, **sendgrid.settings_env(), **twilio.settings_env()}
+    api_key = api_key_for(owner)
+    server = start_api(spawn, tmp_path, **env)
+    start_workers(
+        spawn,
+        tmp_path,
+        [
+            WorkerSpec("sweeper", "maintenance", concurrency=1, beat=True),
+            WorkerSpec("send", "email,sms"),
+        ],
+        relay=False,
+        **env,
+    )
+    first = start_relay(spawn, tmp_path, name="relay-1", **env)
+    ledger = Ledger()
+    items = [item(n, "relay") for n in range(count)]
+    chunk = 50
+    left = 0
+    for start in range(0, count, chunk):
+        if start == count // 3:
+            kill_group(first)  # mid-stream: it was publishing what the last posts committed
+        body = _post_bulk(server.url, api_key, items[start : start + chunk])
+        for result, sent in zip(body["results"], items[start : start + chunk], strict=True):
+            record(ledger, result["id"], sent["data"]["ref"], result["deliveries"])
+    left = Delivery.objects.outbox().count()
+    start_relay(spawn, tmp_path, name="relay-2", **env)
+    wait_settled(ledger.accepted, timeout=scale(90, 600), message="every delivery sent")
+    result = tally(
+        "6 relay killed mid-publish",
+        ledger,
+        received(sendgrid, twilio),
+        note=f"{left} of {2 * count} deliveries waiting in the outbox for the second relay",
+    )
+    assert left >= 2 * (count - count // 3)
+    assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)

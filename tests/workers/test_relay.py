@@ -162,3 +162,35 @@ def test_a_retry_waits_in_the_outbox_until_due(
     time.sleep(0.35)
     assert outbox_publish_due() == 1
     assert messages(broker, "email") == [("clarion.deliver.email", [delivery.pk])]
+
+
+def test_a_crash_between_publish_and_commit_gives_a_duplicate_message_and_one_send(
+    api: Any, template: Any, broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay published, then died before its commit: the rows are still in the outbox, the
+    next round publishes them again, and the second message finds nothing to send."""
+    from workers import relay
+    from workers.models import SandboxMessage
+    from workers.services import ProcessOutcome, deliveries_process
+
+    accept(api, 2, channels=["email"])
+    ids = sorted(Delivery.objects.values_list("pk", flat=True))
+    publish = relay.batches_publish_rollback_unsafe
+
+    def publish_then_die(by_channel: dict[str, list[int]]) -> int:
+        publish(by_channel)
+        raise ConnectionResetError("the relay's database connection dropped before commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(relay, "batches_publish_rollback_unsafe", publish_then_die)
+        with pytest.raises(ConnectionResetError):
+            outbox_publish_due()
+    assert Delivery.objects.outbox().count() == 2
+    assert outbox_publish_due() == 2
+    assert messages(broker, "email") == [("clarion.deliver.email", ids)] * 2
+
+    first = deliveries_process(delivery_ids=ids)
+    second = deliveries_process(delivery_ids=ids)
+    assert set(first.values()) == {ProcessOutcome.SENT}
+    assert set(second.values()) == {ProcessOutcome.NOT_CLAIMED}
+    assert SandboxMessage.objects.count() == 2
