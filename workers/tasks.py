@@ -36,6 +36,6 @@ def sweep_deliveries() -> int:
 
 @app.task(name="clarion.purge_idempotency_records", ignore_result=True)
 def purge_idempotency_records() -> int:
-    from notifications.services import idempotency_records_purge
+    from notifications.accepting import idempotency_records_purge
 
     return idempotency_records_purge()

@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from notifications import idempotency, selectors, services
+from notifications import accepting, idempotency, selectors, services
 from notifications.api import serializers as s
 from notifications.api.errors import (
     Conflict,
@@ -57,93 +57,26 @@ def _validated(serializer_class: type, data: Any, **kwargs: Any) -> dict[str, An
     return serializer.validated_data
 
 
-def _notification_request(
-    payload: dict[str, Any], claim: idempotency.Proceed | None
-) -> services.NotificationRequest:
-    return services.NotificationRequest(
+def _notification_request(payload: dict[str, Any]) -> accepting.NotificationRequest:
+    return accepting.NotificationRequest(
         recipient=payload["recipient"],
         template_key=payload["template"],
         data=payload["data"],
         channels=payload.get("channels"),
         priority=payload["priority"],
         send_at=payload["send_at"],
-        idempotency=(
-            services.IdempotencyClaim(key=claim.key, fingerprint=claim.fingerprint)
-            if claim is not None
-            else None
-        ),
     )
 
 
-def _claim(owner: Owner, key: str, fp: str) -> idempotency.Proceed | idempotency.Replay:
-    """Take an idempotency key; raises the API errors for 409 and 422."""
-    try:
-        return idempotency.begin(owner_id=owner.pk, key=key, fp=fp)
-    except idempotency.InFlight as exc:
-        raise Conflict from exc
-    except idempotency.Mismatch as exc:
-        raise IdempotencyMismatch from exc
-
-
-def _recorded(owner: Owner, claim: idempotency.Proceed) -> idempotency.Replay | None:
-    """Redis had lost the key and the database refused the write: answer as the request that
-    wrote the record did (None when that record had expired and is gone now)."""
-    try:
-        replay = idempotency.replay_from_database(
-            owner_id=owner.pk, key=claim.key, fp=claim.fingerprint
-        )
-    except idempotency.Mismatch as exc:
-        idempotency.release(owner_id=owner.pk, claim=claim)
-        raise IdempotencyMismatch from exc
-    if replay is None:
-        return None
-    idempotency.complete(
-        owner_id=owner.pk, claim=claim, status_code=replay.status_code, body=replay.body
-    )
-    return replay
-
-
-def _create_one(
-    *, owner: Owner, payload: dict[str, Any], idem_key: str | None, fp: str
-) -> tuple[int, dict[str, Any], bool]:
-    """Create one notification under an optional idempotency key.
-    Returns (status, body, replayed); raises the API errors for 409 and 422."""
-    claim = None
-    if idem_key is not None:
-        taken = _claim(owner, idem_key, fp)
-        if isinstance(taken, idempotency.Replay):
-            return 200, taken.body, True
-        claim = taken
-    request = _notification_request(payload, claim)
-    try:
-        # A second try only when an expired record, gone now, refused the first.
-        for _ in range(2):
-            try:
-                body = services.notification_accept(owner=owner, request=request)
-            except services.IdempotencyRecordExists:
-                assert claim is not None
-                replay = _recorded(owner, claim)
-                if replay is not None:
-                    return 200, replay.body, True
-                continue
-            break
-        else:
-            assert claim is not None
-            idempotency.release(owner_id=owner.pk, claim=claim)
-            raise Conflict
-    except services.ValidationFailed as exc:
-        if claim is not None:
-            idempotency.release(owner_id=owner.pk, claim=claim)
-        raise FieldErrors(exc.fields) from exc
-    except (Conflict, IdempotencyMismatch):
-        raise
-    except BaseException:
-        if claim is not None:
-            idempotency.release(owner_id=owner.pk, claim=claim)
-        raise
-    if claim is not None:
-        idempotency.complete(owner_id=owner.pk, claim=claim, status_code=202, body=body)
-    return 202, body, False
+def _api_error(exc: Exception) -> APIException:
+    """The API's answer for an error of the accept services."""
+    if isinstance(exc, services.ValidationFailed):
+        return FieldErrors(exc.fields)
+    if isinstance(exc, idempotency.Mismatch):
+        return IdempotencyMismatch()
+    if isinstance(exc, idempotency.InFlight):
+        return Conflict()
+    raise exc
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -170,15 +103,23 @@ class NotificationCreateView(APIView):
         },
     )
     def post(self, request: Request) -> Response:
-        owner = _owner(request)
         idem_key = _idempotency_key(request)
         payload = _validated(s.NotificationCreateSerializer, request.data)
-        fp = idempotency.fingerprint(method="POST", path=request.path, body=request.data)
-        code, body, replayed = _create_one(owner=owner, payload=payload, idem_key=idem_key, fp=fp)
-        headers = {"Location": f"/api/v1/notifications/{body['id']}"}
-        if replayed:
+        try:
+            accepted = accepting.notification_accept_once(
+                owner=_owner(request),
+                request=_notification_request(payload),
+                idempotency_key=idem_key,
+                fingerprint=idempotency.fingerprint(
+                    method="POST", path=request.path, body=request.data
+                ),
+            )
+        except (services.ValidationFailed, idempotency.InFlight, idempotency.Mismatch) as exc:
+            raise _api_error(exc) from exc
+        headers = {"Location": f"/api/v1/notifications/{accepted.body['id']}"}
+        if accepted.replayed:
             headers["Idempotent-Replayed"] = "true"
-        return Response(body, status=code, headers=headers)
+        return Response(accepted.body, status=accepted.status_code, headers=headers)
 
 
 class NotificationBulkView(APIView):
@@ -194,13 +135,9 @@ class NotificationBulkView(APIView):
         "own and may carry its own `idempotency_key`.",
     )
     def post(self, request: Request) -> Response:
-        owner = _owner(request)
         items = _validated(s.BulkCreateSerializer, request.data)["notifications"]
         results: list[dict[str, Any] | None] = [None] * len(items)
-        valid: list[tuple[int, dict[str, Any], tuple[str, str] | None]] = []
-        # An item repeating the key of an earlier item of this request answers as that item.
-        first_with_key: dict[str, tuple[int, str]] = {}
-        twins: list[tuple[int, int]] = []
+        valid: list[tuple[int, accepting.BulkItem]] = []
         for index, item in enumerate(items):
             try:
                 payload = _validated(s.BulkItemSerializer, item)
@@ -208,98 +145,32 @@ class NotificationBulkView(APIView):
                 results[index] = _bulk_refused(index, exc)
                 continue
             key = payload.get("idempotency_key")
-            if key is None:
-                valid.append((index, payload, None))
-                continue
-            fp = idempotency.fingerprint(method="POST", path="bulk-item", body=item)
-            if key in first_with_key:
-                first, first_fp = first_with_key[key]
-                if first_fp != fp:
-                    results[index] = _bulk_refused(index, IdempotencyMismatch())
-                else:
-                    twins.append((index, first))
-                continue
-            first_with_key[key] = (index, fp)
-            valid.append((index, payload, (key, fp)))
-        keyed = [(index, pair) for index, _, pair in valid if pair is not None]
-        answers = dict(
-            zip(
-                [index for index, _ in keyed],
-                idempotency.begin_many(owner_id=owner.pk, claims=[pair for _, pair in keyed]),
-                strict=True,
+            fp = idempotency.fingerprint(method="POST", path="bulk-item", body=item) if key else ""
+            valid.append(
+                (index, accepting.BulkItem(_notification_request(payload), key, fingerprint=fp))
             )
+        answers = accepting.notifications_accept_bulk(
+            owner=_owner(request), items=[item for _, item in valid]
         )
-        pending: list[tuple[int, services.NotificationRequest, idempotency.Proceed | None]] = []
-        for index, payload, _ in valid:
-            answer = answers.get(index)
-            if isinstance(answer, idempotency.Replay):
-                results[index] = _bulk_accepted(index, 200, answer.body)
-            elif isinstance(answer, idempotency.InFlight):
-                results[index] = _bulk_refused(index, Conflict())
-            elif isinstance(answer, idempotency.Mismatch):
-                results[index] = _bulk_refused(index, IdempotencyMismatch())
+        for (index, _), answer in zip(valid, answers, strict=True):
+            if answer.accepted is not None:
+                body = answer.accepted.body
+                results[index] = {
+                    "index": index,
+                    "status": answer.accepted.status_code,
+                    "id": body["id"],
+                    "deliveries": body["deliveries"],
+                }
             else:
-                pending.append((index, _notification_request(payload, answer), answer))
-        try:
-            outcomes = services.notifications_create_bulk(
-                owner=owner, requests=[request for _, request, _ in pending]
-            )
-        except BaseException:
-            for _, _, claim in pending:
-                if claim is not None:
-                    idempotency.release(owner_id=owner.pk, claim=claim)
-            raise
-        done: list[tuple[idempotency.Proceed, int, Any]] = []
-        for (index, _, claim), outcome in zip(pending, outcomes, strict=True):
-            if outcome.body is not None:
-                results[index] = _bulk_accepted(index, 202, outcome.body)
-                if claim is not None:
-                    done.append((claim, 202, outcome.body))
-            else:
-                results[index] = _bulk_not_written(owner, index, claim, outcome)
-        idempotency.complete_many(owner_id=owner.pk, done=done)
-        for index, first in twins:
-            first_result = results[first]
-            assert first_result is not None
-            if first_result["status"] == 202:
-                results[index] = _bulk_accepted(index, 200, first_result)
-            else:
-                results[index] = {**first_result, "index": index}
+                results[index] = _bulk_refused(index, _api_error(answer.error or Exception()))
         accepted = sum(1 for r in results if r is not None and r["status"] in (200, 202))
         return Response(
             {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
         )
 
 
-def _bulk_accepted(index: int, code: int, body: dict[str, Any]) -> dict[str, Any]:
-    return {"index": index, "status": code, "id": body["id"], "deliveries": body["deliveries"]}
-
-
 def _bulk_refused(index: int, exc: APIException) -> dict[str, Any]:
     return {"index": index, "status": exc.status_code, "error": describe(exc)}
-
-
-def _bulk_not_written(
-    owner: Owner,
-    index: int,
-    claim: idempotency.Proceed | None,
-    outcome: services.BulkOutcome,
-) -> dict[str, Any]:
-    """An item the bulk write refused, or found already recorded in the database."""
-    if outcome.error is not None:
-        if claim is not None:
-            idempotency.release(owner_id=owner.pk, claim=claim)
-        return _bulk_refused(index, FieldErrors(outcome.error.fields))
-    assert claim is not None and outcome.idempotency_record_exists
-    try:
-        replay = _recorded(owner, claim)
-    except IdempotencyMismatch as exc:
-        return _bulk_refused(index, exc)
-    if replay is None:
-        # The record had expired; the item was not written. Sent again, it will be.
-        idempotency.release(owner_id=owner.pk, claim=claim)
-        return _bulk_refused(index, Conflict())
-    return _bulk_accepted(index, 200, replay.body)
 
 
 class NotificationDetailView(APIView):

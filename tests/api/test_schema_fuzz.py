@@ -29,8 +29,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from channels_app.tokens import recipient_token_issue
+from notifications.accepting import notification_create
 from notifications.models import Delivery, DeliveryStatus
-from notifications.services import notification_create
 from tests.factories import DeviceFactory, RecipientFactory, TemplateFactory, api_key_for
 from workers.dead_letters import dead_letter_create
 

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from channels.testing.websocket import WebsocketCommunicator
 
 from channels_app.tokens import recipient_token_issue
-from notifications import services
+from notifications import accepting, services
 from notifications.models import Delivery, Notification, Owner, Recipient
 from project.asgi import application
 from tests.conftest import Process
@@ -30,7 +30,7 @@ def recipient_with_token(owner: Owner, external_id: str) -> tuple[Recipient, str
 
 def create_web_notification(owner: Owner, external_id: str, order_id: str) -> Notification:
     """Accepted through the creation service, not pushed yet (its delivery is queued)."""
-    body = services.notification_create(
+    body = accepting.notification_create(
         owner=owner,
         recipient=external_id,
         template_key="order_shipped",

@@ -47,9 +47,15 @@ def test_kill_9_worker_children_and_a_whole_worker_loses_nothing(
     notifications = scale(100, 1000)  # two deliveries each: email and SMS
     kill_every = scale(1.0, 2.0)
     rng = random.Random(6)
-    # Each provider call takes a while, so that a kill finds sends in flight.
-    sendgrid.latency = twilio.latency = 0.05
-    env = {**RECOVERY_ENV, **sendgrid.settings_env(), **twilio.settings_env()}
+    # Each provider call takes a while and a task carries two deliveries, so that the run
+    # lasts several kill intervals and a kill finds sends in flight.
+    sendgrid.latency = twilio.latency = 0.3
+    env = {
+        **RECOVERY_ENV,
+        **sendgrid.settings_env(),
+        **twilio.settings_env(),
+        "DISPATCH_BATCH_SIZE": "2",
+    }
     ledger = Ledger()
     # The backlog first: the kills then land while the workers drain it.
     accept_bulk(api, ledger, [item(n, "kill") for n in range(notifications)])

@@ -289,9 +289,9 @@ class TestIdempotency:
     def test_unique_record_stops_a_twin_that_redis_let_through(
         self, owner: Any, template: Any
     ) -> None:
-        from notifications import services
+        from notifications import accepting
 
-        claim = services.IdempotencyClaim(key="k4", fingerprint="f" * 64)
+        claim = accepting.IdempotencyClaim(key="k4", fingerprint="f" * 64)
         args = {
             "owner": owner,
             "recipient": USER,
@@ -299,9 +299,9 @@ class TestIdempotency:
             "data": {"order_id": "1"},
             "idempotency": claim,
         }
-        services.notification_create(**args)
-        with pytest.raises(services.IdempotencyRecordExists):
-            services.notification_create(**args)
+        accepting.notification_create(**args)
+        with pytest.raises(accepting.IdempotencyRecordExists):
+            accepting.notification_create(**args)
         assert Notification.objects.count() == 1
 
 

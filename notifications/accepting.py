@@ -1,0 +1,707 @@
+"""Accepting notifications, single and bulk: render, route, write the notification with its
+deliveries (the outbox), their first events and the idempotency record in one transaction,
+and the whole Idempotency-Key protocol around it (the key taken in Redis, the database record
+as the backstop, replay, the key given back on refusal). The API views, the admin and the
+management commands call these; the views only adapt HTTP."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db import IntegrityError, connection, models, transaction
+from django.utils import timezone
+
+from notifications import idempotency, metrics, templating
+from notifications.logs import scoped_log_context
+from notifications.models import (
+    CHANNEL_ORDER,
+    Channel,
+    Delivery,
+    DeliveryStatus,
+    IdempotencyRecord,
+    Notification,
+    Owner,
+    Priority,
+    SkipReason,
+)
+from notifications.selectors import (
+    RecipientContext,
+    TemplateSnapshot,
+    devices_active_get,
+    recipient_context_get,
+    recipient_contexts_get_many,
+    template_snapshot_get,
+)
+from notifications.services import ValidationFailed, recipient_upsert
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    channel: str
+    status: str
+    reason: str = ""
+    address: str = ""
+
+
+def channels_route(
+    *,
+    requested: list[str] | None,
+    template: TemplateSnapshot,
+    recipient: RecipientContext,
+    priority: str,
+    scheduled: bool,
+) -> list[Route]:
+    """requested ∩ template ∩ preferences ∩ addresses, each exclusion with its reason."""
+    template_channels = [c for c in CHANNEL_ORDER if c in template.content]
+    wanted = requested if requested is not None else template_channels
+    pending = DeliveryStatus.SCHEDULED if scheduled else DeliveryStatus.QUEUED
+    routes = []
+    for channel in wanted:
+        if channel not in template.content:
+            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NOT_IN_TEMPLATE))
+            continue
+        if priority != Priority.CRITICAL and not recipient.allows(
+            channel=channel, category=template.category
+        ):
+            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.OPTED_OUT))
+            continue
+        address = ""
+        if channel == Channel.EMAIL:
+            address = recipient.email
+        elif channel == Channel.SMS:
+            address = recipient.phone
+        elif channel == Channel.PUSH:
+            has_device = bool(devices_active_get(recipient_id=recipient.id))
+            address = "devices" if has_device else ""
+        else:
+            address = recipient.external_id
+        if not address:
+            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NO_ADDRESS))
+            continue
+        routes.append(Route(channel, pending, "", address if channel != Channel.PUSH else ""))
+    return routes
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """The key a creation writes its backstop record under, in its own transaction."""
+
+    key: str
+    fingerprint: str
+
+
+class IdempotencyRecordExists(Exception):
+    """Another request committed the same idempotency key first."""
+
+
+@dataclass
+class PreparedNotification:
+    """A notification rendered and routed, not yet written."""
+
+    notification: Notification
+    deliveries: list[Delivery]
+    routes: list[Route]
+    recipient_external_id: str
+    idempotency: IdempotencyClaim | None
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The 202 body."""
+        return {
+            "id": str(self.notification.pk),
+            "status": "accepted",
+            "deliveries": [
+                {"channel": route.channel, "status": route.status}
+                | ({"reason": route.reason} if route.reason else {})
+                for route in self.routes
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class NotificationRequest:
+    """One notification as the API asks for it."""
+
+    recipient: str | dict[str, Any]
+    template_key: str
+    data: dict[str, Any]
+    channels: list[str] | None = None
+    priority: str = Priority.NORMAL
+    send_at: datetime | None = None
+    idempotency: IdempotencyClaim | None = None
+
+
+def _notification_prepare(
+    *,
+    owner: Owner,
+    request: NotificationRequest,
+    now: datetime,
+    templates: dict[str, TemplateSnapshot | None],
+    contexts: dict[str, RecipientContext] | None = None,
+) -> PreparedNotification:
+    """Render and route one notification (ValidationFailed for bad input). `templates` memoises
+    snapshots across the items of one bulk request; `contexts` holds the recipients (by id)
+    it read at once."""
+    template_key = request.template_key
+    if template_key not in templates:
+        templates[template_key] = template_snapshot_get(owner_id=owner.pk, key=template_key)
+    template = templates[template_key]
+    if template is None:
+        raise ValidationFailed({"template": [f"Unknown template '{template_key}'."]})
+
+    if isinstance(request.recipient, dict):
+        external_id = request.recipient["id"]
+        contact = {k: v for k, v in request.recipient.items() if k != "id"}
+        recipient_upsert(owner=owner, external_id=external_id, **contact)
+        if contexts is not None:
+            contexts.pop(external_id, None)  # read before this change
+        context = recipient_context_get(owner_id=owner.pk, external_id=external_id)
+    else:
+        external_id = request.recipient
+        context = (contexts or {}).get(external_id) or recipient_context_get(
+            owner_id=owner.pk, external_id=external_id
+        )
+    if context is None:
+        raise ValidationFailed(
+            {"recipient": [f"Unknown recipient '{external_id}'; send its contact data."]}
+        )
+
+    send_at = request.send_at
+    scheduled = send_at is not None and send_at > now
+    routes = channels_route(
+        requested=request.channels,
+        template=template,
+        recipient=context,
+        priority=request.priority,
+        scheduled=scheduled,
+    )
+    locale, content = templating.pick_locale_content(
+        default_locale=template.locale,
+        content=template.content,
+        translations=template.translations,
+        wanted=context.locale,
+    )
+    rendered: dict[str, dict[str, str]] = {}
+    errors: dict[str, list[str]] = {}
+    # Every channel of the template is rendered, even the ones this recipient skips, so a
+    # missing variable fails the request the same way whoever the recipient is.
+    for channel in CHANNEL_ORDER:
+        if channel in content:
+            try:
+                rendered[channel] = templating.render_channel(
+                    channel, content[channel], request.data
+                )
+            except templating.TemplateError as exc:
+                errors.update(exc.fields)
+    if errors:
+        raise ValidationFailed(errors)
+
+    notification = Notification(
+        owner=owner,
+        recipient_id=context.id,
+        template_id=template.id,
+        template_key=template.key,
+        category=template.category,
+        priority=request.priority,
+        locale=locale,
+        data=request.data,
+        send_at=send_at,
+        idempotency_key=request.idempotency.key if request.idempotency else "",
+    )
+    deliveries = [
+        Delivery(
+            notification=notification,
+            channel=route.channel,
+            status=route.status,
+            skip_reason=route.reason,
+            address=route.address,
+            content=rendered.get(route.channel, {}),
+            next_attempt_at=send_at if scheduled else None,
+        )
+        for route in routes
+    ]
+    return PreparedNotification(
+        notification=notification,
+        deliveries=deliveries,
+        routes=routes,
+        recipient_external_id=context.external_id,
+        idempotency=request.idempotency,
+    )
+
+
+# A single accept (and a small bulk) on PostgreSQL writes all its rows in one statement; a
+# bulk request of many items stays on bulk_create, one INSERT per table, well inside
+# PostgreSQL's limit of 65,535 parameters a statement.
+ONE_STATEMENT_MAX_NOTIFICATIONS = 20
+
+
+def _one_statement_fits(prepared: list[PreparedNotification]) -> bool:
+    return (
+        connection.vendor == "postgresql"
+        and settings.DELIVERY_LOG_BACKEND == "sql"
+        and len(prepared) <= ONE_STATEMENT_MAX_NOTIFICATIONS
+    )
+
+
+def _insert_rows(model: type[models.Model], objects: list[Any]) -> tuple[str, list[Any]]:
+    """`INSERT INTO table (columns) VALUES (…), (…)` of every concrete field but an automatic
+    primary key, with its parameters, as the ORM would prepare them (auto_now_add, JSON)."""
+    fields = [f for f in model._meta.concrete_fields if not f.auto_created]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.get_attname_column()[1] or f.attname) for f in fields)
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    params = [
+        f.get_db_prep_save(f.pre_save(obj, True), connection) for obj in objects for f in fields
+    ]
+    rows = ", ".join([row] * len(objects))
+    # Names from the models' metadata and placeholders only: no value is in the text.
+    sql = f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES {rows}"  # noqa: S608
+    return sql, params
+
+
+def _write_in_one_statement(
+    *, owner: Owner, prepared: list[PreparedNotification], now: datetime
+) -> list[Delivery]:
+    """PostgreSQL: the notifications, their deliveries, the deliveries' first status events
+    and the idempotency records in one INSERT with writable CTEs, one round trip where the
+    ORM makes four. The foreign keys are checked when the statement ends, with every row in."""
+    from notifications.models import DeliveryEvent
+
+    quote = connection.ops.quote_name
+    deliveries = [d for p in prepared for d in p.deliveries]
+    records = [
+        IdempotencyRecord(
+            owner=owner,
+            key=p.idempotency.key,
+            fingerprint=p.idempotency.fingerprint,
+            status_code=202,
+            response=p.body,
+        )
+        for p in prepared
+        if p.idempotency is not None
+    ]
+    notification_sql, notification_params = _insert_rows(
+        Notification, [p.notification for p in prepared]
+    )
+    delivery_sql, delivery_params = _insert_rows(Delivery, deliveries)
+    event = DeliveryEvent._meta
+    parts = [
+        f"n AS ({notification_sql})",
+        f"d AS ({delivery_sql} RETURNING id, notification_id, channel, status, skip_reason)",
+        f"e AS (INSERT INTO {quote(event.db_table)} "  # noqa: S608 - names, not values
+        f"({quote(event.get_field('delivery').column)}, status, detail, {quote('at')}) "
+        "SELECT id, status, skip_reason, %s FROM d)",
+    ]
+    params: list[Any] = [*notification_params, *delivery_params, now]
+    if records:
+        record_sql, record_params = _insert_rows(IdempotencyRecord, records)
+        parts.append(f"i AS ({record_sql})")
+        params += record_params
+    sql = "WITH " + ", ".join(parts) + " SELECT id, notification_id, channel FROM d"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        numbered = {(str(nid), channel): pk for pk, nid, channel in cursor.fetchall()}
+    for delivery in deliveries:
+        delivery.pk = numbered[(str(delivery.notification_id), delivery.channel)]
+        delivery._state.adding = False
+        delivery._state.db = connection.alias
+    return deliveries
+
+
+def _write_with_the_orm(
+    *, owner: Owner, prepared: list[PreparedNotification], now: datetime
+) -> list[Delivery]:
+    """Any database, any delivery-log backend: one INSERT per table."""
+    from workers.delivery_log import StatusEvent, get_delivery_log
+
+    Notification.objects.bulk_create([p.notification for p in prepared])
+    deliveries = Delivery.objects.bulk_create([d for p in prepared for d in p.deliveries])
+    external_ids = {p.notification.pk: p.recipient_external_id for p in prepared}
+    get_delivery_log().record_statuses(
+        [
+            StatusEvent(
+                delivery_id=d.pk,
+                notification_id=str(d.notification_id),
+                owner_id=owner.pk,
+                recipient_id=external_ids[d.notification_id],
+                channel=d.channel,
+                status=d.status,
+                at=now,
+                detail=d.skip_reason,
+            )
+            for d in deliveries
+        ]
+    )
+    IdempotencyRecord.objects.bulk_create(
+        [
+            IdempotencyRecord(
+                owner=owner,
+                key=p.idempotency.key,
+                fingerprint=p.idempotency.fingerprint,
+                status_code=202,
+                response=p.body,
+            )
+            for p in prepared
+            if p.idempotency is not None
+        ]
+    )
+    return deliveries
+
+
+def _notifications_write(
+    *, owner: Owner, prepared: list[PreparedNotification], now: datetime
+) -> None:
+    """Write notifications with their deliveries, first status events and idempotency records
+    in one transaction; publish the queued deliveries once it commits."""
+    from workers.dispatch import outbox_wake_on_commit
+
+    with transaction.atomic():
+        if _one_statement_fits(prepared):
+            deliveries = _write_in_one_statement(owner=owner, prepared=prepared, now=now)
+        else:
+            deliveries = _write_with_the_orm(owner=owner, prepared=prepared, now=now)
+        # Nothing is published here: the queued rows are the outbox, and the relay publishes
+        # them once woken after commit.
+        if any(d.status == DeliveryStatus.QUEUED for d in deliveries):
+            outbox_wake_on_commit()
+        metrics.notifications_accepted_on_commit(
+            d.channel
+            for d in deliveries
+            if d.status in (DeliveryStatus.QUEUED, DeliveryStatus.SCHEDULED)
+        )
+
+
+def _log_accepted(prepared: PreparedNotification) -> None:
+    log.info(
+        "notification %s accepted: %s",
+        prepared.notification.pk,
+        ", ".join(f"{route.channel} {route.status}" for route in prepared.routes),
+    )
+
+
+def notification_create(
+    *,
+    owner: Owner,
+    recipient: str | dict[str, Any],
+    template_key: str,
+    data: dict[str, Any],
+    channels: list[str] | None = None,
+    priority: str = Priority.NORMAL,
+    send_at: datetime | None = None,
+    idempotency: IdempotencyClaim | None = None,
+) -> dict[str, Any]:
+    """notification_accept() with the request given field by field (admin, commands)."""
+    return notification_accept(
+        owner=owner,
+        request=NotificationRequest(
+            recipient=recipient,
+            template_key=template_key,
+            data=data,
+            channels=channels,
+            priority=priority,
+            send_at=send_at,
+            idempotency=idempotency,
+        ),
+    )
+
+
+@scoped_log_context
+def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[str, Any]:
+    """Accept one notification: render it, route it, write it with its deliveries in one
+    transaction, and enqueue the deliveries after commit. Returns the 202 body."""
+    now = timezone.now()
+    prepared = _notification_prepare(owner=owner, request=request, now=now, templates={})
+    structlog.contextvars.bind_contextvars(notification_id=str(prepared.notification.pk))
+    try:
+        _notifications_write(owner=owner, prepared=[prepared], now=now)
+    except IntegrityError as exc:
+        claim = request.idempotency
+        if claim is not None and _idempotency_record_exists(owner, [claim.key]):
+            raise IdempotencyRecordExists from exc
+        raise
+    _log_accepted(prepared)
+    return prepared.body
+
+
+def _idempotency_record_exists(owner: Owner, keys_: list[str]) -> bool:
+    return IdempotencyRecord.objects.filter(owner=owner, key__in=keys_).exists()
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    """One item of a bulk request: its 202 body, why it was refused, or that its idempotency
+    record was already in the database (the caller answers with what that record holds)."""
+
+    body: dict[str, Any] | None = None
+    error: ValidationFailed | None = None
+    idempotency_record_exists: bool = False
+
+
+def notifications_create_bulk(
+    *, owner: Owner, requests: list[NotificationRequest]
+) -> list[BulkOutcome]:
+    """Accept many notifications at once: each is rendered and routed on its own (a bad one is
+    refused alone), and all the good ones are written in one transaction and published on
+    one broker connection after it commits. An item whose idempotency record is already in the
+    database (Redis lost its key) makes the whole write fall back to one transaction per item;
+    that item's outcome then says its record exists, for the caller to answer from it."""
+    now = timezone.now()
+    templates: dict[str, TemplateSnapshot | None] = {}
+    contexts = recipient_contexts_get_many(
+        owner_id=owner.pk,
+        external_ids=list({r.recipient for r in requests if isinstance(r.recipient, str)}),
+    )
+    outcomes: list[BulkOutcome | None] = []
+    prepared: list[tuple[int, PreparedNotification]] = []
+    for index, request in enumerate(requests):
+        try:
+            prepared.append(
+                (
+                    index,
+                    _notification_prepare(
+                        owner=owner,
+                        request=request,
+                        now=now,
+                        templates=templates,
+                        contexts=contexts,
+                    ),
+                )
+            )
+            outcomes.append(None)
+        except ValidationFailed as exc:
+            outcomes.append(BulkOutcome(error=exc))
+    if prepared:
+        try:
+            _notifications_write(owner=owner, prepared=[p for _, p in prepared], now=now)
+        except IntegrityError:
+            claimed = [p.idempotency.key for _, p in prepared if p.idempotency is not None]
+            if not claimed or not _idempotency_record_exists(owner, claimed):
+                raise
+            log.info("an idempotency record already exists; writing the bulk one by one")
+            for index, item in prepared:
+                outcomes[index] = _bulk_write_one(owner, item, now)
+        else:
+            for index, item in prepared:
+                outcomes[index] = BulkOutcome(body=item.body)
+                _log_accepted(item)
+    return [outcome or BulkOutcome() for outcome in outcomes]
+
+
+def _bulk_write_one(owner: Owner, item: PreparedNotification, now: datetime) -> BulkOutcome:
+    for delivery in item.deliveries:  # the rolled-back bulk insert numbered them
+        delivery.pk = None
+        delivery._state.adding = True
+    try:
+        _notifications_write(owner=owner, prepared=[item], now=now)
+    except IntegrityError:
+        claim = item.idempotency
+        if claim is not None and _idempotency_record_exists(owner, [claim.key]):
+            return BulkOutcome(idempotency_record_exists=True)
+        raise
+    _log_accepted(item)
+    return BulkOutcome(body=item.body)
+
+
+def idempotency_records_purge(*, older_than_seconds: int | None = None) -> int:
+    ttl = older_than_seconds if older_than_seconds is not None else settings.IDEMPOTENCY_TTL_SECONDS
+    cutoff = timezone.now() - timedelta(seconds=ttl)
+    deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
+
+
+# --- The Idempotency-Key protocol -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What the API answers for one accepted notification: 202 when it was written now, 200
+    with the first answer's body when its Idempotency-Key was seen before."""
+
+    status_code: int
+    body: dict[str, Any]
+
+    @property
+    def replayed(self) -> bool:
+        return self.status_code == 200
+
+
+def _claim_from(taken: idempotency.Proceed | None) -> IdempotencyClaim | None:
+    if taken is None:
+        return None
+    return IdempotencyClaim(key=taken.key, fingerprint=taken.fingerprint)
+
+
+def _recorded(owner: Owner, claim: idempotency.Proceed) -> idempotency.Replay | None:
+    """Redis had lost the key and the database refused the write: answer as the request that
+    wrote the record did (None when that record had expired and is gone now). Raises
+    idempotency.Mismatch (after giving the key back) for a different body."""
+    try:
+        replay = idempotency.replay_from_database(
+            owner_id=owner.pk, key=claim.key, fp=claim.fingerprint
+        )
+    except idempotency.Mismatch:
+        idempotency.release(owner_id=owner.pk, claim=claim)
+        raise
+    if replay is None:
+        return None
+    idempotency.complete(
+        owner_id=owner.pk, claim=claim, status_code=replay.status_code, body=replay.body
+    )
+    return replay
+
+
+def notification_accept_once(
+    *,
+    owner: Owner,
+    request: NotificationRequest,
+    idempotency_key: str | None = None,
+    fingerprint: str = "",
+) -> Accepted:
+    """Accept one notification under an optional Idempotency-Key: take the key (one Redis
+    round trip), write, remember the answer; or replay the first answer. Raises
+    ValidationFailed (the key is given back), idempotency.InFlight (409) and
+    idempotency.Mismatch (422)."""
+    taken: idempotency.Proceed | None = None
+    if idempotency_key is not None:
+        answer = idempotency.begin(owner_id=owner.pk, key=idempotency_key, fp=fingerprint)
+        if isinstance(answer, idempotency.Replay):
+            return Accepted(200, answer.body)
+        taken = answer
+    keyed = replace(request, idempotency=_claim_from(taken))
+    try:
+        # A second try only when an expired record, gone now, refused the first.
+        for _ in range(2):
+            try:
+                body = notification_accept(owner=owner, request=keyed)
+            except IdempotencyRecordExists:
+                if taken is None:
+                    raise
+                replay = _recorded(owner, taken)
+                if replay is not None:
+                    return Accepted(200, replay.body)
+                continue
+            break
+        else:
+            raise idempotency.InFlight
+    except idempotency.Mismatch:
+        raise
+    except BaseException:
+        if taken is not None:
+            idempotency.release(owner_id=owner.pk, claim=taken)
+        raise
+    if taken is not None:
+        idempotency.complete(owner_id=owner.pk, claim=taken, status_code=202, body=body)
+    return Accepted(202, body)
+
+
+@dataclass(frozen=True)
+class BulkItem:
+    """One valid item of a bulk request, with its own optional Idempotency-Key."""
+
+    request: NotificationRequest
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """An item's answer: `accepted`, or the error that refused it (ValidationFailed,
+    idempotency.InFlight, idempotency.Mismatch)."""
+
+    accepted: Accepted | None = None
+    error: Exception | None = None
+
+
+def notifications_accept_bulk(*, owner: Owner, items: list[BulkItem]) -> list[BulkResult]:
+    """notification_accept_once() for many: keys taken in one Redis round trip and
+    remembered in another, every new item written in one transaction. An item repeating the
+    key of an earlier item of the same request answers as that item (422 for another body)."""
+    results: list[BulkResult | None] = [None] * len(items)
+    first_with_key: dict[str, tuple[int, str]] = {}
+    twins: list[tuple[int, int]] = []
+    keyed: list[tuple[int, tuple[str, str]]] = []
+    for index, item in enumerate(items):
+        key = item.idempotency_key
+        if key is None:
+            continue
+        if key in first_with_key:
+            first, first_fp = first_with_key[key]
+            if first_fp != item.fingerprint:
+                results[index] = BulkResult(error=idempotency.Mismatch())
+            else:
+                twins.append((index, first))
+            continue
+        first_with_key[key] = (index, item.fingerprint)
+        keyed.append((index, (key, item.fingerprint)))
+    answers = dict(
+        zip(
+            [index for index, _ in keyed],
+            idempotency.begin_many(owner_id=owner.pk, claims=[pair for _, pair in keyed]),
+            strict=True,
+        )
+    )
+    twin_indexes = {index for index, _ in twins}
+    pending: list[tuple[int, NotificationRequest, idempotency.Proceed | None]] = []
+    for index, item in enumerate(items):
+        if results[index] is not None or index in twin_indexes:
+            continue
+        answer = answers.get(index)
+        if isinstance(answer, idempotency.Replay):
+            results[index] = BulkResult(accepted=Accepted(200, answer.body))
+        elif isinstance(answer, (idempotency.InFlight, idempotency.Mismatch)):
+            results[index] = BulkResult(error=answer)
+        else:
+            pending.append((index, replace(item.request, idempotency=_claim_from(answer)), answer))
+    try:
+        outcomes = notifications_create_bulk(
+            owner=owner, requests=[request for _, request, _ in pending]
+        )
+    except BaseException:
+        for _, _, taken in pending:
+            if taken is not None:
+                idempotency.release(owner_id=owner.pk, claim=taken)
+        raise
+    done: list[tuple[idempotency.Proceed, int, Any]] = []
+    for (index, _, taken), outcome in zip(pending, outcomes, strict=True):
+        if outcome.body is not None:
+            results[index] = BulkResult(accepted=Accepted(202, outcome.body))
+            if taken is not None:
+                done.append((taken, 202, outcome.body))
+        else:
+            results[index] = _bulk_not_written(owner, taken, outcome)
+    idempotency.complete_many(owner_id=owner.pk, done=done)
+    for index, first in twins:
+        first_result = results[first]
+        if first_result is not None and first_result.accepted is not None:
+            results[index] = BulkResult(accepted=Accepted(200, first_result.accepted.body))
+        else:
+            results[index] = first_result
+    return [result or BulkResult(error=idempotency.InFlight()) for result in results]
+
+
+def _bulk_not_written(
+    owner: Owner, taken: idempotency.Proceed | None, outcome: BulkOutcome
+) -> BulkResult:
+    """An item the bulk write refused, or found already recorded in the database."""
+    if outcome.error is not None:
+        if taken is not None:
+            idempotency.release(owner_id=owner.pk, claim=taken)
+        return BulkResult(error=outcome.error)
+    if taken is None or not outcome.idempotency_record_exists:
+        return BulkResult(error=idempotency.InFlight())
+    try:
+        replay = _recorded(owner, taken)
+    except idempotency.Mismatch as exc:
+        return BulkResult(error=exc)
+    if replay is None:
+        # The record had expired; the item was not written. Sent again, it will be.
+        idempotency.release(owner_id=owner.pk, claim=taken)
+        return BulkResult(error=idempotency.InFlight())
+    return BulkResult(accepted=Accepted(200, replay.body))
