@@ -49,12 +49,16 @@ def test_kill_9_worker_children_and_a_whole_worker_loses_nothing(
     rng = random.Random(6)
     # Each provider call takes a while and a task carries two deliveries, so that the run
     # lasts several kill intervals and a kill finds sends in flight.
-    sendgrid.latency = twilio.latency = 0.3
+    sendgrid.latency = twilio.latency = 0.2
     env = {
         **RECOVERY_ENV,
         **sendgrid.settings_env(),
         **twilio.settings_env(),
         "DISPATCH_BATCH_SIZE": "2",
+        # A kill costs the attempt of every delivery its child held, and a redelivered batch
+        # may be killed again: with a kill a second, the default 4 attempts would let a few
+        # deliveries be abandoned as poison (dead) although every send was cut off by a kill.
+        "RETRY_MAX_ATTEMPTS": "10",
     }
     ledger = Ledger()
     # The backlog first: the kills then land while the workers drain it.

@@ -213,7 +213,7 @@ def test_api_request_lines_carry_request_id_and_notification_id(
     assert response["X-Request-ID"] == "req-42"
     notification_id = response.json()["id"]
     lines = json_log()
-    [accepted] = [line for line in lines if line["logger"] == "notifications.services"]
+    [accepted] = [line for line in lines if line["logger"] == "notifications.accepting"]
     assert accepted["event"] == f"notification {notification_id} accepted: email queued"
     assert accepted["notification_id"] == notification_id
     assert (accepted["request_id"], accepted["client_ip"]) == ("req-42", "127.0.0.1")
@@ -385,7 +385,7 @@ def test_a_web_notification_is_traced_through_api_worker_and_websocket_server(
     # Two processes write these, so only their set is fixed, not their order.
     assert sorted(mine) == sorted(
         [
-            ("notifications.services", f"notification {notification_id} accepted: web queued"),
+            ("notifications.accepting", f"notification {notification_id} accepted: web queued"),
             ("channels_app.consumers", f"notification pushed to {group}"),
             ("channels_app.consumers", f"client ack on {group}"),
             ("workers.services", f"delivery {delivery_id} sent via websocket"),
