@@ -266,17 +266,11 @@ def _insert_rows(model: type[models.Model], objects: list[Any]) -> tuple[str, li
     return sql, params
 
 
-def _write_in_one_statement(
-    *, owner: Owner, prepared: list[PreparedNotification], now: datetime
-) -> list[Delivery]:
-    """PostgreSQL: the notifications, their deliveries, the deliveries' first status events
-    and the idempotency records in one INSERT with writable CTEs, one round trip where the
-    ORM makes four. The foreign keys are checked when the statement ends, with every row in."""
-    from notifications.models import DeliveryEvent
-
-    quote = connection.ops.quote_name
-    deliveries = [d for p in prepared for d in p.deliveries]
-    records = [
+def _idempotency_records(
+    owner: Owner, prepared: list[PreparedNotification]
+) -> list[IdempotencyRecord]:
+    """The database backstop of each keyed notification: its key and its 202 answer."""
+    return [
         IdempotencyRecord(
             owner=owner,
             key=p.idempotency.key,
@@ -287,6 +281,19 @@ def _write_in_one_statement(
         for p in prepared
         if p.idempotency is not None
     ]
+
+
+def _write_in_one_statement(
+    *, owner: Owner, prepared: list[PreparedNotification], now: datetime
+) -> list[Delivery]:
+    """PostgreSQL: the notifications, their deliveries, the deliveries' first status events
+    and the idempotency records in one INSERT with writable CTEs, one round trip where the
+    ORM makes four. The foreign keys are checked when the statement ends, with every row in."""
+    from notifications.models import DeliveryEvent
+
+    quote = connection.ops.quote_name
+    deliveries = [d for p in prepared for d in p.deliveries]
+    records = _idempotency_records(owner, prepared)
     notification_sql, notification_params = _insert_rows(
         Notification, [p.notification for p in prepared]
     )
@@ -339,19 +346,7 @@ def _write_with_the_orm(
             for d in deliveries
         ]
     )
-    IdempotencyRecord.objects.bulk_create(
-        [
-            IdempotencyRecord(
-                owner=owner,
-                key=p.idempotency.key,
-                fingerprint=p.idempotency.fingerprint,
-                status_code=202,
-                response=p.body,
-            )
-            for p in prepared
-            if p.idempotency is not None
-        ]
-    )
+    IdempotencyRecord.objects.bulk_create(_idempotency_records(owner, prepared))
     return deliveries
 
 
