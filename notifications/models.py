@@ -143,8 +143,11 @@ class Preference(models.Model):
 
 
 class DevicePlatform(models.TextChoices):
+    """Push goes through FCM for Android, iOS and the web alike: an iOS app registers the FCM
+    token that Firebase Messaging gives it (FCM speaks to APNs on its behalf). Raw APNs
+    tokens are refused, since no provider here can use one (README, "Push")."""
+
     FCM = "fcm", "Firebase Cloud Messaging"
-    APNS = "apns", "Apple Push Notification service"
 
 
 class Device(models.Model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
 from celery.signals import (
@@ -11,12 +12,22 @@ from celery.signals import (
     task_prerun,
     worker_init,
     worker_process_shutdown,
+    worker_ready,
 )
-from kombu import Queue
+from kombu import Connection, Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 from django.conf import settings
+
+# Every queue has a direct exchange of its own, of the same name, bound by its own name as
+# routing key: whatever publishes by exchange and key (a custom route, another client, a
+# RabbitMQ shovel) reaches one queue. Celery itself publishes to a queue's name through the
+# default exchange, which reaches that queue only as well.
+DEFAULT_QUEUE = "maintenance"
+QUEUES = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name) for name in settings.CELERY_QUEUES
+)
 
 app = Celery("clarion")
 app.conf.update(
@@ -33,12 +44,15 @@ app.conf.update(
     result_serializer="json",
     task_ignore_result=True,
     result_backend=None,
-    task_queues=[Queue(name) for name in settings.CELERY_QUEUES],
-    task_default_queue="maintenance",
+    task_queues=QUEUES,
+    task_default_queue=DEFAULT_QUEUE,
+    task_default_exchange=DEFAULT_QUEUE,
+    task_default_exchange_type="direct",
+    task_default_routing_key=DEFAULT_QUEUE,
     # One delivery task per channel, each on its channel's queue; housekeeping on maintenance.
     task_routes={
         **{f"clarion.deliver.{name}": {"queue": name} for name in settings.CHANNEL_QUEUES},
-        "clarion.*": {"queue": "maintenance"},
+        "clarion.*": {"queue": DEFAULT_QUEUE},
     },
     task_create_missing_queues=False,
     # Celery's Django fixup closes every database connection before and after each task, and
@@ -75,6 +89,39 @@ def _check_providers(**kwargs: object) -> None:
     from workers import providers
 
     providers.check()
+
+
+def queues_declare(connection: Connection) -> None:
+    """Declare every queue with its exchange and binding, and remove the bindings that
+    releases before this one made: each channel queue was also bound to the exchange
+    `maintenance` by the key `maintenance`, so a message published there by exchange and
+    key was copied into all five queues. Idempotent; the workers call it as they start."""
+    # Typed as the AMQP channel; on Redis it is kombu's virtual channel, with its client.
+    channel: Any = connection.default_channel
+    for queue in QUEUES:
+        queue(channel).declare()
+    stale = [queue for queue in QUEUES if queue.name != DEFAULT_QUEUE]
+    if connection.transport.driver_type == "redis":
+        # kombu's virtual queue_unbind edits a copy of the binding table, not Redis's set.
+        client = channel.client
+        for key in (channel.keyprefix_queue, channel.keyprefix_binding_permanent):
+            members = [
+                member
+                for member in client.smembers(key % DEFAULT_QUEUE)
+                if member.decode().split(channel.sep)[-1] in {q.name for q in stale}
+            ]
+            if members:
+                client.srem(key % DEFAULT_QUEUE, *members)
+    else:
+        legacy = Exchange(DEFAULT_QUEUE, type="direct")
+        for queue in stale:
+            queue(channel).unbind_from(legacy, routing_key=DEFAULT_QUEUE)
+
+
+@worker_ready.connect
+def _declare_queues(**kwargs: object) -> None:
+    with app.connection_for_write() as connection:
+        queues_declare(connection)
 
 
 @setup_logging.connect

@@ -3,16 +3,17 @@ the admin."""
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView
 
 from channels_app.views import inbox_page
 from notifications import metrics_scrape
-from notifications.api import health
+from notifications.api import docs, health
 
 urlpatterns = [
     path("api/v1/", include("notifications.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/docs/", docs.SwaggerView.as_view(), name="swagger-ui"),
+    path("api/redoc/", docs.RedocView.as_view(), name="redoc"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics_scrape.metrics_view, name="metrics"),

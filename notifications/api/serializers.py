@@ -197,9 +197,22 @@ class PreferencesSerializer(serializers.Serializer):
     )
 
 
+# What an iOS app should register instead of its raw APNs device token.
+APNS_REFUSED = (
+    "APNs device tokens cannot be used: Clarion sends push through FCM, which reaches iOS "
+    "through APNs itself. Register the FCM registration token of the iOS app (Firebase "
+    'Messaging\'s token) with "platform": "fcm".'
+)
+
+
 class DeviceCreateSerializer(serializers.Serializer):
     platform = serializers.ChoiceField(choices=DevicePlatform.choices)
     token = serializers.CharField(max_length=512, trim_whitespace=True)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("platform") == "apns":
+            raise serializers.ValidationError({"platform": [APNS_REFUSED]})
+        return super().to_internal_value(data)
 
 
 class DeviceSerializer(serializers.Serializer):

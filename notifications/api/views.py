@@ -248,6 +248,11 @@ class PreferencesView(APIView):
 class DevicesView(APIView):
     @extend_schema(
         operation_id="devices_register",
+        description=(
+            "Register (or reactivate) a push token: 201 when new, 200 when known. Push goes "
+            "through FCM for every platform; an iOS app registers its FCM registration token. "
+            'A raw APNs token ("platform": "apns") is refused with 400.'
+        ),
         request=s.DeviceCreateSerializer,
         responses={201: s.DeviceSerializer, 200: s.DeviceSerializer, **ERRORS},
     )

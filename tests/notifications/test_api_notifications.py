@@ -342,3 +342,37 @@ def test_fifty_concurrent_identical_posts_create_one_notification(api: Any, temp
             assert payload["error"] == "conflict"
     assert Delivery.objects.count() == 4
     assert IdempotencyRecord.objects.count() == 1
+
+
+@pytest.mark.django_db
+class TestDevices:
+    def _url(self, api: Any) -> str:
+        assert api.put("/api/v1/recipients/user-9", {}, format="json").status_code == 201
+        return "/api/v1/recipients/user-9/devices"
+
+    def test_an_fcm_token_is_registered_once(self, api: Any) -> None:
+        url = self._url(api)
+        first = api.post(url, {"platform": "fcm", "token": "fcm-tok-1"}, format="json")
+        again = api.post(url, {"platform": "fcm", "token": "fcm-tok-1"}, format="json")
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert first.json()["id"] == again.json()["id"]
+        assert first.json()["platform"] == "fcm"
+
+    def test_an_apns_token_is_refused_with_what_to_register_instead(self, api: Any) -> None:
+        from notifications.models import Device
+
+        url = self._url(api)
+        response = api.post(url, {"platform": "apns", "token": "a" * 64}, format="json")
+        assert response.status_code == 400
+        body = response.json()
+        assert body["error"] == "validation_error"
+        [message] = body["fields"]["platform"]
+        assert "FCM registration token of the iOS app" in message
+        assert '"platform": "fcm"' in message
+        assert not Device.objects.exists()
+
+    def test_an_unknown_platform_is_refused(self, api: Any) -> None:
+        url = self._url(api)
+        response = api.post(url, {"platform": "webpush", "token": "t"}, format="json")
+        assert response.status_code == 400
+        assert response.json()["fields"]["platform"] == ['"webpush" is not a valid choice.']
