@@ -558,14 +558,17 @@ def notification_accept_once(
     request: NotificationRequest,
     idempotency_key: str | None = None,
     fingerprint: str = "",
+    limit: idempotency.RateLimit | None = None,
 ) -> Accepted:
     """Accept one notification under an optional Idempotency-Key: take the key (one Redis
-    round trip), write, remember the answer; or replay the first answer. Raises
-    ValidationFailed (the key is given back), idempotency.InFlight (409) and
-    idempotency.Mismatch (422)."""
+    round trip, which also takes `limit`'s token), write, remember the answer; or replay the
+    first answer. Raises ValidationFailed (the key is given back), idempotency.InFlight
+    (409), idempotency.Mismatch (422) and idempotency.RateLimited (429; only with a key)."""
     taken: idempotency.Proceed | None = None
     if idempotency_key is not None:
-        answer = idempotency.begin(owner_id=owner.pk, key=idempotency_key, fp=fingerprint)
+        answer = idempotency.begin(
+            owner_id=owner.pk, key=idempotency_key, fp=fingerprint, limit=limit
+        )
         if isinstance(answer, idempotency.Replay):
             return Accepted(200, answer.body)
         taken = answer

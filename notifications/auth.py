@@ -8,7 +8,6 @@ from typing import Any
 
 import structlog
 from django.conf import settings
-from django.core.cache import cache
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
@@ -49,30 +48,34 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def _key_for(self, raw_key: str) -> AuthenticatedKey | None:
         key_hash = api_key_hash(raw_key)
-        cache_key = keys.api_key_key(key_hash)
-        cached = cache.get(cache_key)
-        if cached == "-":
-            return None
-        # Anything else (an entry written by an older version) is read again.
-        if isinstance(cached, AuthenticatedKey):
-            return cached
-        api_key = (
-            ApiKey.objects.select_related("owner")
-            .filter(key_hash=key_hash, revoked_at__isnull=True)
-            .first()
-        )
-        key = (
-            AuthenticatedKey(
+
+        def load() -> AuthenticatedKey | str:
+            api_key = (
+                ApiKey.objects.select_related("owner")
+                .filter(key_hash=key_hash, revoked_at__isnull=True)
+                .first()
+            )
+            if api_key is None:
+                return "-"
+            return AuthenticatedKey(
                 owner=api_key.owner,
                 api_key_id=api_key.pk,
                 rate_limit_per_second=api_key.rate_limit_per_second,
             )
-            if api_key
-            else None
-        )
+
         # Unknown keys are cached briefly too, so guessing keys does not hammer the database.
-        cache.set(cache_key, key or "-", settings.CACHE_TTL_API_KEYS if key else 10)
-        return key
+        found = keys.cached(
+            keys.api_key_key(key_hash),
+            load,
+            lambda key: settings.CACHE_TTL_API_KEYS if key != "-" else 10,
+        )
+        if isinstance(found, AuthenticatedKey) or found is None:
+            return found
+        if found == "-":
+            return None
+        # Anything else (an entry written by an older version) is read again.
+        fresh = load()
+        return fresh if isinstance(fresh, AuthenticatedKey) else None
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="clarion"'

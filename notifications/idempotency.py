@@ -15,6 +15,7 @@ from django.core.cache import cache
 from django.utils import timezone
 
 from notifications.models import IdempotencyRecord
+from workers.rate_limiter import token_bucket_answer, token_bucket_args, token_bucket_script
 
 MAX_KEY_LENGTH = 255
 
@@ -32,6 +33,24 @@ class Proceed:
 class Replay:
     status_code: int
     body: Any
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """One token to take from a token bucket in the same Redis round trip as the key (the
+    API key's rate limit, notifications.api.throttling)."""
+
+    key: str
+    per_second: float
+    capacity: float
+
+
+class RateLimited(Exception):
+    """The bucket had no token: nothing was taken, the key included (429)."""
+
+    def __init__(self, wait: float):
+        super().__init__(f"rate limited for {wait:.3f} s")
+        self.wait = wait
 
 
 class InFlight(Exception):
@@ -64,16 +83,37 @@ def _from_database(owner_id: int, key: str, fp: str) -> Replay | None:
     return Replay(record.status_code, record.response)
 
 
-def begin(*, owner_id: int, key: str, fp: str) -> Proceed | Replay:
+def _add_with_token(cache_key: str, value: dict[str, Any], limit: RateLimit) -> bool:
+    """add() and the bucket's token in one round trip; RateLimited (the key given back) when
+    the bucket is empty."""
+    reply, added = cache.add_after_script(  # type: ignore[attr-defined]
+        cache_key,
+        value,
+        settings.IDEMPOTENCY_LOCK_SECONDS,
+        token_bucket_script(),
+        [limit.key],
+        token_bucket_args(per_second=limit.per_second, capacity=limit.capacity, max_wait=0, want=1),
+    )
+    granted, wait = token_bucket_answer(reply)
+    if not granted:
+        if added:
+            cache.delete(cache_key)
+        raise RateLimited(wait)
+    return bool(added)
+
+
+def begin(*, owner_id: int, key: str, fp: str, limit: RateLimit | None = None) -> Proceed | Replay:
     """Take the key, or say why not: Replay for a finished twin, InFlight, Mismatch. One Redis
-    round trip when the key is new."""
+    round trip when the key is new, with `limit`'s token taken in the same one (RateLimited
+    when there is none)."""
     cache_key = _cache_key(owner_id, key)
     token = uuid.uuid4().hex
-    for _ in range(2):
-        if cache.add(
-            cache_key,
-            {"state": "in_flight", "fp": fp, "token": token},
-            settings.IDEMPOTENCY_LOCK_SECONDS,
+    value = {"state": "in_flight", "fp": fp, "token": token}
+    for attempt in range(2):
+        if (
+            _add_with_token(cache_key, value, limit)
+            if limit is not None and attempt == 0
+            else cache.add(cache_key, value, settings.IDEMPOTENCY_LOCK_SECONDS)
         ):
             # Redis had nothing. The database may still hold a record (Redis flushed or
             # evicted): the creation's own insert of the record then fails on its unique key,

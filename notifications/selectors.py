@@ -60,20 +60,21 @@ def _recipient_context(recipient: Recipient, preferences: list[Preference]) -> R
 
 
 def recipient_context_get(*, owner_id: int, external_id: str) -> RecipientContext | None:
-    key = keys.recipient_key(owner_id, external_id)
-    cached = cache.get(key)
-    if cached is not None:
-        return cached
-    recipient = (
-        Recipient.objects.filter(owner_id=owner_id, external_id=external_id)
-        .prefetch_related("preferences")
-        .first()
+    def load() -> RecipientContext | None:
+        recipient = (
+            Recipient.objects.filter(owner_id=owner_id, external_id=external_id)
+            .prefetch_related("preferences")
+            .first()
+        )
+        if recipient is None:
+            return None
+        return _recipient_context(recipient, list(recipient.preferences.all()))
+
+    return keys.cached(
+        keys.recipient_key(owner_id, external_id),
+        load,
+        lambda context: settings.CACHE_TTL_PREFERENCES if context is not None else 0,
     )
-    if recipient is None:
-        return None
-    context = _recipient_context(recipient, list(recipient.preferences.all()))
-    cache.set(key, context, settings.CACHE_TTL_PREFERENCES)
-    return context
 
 
 def recipient_contexts_get_many(
@@ -94,17 +95,19 @@ def recipient_contexts_get_many(
 
 def devices_active_get(*, recipient_id: int) -> list[tuple[str, str]]:
     """Active push devices as (platform, token), cached for CACHE_TTL_DEVICES."""
-    key = keys.devices_key(recipient_id)
-    cached = cache.get(key)
-    if cached is not None:
-        return cached
-    devices = list(
-        Device.objects.filter(recipient_id=recipient_id, active=True)
-        .order_by("created_at")
-        .values_list("platform", "token")
+
+    def load() -> tuple[tuple[str, str], ...]:
+        return tuple(
+            Device.objects.filter(recipient_id=recipient_id, active=True)
+            .order_by("created_at")
+            .values_list("platform", "token")
+        )
+
+    return list(
+        keys.cached(
+            keys.devices_key(recipient_id), load, lambda devices: settings.CACHE_TTL_DEVICES
+        )
     )
-    cache.set(key, devices, settings.CACHE_TTL_DEVICES)
-    return devices
 
 
 @dataclass(frozen=True)
@@ -118,23 +121,24 @@ class TemplateSnapshot:
 
 
 def template_snapshot_get(*, owner_id: int, key: str) -> TemplateSnapshot | None:
-    cache_key = keys.template_key(owner_id, key)
-    cached = cache.get(cache_key)
-    if cached is not None:
-        return cached
-    template = Template.objects.filter(owner_id=owner_id, key=key).first()
-    if template is None:
-        return None
-    snapshot = TemplateSnapshot(
-        id=template.pk,
-        key=template.key,
-        category=template.category,
-        locale=template.locale,
-        content=template.content,
-        translations=template.translations,
+    def load() -> TemplateSnapshot | None:
+        template = Template.objects.filter(owner_id=owner_id, key=key).first()
+        if template is None:
+            return None
+        return TemplateSnapshot(
+            id=template.pk,
+            key=template.key,
+            category=template.category,
+            locale=template.locale,
+            content=template.content,
+            translations=template.translations,
+        )
+
+    return keys.cached(
+        keys.template_key(owner_id, key),
+        load,
+        lambda snapshot: settings.CACHE_TTL_TEMPLATES if snapshot is not None else 0,
     )
-    cache.set(cache_key, snapshot, settings.CACHE_TTL_TEMPLATES)
-    return snapshot
 
 
 def recipient_get(*, owner: Owner, external_id: str) -> Recipient | None:

@@ -133,13 +133,15 @@ def recipient_upsert(*, owner: Owner, external_id: str, **contact: Any) -> tuple
         recipient, created = Recipient.objects.get_or_create(
             owner=owner, external_id=external_id, defaults=clean
         )
-        if not created:
-            changed = [f for f, v in clean.items() if getattr(recipient, f) != v]
-            if changed:
-                for field in changed:
-                    setattr(recipient, field, clean[field])
-                recipient.save(update_fields=[*changed, "updated_at"])
-        recipient_invalidate(recipient=recipient)
+        changed = [] if created else [f for f, v in clean.items() if getattr(recipient, f) != v]
+        if changed:
+            for field in changed:
+                setattr(recipient, field, clean[field])
+            recipient.save(update_fields=[*changed, "updated_at"])
+        # A send that repeats the contact data it sent before changes nothing and keeps the
+        # caches (every invalidation also empties the other processes' local layer).
+        if created or changed:
+            recipient_invalidate(recipient=recipient)
     return recipient, created
 
 

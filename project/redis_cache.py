@@ -11,6 +11,8 @@ from typing import Any, cast
 
 import redis
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient, RedisSerializer
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 _CLIENTS: dict[tuple[str, int], Any] = {}
 _LOCK = threading.Lock()
@@ -46,6 +48,24 @@ class SharedPoolRedisCacheClient(RedisCacheClient):
             pipeline.set(key, self._serializer.dumps(value), ex=timeout, nx=True)
         return {key: bool(done) for key, done in zip(data, pipeline.execute(), strict=True)}
 
+    def add_after_script(
+        self, key: Any, value: Any, timeout: int, script: Script, keys: list[str], args: list[Any]
+    ) -> tuple[Any, bool]:
+        """Run a Lua script (by its SHA), then add(): one round trip. The script is loaded
+        and run again on its own only when the server does not know it yet."""
+        client = self.get_client(None, write=True)
+        pipeline = client.pipeline(transaction=False)
+        pipeline.evalsha(script.sha, len(keys), *keys, *args)
+        pipeline.set(key, self._serializer.dumps(value), ex=timeout, nx=True)
+        ran, added = pipeline.execute(raise_on_error=False)
+        if isinstance(added, Exception):
+            raise added
+        if isinstance(ran, NoScriptError):
+            ran = script(keys=keys, args=args, client=client)
+        elif isinstance(ran, Exception):
+            raise ran
+        return ran, bool(added)
+
 
 class SharedPoolRedisCache(RedisCache):
     def __init__(self, server: str, params: dict[str, Any]):
@@ -63,3 +83,14 @@ class SharedPoolRedisCache(RedisCache):
         client = cast(SharedPoolRedisCacheClient, self._cache)
         done = client.add_many({k: data[made[k]] for k in made}, seconds)
         return {made[k] for k, ok in done.items() if ok}
+
+    def add_after_script(
+        self, key: str, value: Any, timeout: int, script: Script, keys: list[str], args: list[Any]
+    ) -> tuple[Any, bool]:
+        """add() with a Lua script run just before it in the same round trip (a rate limit
+        taken with an idempotency claim): (the script's answer, whether this call set key).
+        The script's keys are raw Redis keys, not cache keys."""
+        client = cast(SharedPoolRedisCacheClient, self._cache)
+        return client.add_after_script(
+            self.make_and_validate_key(key), value, int(timeout), script, keys, args
+        )

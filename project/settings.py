@@ -193,6 +193,12 @@ CACHE_TTL_PREFERENCES = env.int("CACHE_TTL_PREFERENCES", default=300)
 CACHE_TTL_TEMPLATES = env.int("CACHE_TTL_TEMPLATES", default=3600)
 CACHE_TTL_DEVICES = env.int("CACHE_TTL_DEVICES", default=600)
 CACHE_TTL_API_KEYS = env.int("CACHE_TTL_API_KEYS", default=300)
+# In front of Redis, each process keeps API keys, templates and recipients for this long (0:
+# off), and reads the shared version that every change increments at most this often: the
+# process that made a change sees it at once, the others within CACHE_LOCAL_CHECK_SECONDS.
+CACHE_LOCAL_SECONDS = env.float("CACHE_LOCAL_SECONDS", default=30.0)
+CACHE_LOCAL_CHECK_SECONDS = env.float("CACHE_LOCAL_CHECK_SECONDS", default=0.1)
+CACHE_LOCAL_MAX_ENTRIES = env.int("CACHE_LOCAL_MAX_ENTRIES", default=10_000)
 
 # --- API ------------------------------------------------------------------------------------
 IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=86400)

@@ -57,11 +57,16 @@ def free_port() -> int:
 
 @pytest.fixture(autouse=True)
 def clean_redis() -> Iterator[None]:
-    """Each test starts with an empty cache and empty broker queues."""
+    """Each test starts with an empty cache (this process's local layer too) and empty
+    broker queues."""
+    from notifications import cache as keys
+
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.flushdb()
+    keys.local_clear()
     yield
     client.flushdb()
+    keys.local_clear()
 
 
 @pytest.fixture(autouse=True)
@@ -174,6 +179,10 @@ def process_env(tmp_path: Path, **overrides: Any) -> dict[str, str]:
         SECRET_KEY=settings.SECRET_KEY,
         CLARION_VAR_DIR=str(tmp_path),
         DATABASE_POOL="false",
+        # Tests change data in this process and read it from another within a millisecond:
+        # each process checks the cache version on every read. The default's lag of up to
+        # 0.1 s is tested in tests/notifications/test_cache.py.
+        CACHE_LOCAL_CHECK_SECONDS="0",
         PYTHONUNBUFFERED="1",
     )
     env.update({k: str(v) for k, v in overrides.items()})

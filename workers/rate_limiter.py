@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -85,6 +86,23 @@ def _script() -> Script:
     return redis_client().register_script(_TAKE)
 
 
+def token_bucket_script() -> Script:
+    """The take script, to run inside another caller's round trip: keys [bucket key], args
+    token_bucket_args(); token_bucket_answer() reads its reply."""
+    return _script()
+
+
+def token_bucket_args(
+    *, per_second: float, capacity: float, max_wait: float, want: int
+) -> list[Any]:
+    return [per_second, capacity, max_wait, want]
+
+
+def token_bucket_answer(reply: Any) -> tuple[int, float]:
+    granted, wait = reply
+    return int(granted), abs(float(wait))
+
+
 def rate_limit_take(*, channel: str, provider: str, max_wait: float) -> float:
     """0: go now. Positive: a token is reserved, go after sleeping that long. Negative: no
     token within max_wait; the next one is free in that many seconds (nothing reserved)."""
@@ -117,8 +135,14 @@ def token_bucket_take(
     """Take up to `want` tokens from the bucket at `key` (refilled at `per_second`, holding at
     most `capacity`), counting those due within max_wait: (granted, seconds until the last
     granted one is due); (0, seconds until one is free) when none comes within max_wait."""
-    granted, wait = _script()(keys=[key], args=[per_second, capacity, max_wait, want])
-    return int(granted), abs(float(wait))
+    return token_bucket_answer(
+        _script()(
+            keys=[key],
+            args=token_bucket_args(
+                per_second=per_second, capacity=capacity, max_wait=max_wait, want=want
+            ),
+        )
+    )
 
 
 def rate_limit_refund(*, channel: str, provider: str, count: int) -> None:

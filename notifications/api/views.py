@@ -9,13 +9,14 @@ from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, Throttled, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from notifications import accepting, idempotency, selectors, services
 from notifications.api import serializers as s
+from notifications.api import throttling
 from notifications.api.errors import (
     Conflict,
     FieldErrors,
@@ -89,6 +90,10 @@ def _idempotency_key(request: Request) -> str | None:
 
 
 class NotificationCreateView(APIView):
+    # With an Idempotency-Key, the API key's rate-limit token is taken in the same Redis
+    # round trip as the key (throttling.deferred_limit).
+    rate_limit_with_claim = True
+
     @extend_schema(
         operation_id="notifications_create",
         request=s.NotificationCreateSerializer,
@@ -104,7 +109,13 @@ class NotificationCreateView(APIView):
     )
     def post(self, request: Request) -> Response:
         idem_key = _idempotency_key(request)
-        payload = _validated(s.NotificationCreateSerializer, request.data)
+        limit = throttling.deferred_limit(request, self)
+        try:
+            payload = _validated(s.NotificationCreateSerializer, request.data)
+        except ValidationError:
+            if limit is not None:
+                throttling.take_or_throttle(limit)
+            raise
         try:
             accepted = accepting.notification_accept_once(
                 owner=_owner(request),
@@ -113,7 +124,10 @@ class NotificationCreateView(APIView):
                 fingerprint=idempotency.fingerprint(
                     method="POST", path=request.path, body=request.data
                 ),
+                limit=limit,
             )
+        except idempotency.RateLimited as exc:
+            raise Throttled(wait=max(exc.wait, 0.001)) from exc
         except (services.ValidationFailed, idempotency.InFlight, idempotency.Mismatch) as exc:
             raise _api_error(exc) from exc
         headers = {"Location": f"/api/v1/notifications/{accepted.body['id']}"}

@@ -244,3 +244,71 @@ def test_the_schema_documents_429_on_api_key_operations() -> None:
             "description": "Seconds until the key may send again.",
         }
     }
+
+
+def _redis_sends(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per request written to any Redis connection (a pipeline is one)."""
+    import redis.connection
+
+    sends: list[int] = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sends.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    return sends
+
+
+def _post(client: APIClient, key: str | None, body: dict[str, Any]) -> Any:
+    headers = {"HTTP_IDEMPOTENCY_KEY": key} if key else {}
+    return client.post("/api/v1/notifications", body, format="json", **headers)
+
+
+SEND = {"recipient": {"id": "u-1"}, "template": "order_shipped", "data": {"order_id": "A-1"}}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_an_idempotency_key_the_token_and_the_key_take_one_round_trip(
+    owner: Any, template: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    # The cache version is checked once in a minute here, so no check falls in the request.
+    settings.CACHE_LOCAL_CHECK_SECONDS = 60
+    client = _client(_key(owner, "limited", 100))
+    # Warm: the API key, template and recipient are read once, then held by this process
+    # (the first send creates the recipient, which changes the cache version).
+    for warm_up in ("warm-up-1", "warm-up-2"):
+        assert _post(client, warm_up, SEND).status_code == 202
+    sends = _redis_sends(monkeypatch)
+    assert _post(client, "order-1", SEND).status_code == 202
+    # The token with the key; the relay's wake-up; the answer remembered under the key.
+    assert len(sends) == 3
+
+
+@pytest.mark.django_db
+def test_over_the_limit_with_an_idempotency_key_the_key_stays_free(
+    owner: Any, template: Any
+) -> None:
+    client = _client(_key(owner, "one-a-second", 1))
+    assert _post(client, "first", SEND).status_code == 202
+    refused = _post(client, "second", SEND)
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == "1"
+    assert refused.json() == THROTTLED_BODY
+    # An invalid body over the limit is refused for the limit, as without a key.
+    assert _post(client, "third", {"template": "order_shipped"}).status_code == 429
+    time.sleep(1.05)
+    # The refused key was not kept in flight: its retry goes through (not 409).
+    assert _post(client, "second", SEND).status_code == 202
+    time.sleep(1.05)
+    invalid = _post(client, "fourth", {"template": "order_shipped"})
+    assert invalid.status_code == 400
+    assert "recipient" in invalid.json()["fields"]
+
+
+@pytest.mark.django_db
+def test_an_overlong_idempotency_key_is_throttled_before_it_is_refused(owner: Any) -> None:
+    client = _client(_key(owner, "one-a-second", 1))
+    assert client.get("/api/v1/templates").status_code == 200
+    assert _post(client, "k" * 256, SEND).status_code == 429
