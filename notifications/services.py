@@ -11,21 +11,16 @@ import zoneinfo
 from typing import Any
 
 import phonenumbers
-from django.db import models, transaction
-from django.db.models import F, Value
-from django.db.models.functions import Coalesce
+from django.db import transaction
 from django.utils import timezone
 
 from notifications import cache as keys
 from notifications import templating
 from notifications.models import (
     CHANNEL_ORDER,
-    INBOX_STATUSES,
     UNACKNOWLEDGED_STATUSES,
     UNREAD_STATUSES,
     ApiKey,
-    Channel,
-    Delivery,
     DeliveryStatus,
     Device,
     Owner,
@@ -33,6 +28,7 @@ from notifications.models import (
     Recipient,
     Template,
 )
+from workers import transitions
 
 API_KEY_PREFIX = "clr_"
 
@@ -273,64 +269,10 @@ def template_delete(*, template: Template) -> None:
 # --- In-app inbox ---------------------------------------------------------------------------
 
 
-def _inbox_transition(
-    *,
-    recipient_id: int,
-    notification_id: uuid.UUID | None,
-    from_statuses: tuple[str, ...],
-    to_status: str,
-    source: str,
-) -> int:
-    """Move the recipient's web deliveries (one, or all when notification_id is None) from
-    `from_statuses` to delivered or read, record each change in the delivery log, and return
-    how many changed. Repeating it changes nothing (idempotent)."""
-    from workers.delivery_log import delivery_status_events, get_delivery_log
-
-    now = timezone.now()
-    at = Value(now, output_field=models.DateTimeField())
-    wanted = Delivery.objects.filter(
-        channel=Channel.WEB, notification__recipient_id=recipient_id, status__in=from_statuses
-    )
-    if notification_id is not None:
-        wanted = wanted.filter(notification_id=notification_id)
-    changes: dict[str, Any] = {
-        "status": to_status,
-        "updated_at": now,
-        # A browser can ack a frame before the worker that pushed it has marked it sent.
-        # Dropping the worker's lease makes its late "sent" write match nothing, so the
-        # delivery never moves back from delivered/read; and a delivery a browser already
-        # has is never pushed again.
-        "lease_token": None,
-        "lease_expires_at": None,
-        "next_attempt_at": None,
-        "sent_at": Coalesce(F("sent_at"), at),
-    }
-    if to_status == DeliveryStatus.DELIVERED:
-        changes["delivered_at"] = now
-    else:
-        changes["delivered_at"] = Coalesce(F("delivered_at"), at)
-        changes["read_at"] = now
-    with transaction.atomic():
-        deliveries = list(
-            wanted.select_related("notification__recipient")
-            .select_for_update(of=("self",))
-            .order_by("pk")
-        )
-        if not deliveries:
-            return 0
-        Delivery.objects.filter(pk__in=[d.pk for d in deliveries], status__in=from_statuses).update(
-            **changes
-        )
-        get_delivery_log().record_statuses(
-            delivery_status_events(deliveries, to_status, detail=source)
-        )
-    return len(deliveries)
-
-
 def inbox_acknowledge(*, recipient_id: int, notification_id: uuid.UUID, source: str) -> bool:
     """A browser received the notification (WebSocket ack): `delivered`. Only the
     recipient's own web delivery moves; an id of anyone else's does nothing."""
-    changed = _inbox_transition(
+    changed = transitions.deliveries_inbox_advance(
         recipient_id=recipient_id,
         notification_id=notification_id,
         from_statuses=UNACKNOWLEDGED_STATUSES,
@@ -341,7 +283,7 @@ def inbox_acknowledge(*, recipient_id: int, notification_id: uuid.UUID, source: 
 
 
 def inbox_mark_read(*, recipient_id: int, notification_id: uuid.UUID, source: str) -> bool:
-    changed = _inbox_transition(
+    changed = transitions.deliveries_inbox_advance(
         recipient_id=recipient_id,
         notification_id=notification_id,
         from_statuses=UNREAD_STATUSES,
@@ -352,7 +294,7 @@ def inbox_mark_read(*, recipient_id: int, notification_id: uuid.UUID, source: st
 
 
 def inbox_mark_all_read(*, recipient_id: int, source: str) -> int:
-    return _inbox_transition(
+    return transitions.deliveries_inbox_advance(
         recipient_id=recipient_id,
         notification_id=None,
         from_statuses=UNREAD_STATUSES,
@@ -363,15 +305,9 @@ def inbox_mark_all_read(*, recipient_id: int, source: str) -> int:
 
 def inbox_archive(*, recipient_id: int, notification_id: uuid.UUID) -> bool:
     """Hide an entry from the inbox (it stays readable under ?archived=true); idempotent."""
-    now = timezone.now()
-    changed = Delivery.objects.filter(
-        channel=Channel.WEB,
-        notification__recipient_id=recipient_id,
-        notification_id=notification_id,
-        status__in=INBOX_STATUSES,
-        archived_at__isnull=True,
-    ).update(archived_at=now, updated_at=now)
-    return changed > 0
+    return transitions.deliveries_inbox_archive(
+        recipient_id=recipient_id, notification_id=notification_id
+    )
 
 
 def recipient_contact_normalise(*, values: dict[str, Any]) -> dict[str, str]:

@@ -12,10 +12,12 @@ from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from notifications.models import Delivery, DeliveryStatus, Owner
-from workers.delivery_log import delivery_status_events, get_delivery_log
-from workers.dispatch import outbox_wake_on_commit
+from notifications.models import Owner
 from workers.models import DeadLetter, DeadLetterStatus
+
+# A dead letter is made by the Delivery's transition to `dead` (workers.transitions.
+# dead_letter_create); this module lists, replays and discards them.
+from workers.transitions import deliveries_replay
 
 
 @dataclass(frozen=True)
@@ -25,31 +27,6 @@ class DeadLetterFilter:
     older_than: datetime | None = None
     newer_than: datetime | None = None
     status: str | None = DeadLetterStatus.OPEN
-
-
-def dead_letter_create(*, delivery: Delivery, provider: str, error: str) -> DeadLetter:
-    """Keep a delivery that just died (loaded with notification__recipient)."""
-    notification = delivery.notification
-    history = get_delivery_log().attempts_for_deliveries(
-        notification_id=str(notification.pk), delivery_ids=[delivery.pk]
-    )
-    return DeadLetter.objects.create(
-        owner_id=notification.owner_id,
-        notification=notification,
-        delivery=delivery,
-        channel=delivery.channel,
-        provider=provider,
-        error=error,
-        attempts=delivery.attempts,
-        attempt_history=[
-            {**a.as_api(), "started_at": a.started_at.isoformat()}
-            for a in history.get(delivery.pk, [])
-        ],
-        payload={
-            "to": delivery.address or notification.recipient.external_id,
-            "content": delivery.content,
-        },
-    )
 
 
 def dead_letters_list(*, owner: Owner | None, where: DeadLetterFilter) -> QuerySet[DeadLetter]:
@@ -86,31 +63,10 @@ def dead_letters_replay(*, letters: QuerySet[DeadLetter]) -> int:
         )
         if not chosen:
             return 0
-        delivery_ids = [delivery_id for _, delivery_id in chosen]
         DeadLetter.objects.filter(pk__in=[pk for pk, _ in chosen]).update(
             status=DeadLetterStatus.REPLAYED, resolved_at=now
         )
-        Delivery.objects.filter(pk__in=delivery_ids, status=DeliveryStatus.DEAD).update(
-            status=DeliveryStatus.QUEUED,
-            attempts=0,
-            last_error="",
-            next_attempt_at=None,
-            # Back in the outbox: the relay publishes it.
-            enqueued_at=None,
-            lease_token=None,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        deliveries = list(
-            Delivery.objects.filter(
-                pk__in=delivery_ids, status=DeliveryStatus.QUEUED
-            ).select_related("notification__recipient")
-        )
-        get_delivery_log().record_statuses(
-            delivery_status_events(deliveries, DeliveryStatus.QUEUED, detail="replayed")
-        )
-        if deliveries:
-            outbox_wake_on_commit()
+        deliveries_replay(delivery_ids=[delivery_id for _, delivery_id in chosen], now=now)
     return len(chosen)
 
 

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from notifications import metrics
 from notifications.models import Delivery, DeliveryStatus
-from workers.delivery_log import delivery_status_events, get_delivery_log
+from workers import transitions
 from workers.dispatch import RELAY_WAKE_KEY, batches_publish_rollback_unsafe
 
 log = logging.getLogger(__name__)
@@ -56,18 +56,9 @@ def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None)
         by_channel: dict[str, list[int]] = defaultdict(list)
         for delivery_id, channel, *_ in rows:
             by_channel[channel].append(delivery_id)
-        scheduled = [row[0] for row in rows if row[2] == DeliveryStatus.SCHEDULED]
-        if scheduled:
-            # Due now: they become queued (and say so in the log) as they are published.
-            Delivery.objects.filter(pk__in=scheduled).update(
-                status=DeliveryStatus.QUEUED, next_attempt_at=None, updated_at=now
-            )
-            released = Delivery.objects.filter(pk__in=scheduled).select_related(
-                "notification__recipient"
-            )
-            get_delivery_log().record_statuses(
-                delivery_status_events(list(released), DeliveryStatus.QUEUED, detail="due")
-            )
+        transitions.deliveries_release_due(
+            delivery_ids=[row[0] for row in rows if row[2] == DeliveryStatus.SCHEDULED], now=now
+        )
         # Marked before the publish, inside the same transaction: should the publish fail,
         # the rollback puts every row back in the outbox.
         Delivery.objects.filter(pk__in=[row[0] for row in rows]).update(enqueued_at=now)

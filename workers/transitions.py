@@ -1,7 +1,9 @@
-"""The Delivery lifecycle on the worker's side, as named transitions: claim a batch, then settle
+"""The Delivery lifecycle as named transitions. The worker's side: claim a batch, then settle
 each claimed delivery as sent, retrying, deferred or dead, all in one transaction that also
-writes the attempts and the status events. Every state change here writes its status event;
-nothing else in workers/ updates a delivery's status."""
+writes the attempts and the status events. Around it: back to the outbox (lost messages),
+released when due (scheduled), replayed from a dead letter, and the inbox's delivered, read
+and archived. Every status change here writes its status event; nothing else updates a
+delivery's status."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import enum
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -17,10 +20,10 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from notifications import cache as keys
-from notifications.models import Delivery, DeliveryStatus, Device
-from workers.dead_letters import dead_letter_create
+from notifications.models import INBOX_STATUSES, Channel, Delivery, DeliveryStatus, Device
 from workers.delivery_log import AttemptRecord, delivery_status_events, get_delivery_log
 from workers.dispatch import outbox_wake_on_commit
+from workers.models import DeadLetter
 from workers.providers import SendResult
 
 
@@ -280,3 +283,144 @@ def deliveries_return_to_outbox(*, delivery_ids: list[int]) -> int:
         if returned:
             outbox_wake_on_commit()
     return returned
+
+
+# --- Dead letters ---------------------------------------------------------------------------
+
+
+def dead_letter_create(*, delivery: Delivery, provider: str, error: str) -> DeadLetter:
+    """Keep a delivery that just died (loaded with notification__recipient)."""
+    notification = delivery.notification
+    history = get_delivery_log().attempts_for_deliveries(
+        notification_id=str(notification.pk), delivery_ids=[delivery.pk]
+    )
+    return DeadLetter.objects.create(
+        owner_id=notification.owner_id,
+        notification=notification,
+        delivery=delivery,
+        channel=delivery.channel,
+        provider=provider,
+        error=error,
+        attempts=delivery.attempts,
+        attempt_history=[
+            {**a.as_api(), "started_at": a.started_at.isoformat()}
+            for a in history.get(delivery.pk, [])
+        ],
+        payload={
+            "to": delivery.address or notification.recipient.external_id,
+            "content": delivery.content,
+        },
+    )
+
+
+def deliveries_replay(*, delivery_ids: list[int], now: datetime) -> list[Delivery]:
+    """Dead deliveries start again from scratch: `queued` with no attempt spent, back in the
+    outbox for the relay (the caller closes their dead letters in the same transaction)."""
+    Delivery.objects.filter(pk__in=delivery_ids, status=DeliveryStatus.DEAD).update(
+        status=DeliveryStatus.QUEUED,
+        attempts=0,
+        last_error="",
+        next_attempt_at=None,
+        enqueued_at=None,
+        lease_token=None,
+        lease_expires_at=None,
+        updated_at=now,
+    )
+    deliveries = list(
+        Delivery.objects.filter(pk__in=delivery_ids, status=DeliveryStatus.QUEUED).select_related(
+            "notification__recipient"
+        )
+    )
+    get_delivery_log().record_statuses(
+        delivery_status_events(deliveries, DeliveryStatus.QUEUED, detail="replayed")
+    )
+    if deliveries:
+        outbox_wake_on_commit()
+    return deliveries
+
+
+# --- Scheduled deliveries -------------------------------------------------------------------
+
+
+def deliveries_release_due(*, delivery_ids: list[int], now: datetime) -> None:
+    """Scheduled deliveries whose time has come become `queued` (and say so in the log), as
+    the relay publishes them in the same transaction."""
+    if not delivery_ids:
+        return
+    Delivery.objects.filter(pk__in=delivery_ids).update(
+        status=DeliveryStatus.QUEUED, next_attempt_at=None, updated_at=now
+    )
+    released = Delivery.objects.filter(pk__in=delivery_ids).select_related(
+        "notification__recipient"
+    )
+    get_delivery_log().record_statuses(
+        delivery_status_events(list(released), DeliveryStatus.QUEUED, detail="due")
+    )
+
+
+# --- The in-app inbox -----------------------------------------------------------------------
+
+
+def deliveries_inbox_advance(
+    *,
+    recipient_id: int,
+    notification_id: uuid.UUID | None,
+    from_statuses: tuple[str, ...],
+    to_status: str,
+    source: str,
+) -> int:
+    """Move the recipient's web deliveries (one, or all when notification_id is None) from
+    `from_statuses` to delivered or read, record each change in the delivery log, and return
+    how many changed. Repeating it changes nothing (idempotent)."""
+    now = timezone.now()
+    at = Value(now, output_field=DateTimeField())
+    wanted = Delivery.objects.filter(
+        channel=Channel.WEB, notification__recipient_id=recipient_id, status__in=from_statuses
+    )
+    if notification_id is not None:
+        wanted = wanted.filter(notification_id=notification_id)
+    changes: dict[str, Any] = {
+        "status": to_status,
+        "updated_at": now,
+        # A browser can ack a frame before the worker that pushed it has marked it sent.
+        # Dropping the worker's lease makes its late "sent" write match nothing, so the
+        # delivery never moves back from delivered/read; and a delivery a browser already
+        # has is never pushed again.
+        "lease_token": None,
+        "lease_expires_at": None,
+        "next_attempt_at": None,
+        "sent_at": Coalesce(F("sent_at"), at),
+    }
+    if to_status == DeliveryStatus.DELIVERED:
+        changes["delivered_at"] = now
+    else:
+        changes["delivered_at"] = Coalesce(F("delivered_at"), at)
+        changes["read_at"] = now
+    with transaction.atomic():
+        deliveries = list(
+            wanted.select_related("notification__recipient")
+            .select_for_update(of=("self",))
+            .order_by("pk")
+        )
+        if not deliveries:
+            return 0
+        Delivery.objects.filter(pk__in=[d.pk for d in deliveries], status__in=from_statuses).update(
+            **changes
+        )
+        get_delivery_log().record_statuses(
+            delivery_status_events(deliveries, to_status, detail=source)
+        )
+    return len(deliveries)
+
+
+def deliveries_inbox_archive(*, recipient_id: int, notification_id: uuid.UUID) -> bool:
+    """Hide a recipient's inbox entry (it stays readable under ?archived=true); idempotent."""
+    now = timezone.now()
+    changed = Delivery.objects.filter(
+        channel=Channel.WEB,
+        notification__recipient_id=recipient_id,
+        notification_id=notification_id,
+        status__in=INBOX_STATUSES,
+        archived_at__isnull=True,
+    ).update(archived_at=now, updated_at=now)
+    return changed > 0

@@ -13,8 +13,8 @@ from rest_framework.test import APIClient
 from channels_app.tokens import recipient_token_issue
 from notifications.models import Delivery, DeliveryStatus, Device, Preference, Recipient, Template
 from tests.factories import RecipientFactory
-from workers.dead_letters import dead_letter_create
 from workers.models import DeadLetter, DeadLetterStatus
+from workers.transitions import dead_letter_create
 
 pytestmark = pytest.mark.django_db
 

@@ -32,7 +32,7 @@ from channels_app.tokens import recipient_token_issue
 from notifications.accepting import notification_create
 from notifications.models import Delivery, DeliveryStatus
 from tests.factories import DeviceFactory, RecipientFactory, TemplateFactory, api_key_for
-from workers.dead_letters import dead_letter_create
+from workers.transitions import dead_letter_create
 
 # Examples per operation and generation mode; `make chaos` raises it (FUZZ_MAX_EXAMPLES).
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "20"))

@@ -35,9 +35,9 @@ from notifications.models import (
     Template,
 )
 from tests.factories import ORDER_SHIPPED, DeviceFactory, OwnerFactory, RecipientFactory
-from workers.dead_letters import dead_letter_create
 from workers.delivery_log import AttemptRecord, StatusEvent
 from workers.models import DeadLetter
+from workers.transitions import dead_letter_create
 
 pytestmark = pytest.mark.django_db
 
