@@ -17,7 +17,7 @@ from django.conf import settings
 from kombu import Connection, Exchange, Queue
 
 from project.celery import DEFAULT_QUEUE, app
-from tests.conftest import Process
+from tests.conftest import Process, wait_until
 
 pytestmark = pytest.mark.pipeline
 
@@ -125,6 +125,12 @@ def test_each_routing_key_reaches_one_queue(
                     exchange=name,
                     routing_key=name,
                     connection=connection,
+                )
+                # RabbitMQ counts a message once it has routed it: a moment after the publish.
+                wait_until(
+                    lambda name=name: _depths(connection)[name] == 1,
+                    timeout=10,
+                    message=f"the task published to {name} in its queue",
                 )
                 assert _depths(connection) == {n: int(n == name) for n in NAMES}, name
                 channel.queue_purge(name)
