@@ -136,6 +136,7 @@ class NotificationRequest:
     priority: str = Priority.NORMAL
     send_at: datetime | None = None
     idempotency: IdempotencyClaim | None = None
+    cancel_key: str = ""
 
 
 def _notification_prepare(
@@ -214,6 +215,7 @@ def _notification_prepare(
         data=request.data,
         send_at=send_at,
         idempotency_key=request.idempotency.key if request.idempotency else "",
+        cancel_key=request.cancel_key,
     )
     deliveries = [
         Delivery(

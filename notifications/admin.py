@@ -376,8 +376,17 @@ class NotificationAdmin(admin.ModelAdmin):
         "created_at",
         "category",
     ]
-    search_fields = ["=id", "recipient__external_id", "template_key", "idempotency_key"]
-    search_help_text = "Notification id, recipient id, template key or idempotency key."
+    search_fields = [
+        "=id",
+        "recipient__external_id",
+        "template_key",
+        "idempotency_key",
+        "=cancel_key",
+    ]
+    search_help_text = (
+        "Notification id, recipient id, template key, idempotency key or cancel key (exact)."
+    )
+    actions = ["cancel"]
     list_select_related = ["owner", "recipient"]
     date_hierarchy = "created_at"
     ordering = ["-created_at"]
@@ -394,6 +403,7 @@ class NotificationAdmin(admin.ModelAdmin):
         "data",
         "send_at",
         "idempotency_key",
+        "cancel_key",
         "created_at",
     ]
     fieldsets = [
@@ -413,6 +423,26 @@ class NotificationAdmin(admin.ModelAdmin):
             super()
             .get_queryset(request)
             .prefetch_related(Prefetch("deliveries", queryset=deliveries.order_by("id")))
+        )
+
+    @admin.action(description="Cancel what has not gone out of the selected notifications")
+    def cancel(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        cancelled = kept = 0
+        by_owner: dict[int, list[Notification]] = {}
+        for notification in queryset.select_related("owner"):
+            by_owner.setdefault(notification.owner_id, []).append(notification)
+        for notifications in by_owner.values():
+            answers = services.notifications_cancel(
+                owner=notifications[0].owner,
+                notifications=notifications,
+                detail=f"cancelled in the admin by {request.user}",
+            )
+            cancelled += sum(len(a["cancelled"]) for a in answers)
+            kept += sum(len(a["not_cancelled"]) for a in answers)
+        self.message_user(
+            request,
+            f"Cancelled {cancelled} delivery(ies); {kept} had already gone out or ended.",
+            messages.SUCCESS,
         )
 
     @admin.display(description="id", ordering="id")

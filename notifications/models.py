@@ -200,10 +200,25 @@ class Notification(models.Model):
     data = models.JSONField(default=dict, blank=True)
     send_at = models.DateTimeField(null=True, blank=True)
     idempotency_key = models.CharField(max_length=255, blank=True)
+    # Set by the caller to cancel several notifications at once ("every reminder of order
+    # A-1001": POST /notifications/cancel with this key).
+    cancel_key = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
-        indexes = [models.Index(fields=["owner", "-created_at"], name="notification_owner_recent")]
+        indexes = [
+            models.Index(fields=["owner", "-created_at"], name="notification_owner_recent"),
+            models.Index(
+                fields=["owner", "cancel_key"],
+                name="notification_cancel_key",
+                condition=~models.Q(cancel_key=""),
+            ),
+            models.Index(
+                fields=["owner", "idempotency_key"],
+                name="notification_idempotency_key",
+                condition=~models.Q(idempotency_key=""),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.template_key} → {self.recipient_id}"

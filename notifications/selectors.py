@@ -174,6 +174,21 @@ def notification_get(*, owner: Owner, notification_id: uuid.UUID) -> Notificatio
     )
 
 
+def notifications_by_key(
+    *, owner: Owner, cancel_key: str = "", idempotency_key: str = ""
+) -> list[Notification]:
+    """The owner's notifications created with this cancel_key, or with this Idempotency-Key
+    (one at most); oldest first."""
+    if bool(cancel_key) == bool(idempotency_key):
+        raise ValueError("give exactly one of cancel_key and idempotency_key")
+    found = Notification.objects.filter(owner=owner)
+    if cancel_key:
+        found = found.filter(cancel_key=cancel_key)
+    else:
+        found = found.filter(idempotency_key=idempotency_key)
+    return list(found.order_by("created_at", "pk"))
+
+
 _IN_PROGRESS = {DeliveryStatus.QUEUED, DeliveryStatus.RETRYING}
 _DONE = {DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.READ}
 

@@ -18,11 +18,14 @@ from notifications import cache as keys
 from notifications import templating
 from notifications.models import (
     CHANNEL_ORDER,
+    OUTBOX_STATUSES,
     UNACKNOWLEDGED_STATUSES,
     UNREAD_STATUSES,
     ApiKey,
+    Delivery,
     DeliveryStatus,
     Device,
+    Notification,
     Owner,
     Preference,
     Recipient,
@@ -314,3 +317,32 @@ def recipient_contact_normalise(*, values: dict[str, Any]) -> dict[str, str]:
     """Contact fields as recipient_upsert stores them (E.164 phone, a known time zone), or
     ValidationFailed; for write paths that save a Recipient themselves, as the admin does."""
     return _normalise_contact(values)
+
+
+# --- Cancel ---------------------------------------------------------------------------------
+
+
+def notifications_cancel(
+    *, owner: Owner, notifications: list[Notification], detail: str
+) -> list[dict[str, Any]]:
+    """Cancel what has not gone out of each of the owner's `notifications` (see
+    workers.transitions.deliveries_cancel), and say per notification which deliveries this
+    call cancelled and where the others stand. Repeating it cancels nothing more."""
+    ids = [n.pk for n in notifications if n.owner_id == owner.pk]
+    cancelled = transitions.deliveries_cancel(notification_ids=ids, detail=detail)
+    deliveries: dict[uuid.UUID, list[Delivery]] = {pk: [] for pk in ids}
+    for delivery in Delivery.objects.filter(notification_id__in=ids).order_by("pk"):
+        deliveries[delivery.notification_id].append(delivery)
+    answers = []
+    for pk in ids:
+        done, left = [], []
+        for delivery in deliveries[pk]:
+            if delivery.pk in cancelled:
+                done.append({"channel": delivery.channel, "status": delivery.status})
+                continue
+            entry: dict[str, Any] = {"channel": delivery.channel, "status": delivery.status}
+            if delivery.lease_token is not None and delivery.status in OUTBOX_STATUSES:
+                entry["reason"] = "being_sent"
+            left.append(entry)
+        answers.append({"id": str(pk), "cancelled": done, "not_cancelled": left})
+    return answers

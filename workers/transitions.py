@@ -20,7 +20,14 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from notifications import cache as keys
-from notifications.models import INBOX_STATUSES, Channel, Delivery, DeliveryStatus, Device
+from notifications.models import (
+    INBOX_STATUSES,
+    OUTBOX_STATUSES,
+    Channel,
+    Delivery,
+    DeliveryStatus,
+    Device,
+)
 from workers.delivery_log import AttemptRecord, delivery_status_events, get_delivery_log
 from workers.dispatch import outbox_wake_on_commit
 from workers.models import DeadLetter
@@ -424,3 +431,39 @@ def deliveries_inbox_archive(*, recipient_id: int, notification_id: uuid.UUID) -
         archived_at__isnull=True,
     ).update(archived_at=now, updated_at=now)
     return changed > 0
+
+
+# --- Cancel ---------------------------------------------------------------------------------
+
+
+def deliveries_cancel(*, notification_ids: list[uuid.UUID], detail: str) -> set[int]:
+    """Cancel every delivery of these notifications that no provider has been handed yet:
+    scheduled, queued or retrying (deferred ones are queued or retrying with a later due
+    time), and held by no worker. Returns the ids it cancelled.
+
+    A worker's lease is the line. A leased delivery goes on to its provider and is not
+    cancelled; a cancelled one is never claimed, since a claim takes pending rows only, and
+    never published, since the outbox holds pending and scheduled rows only. The rows are
+    locked first: a claim running at the same time either commits before (the row is leased
+    and left alone) or waits and then finds it cancelled. Sent or cancelled, never both."""
+    now = timezone.now()
+    with transaction.atomic():
+        rows = list(
+            Delivery.objects.filter(
+                notification_id__in=notification_ids,
+                status__in=OUTBOX_STATUSES,
+                lease_token__isnull=True,
+            )
+            .select_for_update(of=("self",))
+            .select_related("notification__recipient")
+            .order_by("pk")
+        )
+        if not rows:
+            return set()
+        Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
+            status=DeliveryStatus.CANCELLED, next_attempt_at=None, updated_at=now
+        )
+        get_delivery_log().record_statuses(
+            delivery_status_events(rows, DeliveryStatus.CANCELLED, detail=detail)
+        )
+    return {d.pk for d in rows}

@@ -100,6 +100,13 @@ class NotificationCreateSerializer(serializers.Serializer):
     )
     priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.NORMAL)
     send_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    cancel_key = serializers.CharField(
+        required=False,
+        max_length=255,
+        default="",
+        help_text="A key of the caller's choosing; POST /notifications/cancel with it cancels "
+        "every notification created with it that has not gone out yet.",
+    )
 
     def validate_channels(self, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
@@ -123,6 +130,40 @@ class NotificationAcceptedSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.CharField()
     deliveries = DeliveryAcceptedSerializer(many=True)
+
+
+class CancelledDeliverySerializer(serializers.Serializer):
+    channel = serializers.ChoiceField(choices=CHANNEL_CHOICES)
+    status = serializers.CharField()
+    reason = serializers.CharField(
+        required=False, help_text="`being_sent`: a worker holds it; it goes to its provider."
+    )
+
+
+class NotificationCancelledSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    cancelled = CancelledDeliverySerializer(
+        many=True, help_text="The deliveries this request cancelled."
+    )
+    not_cancelled = CancelledDeliverySerializer(
+        many=True, help_text="The others: already sent, final, or being sent."
+    )
+
+
+class CancelByKeySerializer(serializers.Serializer):
+    cancel_key = serializers.CharField(required=False, max_length=255)
+    idempotency_key = serializers.CharField(required=False, max_length=255)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if len(attrs) != 1:
+            raise serializers.ValidationError(
+                {"non_field_errors": ["Give exactly one of cancel_key and idempotency_key."]}
+            )
+        return attrs
+
+
+class CancelByKeyAnswerSerializer(serializers.Serializer):
+    notifications = NotificationCancelledSerializer(many=True)
 
 
 class BulkItemResultSerializer(serializers.Serializer):

@@ -8,6 +8,16 @@ urlpatterns = [
     path("notifications", views.NotificationCreateView.as_view(), name="notification-create"),
     path("notifications/bulk", views.NotificationBulkView.as_view(), name="notification-bulk"),
     path(
+        "notifications/cancel",
+        views.NotificationCancelByKeyView.as_view(),
+        name="notification-cancel-by-key",
+    ),
+    path(
+        "notifications/<str:notification_id>/cancel",
+        views.NotificationCancelView.as_view(),
+        name="notification-cancel",
+    ),
+    path(
         "notifications/<str:notification_id>",
         views.NotificationDetailView.as_view(),
         name="notification-detail",

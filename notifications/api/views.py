@@ -66,6 +66,7 @@ def _notification_request(payload: dict[str, Any]) -> accepting.NotificationRequ
         channels=payload.get("channels"),
         priority=payload["priority"],
         send_at=payload["send_at"],
+        cancel_key=payload.get("cancel_key", ""),
     )
 
 
@@ -201,6 +202,54 @@ class NotificationDetailView(APIView):
         if notification is None:
             raise Http404
         return Response(selectors.notification_detail(notification=notification))
+
+
+class NotificationCancelView(APIView):
+    @extend_schema(
+        operation_id="notifications_cancel",
+        description="Cancel every delivery of the notification that has not been handed to a "
+        "provider yet (scheduled, queued, retrying or deferred, and held by no worker). "
+        "Answers which this request cancelled and where the others stand; repeating it "
+        "cancels nothing more.",
+        request=None,
+        responses={200: s.NotificationCancelledSerializer, **ERRORS},
+    )
+    def post(self, request: Request, notification_id: str) -> Response:
+        try:
+            pk = uuid.UUID(notification_id)
+        except ValueError:
+            raise Http404 from None
+        owner = _owner(request)
+        notification = selectors.notification_get(owner=owner, notification_id=pk)
+        if notification is None:
+            raise Http404
+        [answer] = services.notifications_cancel(
+            owner=owner, notifications=[notification], detail="cancelled by request"
+        )
+        return Response(answer)
+
+
+class NotificationCancelByKeyView(APIView):
+    @extend_schema(
+        operation_id="notifications_cancel_by_key",
+        description="Cancel, as POST /notifications/{id}/cancel does, every notification "
+        "created with this `cancel_key`, or the one created with this `Idempotency-Key`.",
+        request=s.CancelByKeySerializer,
+        responses={200: s.CancelByKeyAnswerSerializer, **ERRORS},
+    )
+    def post(self, request: Request) -> Response:
+        payload = _validated(s.CancelByKeySerializer, request.data)
+        owner = _owner(request)
+        if "cancel_key" in payload:
+            found = selectors.notifications_by_key(owner=owner, cancel_key=payload["cancel_key"])
+            detail = f"cancel_key {payload['cancel_key']}"
+        else:
+            found = selectors.notifications_by_key(
+                owner=owner, idempotency_key=payload["idempotency_key"]
+            )
+            detail = "cancelled by Idempotency-Key"
+        answers = services.notifications_cancel(owner=owner, notifications=found, detail=detail)
+        return Response({"notifications": answers})
 
 
 def _recipient_body(recipient: Recipient) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from notifications import accepting
@@ -188,6 +189,41 @@ def test_revoking_a_key_in_admin_locks_it_out(api: Any, staff: Client, owner: An
     )
     assert response.status_code == 302
     assert api.get("/api/v1/templates").status_code == 401
+
+
+def test_cancelling_notifications_in_admin(api: Any, template: Any, staff: Client) -> None:
+    later = (timezone.now() + timedelta(hours=1)).isoformat()
+    scheduled = api.post(
+        "/api/v1/notifications",
+        {**BODY, "send_at": later, "cancel_key": "order-A-7"},
+        format="json",
+    )
+    queued = api.post("/api/v1/notifications", BODY, format="json")
+    first_sms = Delivery.objects.get(notification_id=queued.json()["id"], channel="sms")
+    Delivery.objects.filter(pk=first_sms.pk).update(status=DeliveryStatus.SENT)
+    response = staff.post(
+        reverse("admin:notifications_notification_changelist"),
+        {
+            "action": "cancel",
+            "_selected_action": [scheduled.json()["id"], queued.json()["id"]],
+        },
+        follow=True,
+    )
+    assert (
+        "Cancelled 3 delivery(ies); 1 had already gone out or ended." in response.content.decode()
+    )
+    assert sorted(Delivery.objects.values_list("status", flat=True)) == [
+        "cancelled",
+        "cancelled",
+        "cancelled",
+        "sent",
+    ]
+    changelist = reverse("admin:notifications_notification_changelist")
+    found = staff.get(changelist, {"q": "order-A-7"}).content.decode()
+    assert scheduled.json()["id"][:8] in found
+    assert queued.json()["id"][:8] not in found
+    detail = reverse("admin:notifications_notification_change", args=[scheduled.json()["id"]])
+    assert "order-A-7" in staff.get(detail).content.decode()
 
 
 # --- Helpers ---------------------------------------------------------------------------------
