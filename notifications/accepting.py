@@ -7,8 +7,8 @@ management commands call these; the views only adapt HTTP."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -17,6 +17,7 @@ from django.db import IntegrityError, connection, models, transaction
 from django.utils import timezone
 
 from notifications import idempotency, metrics, templating
+from notifications.frequency_caps import CapCheck, caps_give_back, caps_take
 from notifications.logs import scoped_log_context
 from notifications.models import (
     CHANNEL_ORDER,
@@ -29,6 +30,7 @@ from notifications.models import (
     Priority,
     SkipReason,
 )
+from notifications.schedules import quiet_until
 from notifications.selectors import (
     RecipientContext,
     TemplateSnapshot,
@@ -48,6 +50,21 @@ class Route:
     status: str
     reason: str = ""
     address: str = ""
+    # When a scheduled delivery falls due: send_at, the end of quiet hours, or an
+    # escalation's deadline.
+    due_at: datetime | None = None
+    # An escalation step: "read" or "delivered" (schedules.ESCALATION_CONDITIONS).
+    escalate_unless: str = ""
+
+
+def _address(channel: str, recipient: RecipientContext) -> str:
+    if channel == Channel.EMAIL:
+        return recipient.email
+    if channel == Channel.SMS:
+        return recipient.phone
+    if channel == Channel.PUSH:
+        return "devices" if devices_active_get(recipient_id=recipient.id) else ""
+    return recipient.external_id
 
 
 def channels_route(
@@ -56,36 +73,57 @@ def channels_route(
     template: TemplateSnapshot,
     recipient: RecipientContext,
     priority: str,
-    scheduled: bool,
+    now: datetime,
+    send_at: datetime | None = None,
 ) -> list[Route]:
-    """requested ∩ template ∩ preferences ∩ addresses, each exclusion with its reason."""
+    """requested ∩ template ∩ preferences ∩ addresses, each exclusion with its reason; then
+    the time rules: a channel the template escalates to waits for its deadline, and a
+    non-critical delivery due inside the recipient's quiet hours waits for their end."""
     template_channels = [c for c in CHANNEL_ORDER if c in template.content]
     wanted = requested if requested is not None else template_channels
-    pending = DeliveryStatus.SCHEDULED if scheduled else DeliveryStatus.QUEUED
+    due = send_at if send_at is not None and send_at > now else now
+    escalations = {step.channel: step for step in template.escalation}
+    critical = priority == Priority.CRITICAL
     routes = []
     for channel in wanted:
         if channel not in template.content:
             routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NOT_IN_TEMPLATE))
             continue
-        if priority != Priority.CRITICAL and not recipient.allows(
-            channel=channel, category=template.category
-        ):
+        if not critical and not recipient.allows(channel=channel, category=template.category):
             routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.OPTED_OUT))
             continue
-        address = ""
-        if channel == Channel.EMAIL:
-            address = recipient.email
-        elif channel == Channel.SMS:
-            address = recipient.phone
-        elif channel == Channel.PUSH:
-            has_device = bool(devices_active_get(recipient_id=recipient.id))
-            address = "devices" if has_device else ""
-        else:
-            address = recipient.external_id
+        address = _address(channel, recipient)
         if not address:
             routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NO_ADDRESS))
             continue
-        routes.append(Route(channel, pending, "", address if channel != Channel.PUSH else ""))
+        step = escalations.get(channel)
+        channel_due = due + step.after if step is not None else due
+        held = (
+            None
+            if critical
+            else quiet_until(
+                recipient.quiet_hours,
+                timezone_name=recipient.timezone,
+                channel=channel,
+                at=channel_due,
+            )
+        )
+        if held is not None:
+            channel_due = held
+        if channel_due > now:
+            status, reason = DeliveryStatus.SCHEDULED, SkipReason.QUIET_HOURS if held else ""
+        else:
+            status, reason, channel_due = DeliveryStatus.QUEUED, "", None  # type: ignore[assignment]
+        routes.append(
+            Route(
+                channel,
+                status,
+                reason,
+                address if channel != Channel.PUSH else "",
+                due_at=channel_due,
+                escalate_unless=step.unless if step is not None else "",
+            )
+        )
     return routes
 
 
@@ -110,19 +148,29 @@ class PreparedNotification:
     routes: list[Route]
     recipient_external_id: str
     idempotency: IdempotencyClaim | None
+    # Frequency-cap places this notification's deliveries take (or took).
+    caps: list[CapCheck] = field(default_factory=list)
 
     @property
     def body(self) -> dict[str, Any]:
-        """The 202 body."""
+        """The 202 body: each delivery's status, why it was skipped or held, and when a
+        scheduled one falls due."""
         return {
             "id": str(self.notification.pk),
             "status": "accepted",
-            "deliveries": [
-                {"channel": route.channel, "status": route.status}
-                | ({"reason": route.reason} if route.reason else {})
-                for route in self.routes
-            ],
+            "deliveries": [_route_answer(route) for route in self.routes],
         }
+
+
+def _route_answer(route: Route) -> dict[str, Any]:
+    answer: dict[str, Any] = {"channel": route.channel, "status": route.status}
+    if route.reason:
+        answer["reason"] = route.reason
+    if route.status == DeliveryStatus.SCHEDULED and route.due_at is not None:
+        answer["scheduled_for"] = route.due_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if route.escalate_unless:
+        answer["unless"] = route.escalate_unless
+    return answer
 
 
 @dataclass(frozen=True)
@@ -175,13 +223,13 @@ def _notification_prepare(
         )
 
     send_at = request.send_at
-    scheduled = send_at is not None and send_at > now
     routes = channels_route(
         requested=request.channels,
         template=template,
         recipient=context,
         priority=request.priority,
-        scheduled=scheduled,
+        now=now,
+        send_at=send_at,
     )
     locale, content = templating.pick_locale_content(
         default_locale=template.locale,
@@ -225,7 +273,8 @@ def _notification_prepare(
             skip_reason=route.reason,
             address=route.address,
             content=rendered.get(route.channel, {}),
-            next_attempt_at=send_at if scheduled else None,
+            next_attempt_at=route.due_at if route.status == DeliveryStatus.SCHEDULED else None,
+            escalate_unless=route.escalate_unless,
         )
         for route in routes
     ]
@@ -235,7 +284,71 @@ def _notification_prepare(
         routes=routes,
         recipient_external_id=context.external_id,
         idempotency=request.idempotency,
+        caps=_cap_checks(owner, template, context, request.priority, notification, routes),
     )
+
+
+def _cap_checks(
+    owner: Owner,
+    template: TemplateSnapshot,
+    recipient: RecipientContext,
+    priority: str,
+    notification: Notification,
+    routes: list[Route],
+) -> list[CapCheck]:
+    """The frequency caps this notification's routed deliveries fall under."""
+    if not template.frequency_caps:
+        return []
+    return [
+        CapCheck(
+            owner_id=owner.pk,
+            recipient_id=recipient.id,
+            scope=template.cap_scope_key,
+            channel=route.channel,
+            limit=cap.limit,
+            window=cap.window,
+            member=f"{notification.pk}:{route.channel}",
+            force=priority == Priority.CRITICAL,
+        )
+        for route in routes
+        if route.status != DeliveryStatus.SKIPPED
+        and (cap := template.frequency_caps.get(route.channel)) is not None
+    ]
+
+
+def _caps_apply(prepared: list[PreparedNotification]) -> None:
+    """Take each routed delivery's place under its cap (one Redis round trip for all); a
+    delivery over its cap is skipped with reason `frequency_capped`. What is taken is kept
+    on the prepared notification, to be given back should the write fail."""
+    checks = [check for p in prepared for check in p.caps]
+    if not checks:
+        return
+    allowed = iter(caps_take(checks))
+    for p in prepared:
+        capped = set()
+        taken = []
+        for check in p.caps:
+            if next(allowed):
+                taken.append(check)
+            else:
+                capped.add(check.channel)
+        p.caps = taken
+        if not capped:
+            continue
+        p.routes = [
+            replace(
+                r, status=DeliveryStatus.SKIPPED, reason=SkipReason.FREQUENCY_CAPPED, due_at=None
+            )
+            if r.channel in capped
+            else r
+            for r in p.routes
+        ]
+        for delivery in p.deliveries:
+            if delivery.channel in capped:
+                delivery.status = DeliveryStatus.SKIPPED
+                delivery.skip_reason = SkipReason.FREQUENCY_CAPPED
+                delivery.next_attempt_at = None
+                delivery.escalate_unless = ""
 
 
 # A single accept (and a small bulk) on PostgreSQL writes all its rows in one statement; a
@@ -416,12 +529,17 @@ def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[s
     now = timezone.now()
     prepared = _notification_prepare(owner=owner, request=request, now=now, templates={})
     structlog.contextvars.bind_contextvars(notification_id=str(prepared.notification.pk))
+    _caps_apply([prepared])
     try:
         _notifications_write(owner=owner, prepared=[prepared], now=now)
     except IntegrityError as exc:
+        caps_give_back(prepared.caps)
         claim = request.idempotency
         if claim is not None and _idempotency_record_exists(owner, [claim.key]):
             raise IdempotencyRecordExists from exc
+        raise
+    except BaseException:
+        caps_give_back(prepared.caps)
         raise
     _log_accepted(prepared)
     return prepared.body
@@ -475,15 +593,20 @@ def notifications_create_bulk(
         except ValidationFailed as exc:
             outcomes.append(BulkOutcome(error=exc))
     if prepared:
+        _caps_apply([p for _, p in prepared])
         try:
             _notifications_write(owner=owner, prepared=[p for _, p in prepared], now=now)
         except IntegrityError:
             claimed = [p.idempotency.key for _, p in prepared if p.idempotency is not None]
             if not claimed or not _idempotency_record_exists(owner, claimed):
+                caps_give_back([c for _, p in prepared for c in p.caps])
                 raise
             log.info("an idempotency record already exists; writing the bulk one by one")
             for index, item in prepared:
                 outcomes[index] = _bulk_write_one(owner, item, now)
+        except BaseException:
+            caps_give_back([c for _, p in prepared for c in p.caps])
+            raise
         else:
             for index, item in prepared:
                 outcomes[index] = BulkOutcome(body=item.body)
@@ -498,6 +621,7 @@ def _bulk_write_one(owner: Owner, item: PreparedNotification, now: datetime) -> 
     try:
         _notifications_write(owner=owner, prepared=[item], now=now)
     except IntegrityError:
+        caps_give_back(item.caps)
         claim = item.idempotency
         if claim is not None and _idempotency_record_exists(owner, [claim.key]):
             return BulkOutcome(idempotency_record_exists=True)

@@ -31,6 +31,7 @@ from notifications.models import (
     Recipient,
     Template,
 )
+from notifications.schedules import RuleError, quiet_hours_parse
 from notifications.selectors import notification_summary_status
 
 
@@ -125,9 +126,17 @@ class DeviceInline(admin.TabularInline):
 
 
 class RecipientAdminForm(ModelForm):
+    quiet_hours = admin_views.PrettyJSONField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 90, "spellcheck": "false"}),
+        help_text='In the recipient\'s time zone, e.g. {"start": "22:00", "end": "07:00", '
+        '"channels": ["sms", "push"]} (every channel when "channels" is left out). A '
+        "non-critical delivery due inside is held until the end. Empty: none.",
+    )
+
     class Meta:
         model = Recipient
-        fields = ["owner", "external_id", "email", "phone", "locale", "timezone"]
+        fields = ["owner", "external_id", "email", "phone", "locale", "timezone", "quiet_hours"]
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
@@ -138,17 +147,41 @@ class RecipientAdminForm(ModelForm):
         except services.ValidationFailed as exc:
             for field, problems in exc.fields.items():
                 self.add_error(field, problems)
+        if "quiet_hours" in cleaned:
+            try:
+                quiet = quiet_hours_parse(cleaned["quiet_hours"])
+            except RuleError as exc:
+                problems = [f"{k}: {' '.join(v)}" for k, v in exc.fields.items()]
+                self.add_error("quiet_hours", problems)
+            else:
+                cleaned["quiet_hours"] = quiet.document() if quiet is not None else None
         return cleaned
 
 
 @admin.register(Recipient)
 class RecipientAdmin(admin.ModelAdmin):
     form = RecipientAdminForm
-    list_display = ["external_id", "owner", "email", "phone", "locale", "timezone", "updated_at"]
+    list_display = [
+        "external_id",
+        "owner",
+        "email",
+        "phone",
+        "locale",
+        "timezone",
+        "quiet",
+        "updated_at",
+    ]
     list_filter = ["owner", "locale"]
     search_fields = ["external_id", "email", "phone"]
     list_select_related = ["owner"]
     inlines = [PreferenceInline, DeviceInline]
+
+    @admin.display(description="quiet hours")
+    def quiet(self, obj: Recipient) -> str:
+        q = obj.quiet_hours
+        if not isinstance(q, dict):
+            return "-"
+        return f"{q.get('start')}-{q.get('end')} ({', '.join(q.get('channels') or [])})"
 
     def save_related(
         self, request: HttpRequest, form: ModelForm, formsets: Any, change: bool
@@ -211,9 +244,34 @@ class TemplateAdminForm(ModelForm):
         '{"order_id": "A-1001"}.',
     )
 
+    frequency_caps = admin_views.PrettyJSONField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 90, "spellcheck": "false"}),
+        help_text='At most N per recipient per window, per channel, e.g. {"email": "3/1h", '
+        '"sms": "1/1d"} (units s, m, h, d). Over the cap a delivery is skipped '
+        "(frequency_capped); critical notifications are never capped.",
+    )
+    escalation = admin_views.PrettyJSONField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4, "cols": 90, "spellcheck": "false"}),
+        help_text='E.g. [{"after": "15m", "unless": "read", "channel": "sms"}]: that channel '
+        "goes out after the delay only if no other delivery was read (or delivered) by then.",
+    )
+
     class Meta:
         model = Template
-        fields = ["owner", "key", "category", "locale", "content", "translations", "sample_data"]
+        fields = [
+            "owner",
+            "key",
+            "category",
+            "locale",
+            "content",
+            "translations",
+            "sample_data",
+            "frequency_caps",
+            "frequency_cap_scope",
+            "escalation",
+        ]
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
@@ -228,6 +286,18 @@ class TemplateAdminForm(ModelForm):
                     self.add_error(field, [f"{k}: {' '.join(v)}" for k, v in exc.fields.items()])
         if cleaned.get("translations") is None and "translations" in cleaned:
             cleaned["translations"] = {}
+        for field, empty in (("frequency_caps", {}), ("escalation", [])):
+            if field in cleaned and cleaned[field] is None:
+                cleaned[field] = empty
+        if {"frequency_caps", "escalation", "frequency_cap_scope"} <= cleaned.keys():
+            problems = services.template_rules_validate(
+                frequency_caps=cleaned["frequency_caps"],
+                frequency_cap_scope=cleaned["frequency_cap_scope"],
+                escalation=cleaned["escalation"],
+            )
+            for path, messages in problems.items():
+                field = "escalation" if path.startswith("escalation") else path.split(".")[0]
+                self.add_error(field, [f"{path}: {' '.join(messages)}"])
         sample = cleaned.get("sample_data")
         if sample is None and "sample_data" in cleaned:
             cleaned["sample_data"] = {}
@@ -246,6 +316,10 @@ class TemplateAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["owner", "key", "category", "locale"]}),
         ("Content", {"fields": ["content", "translations", "sample_data"]}),
+        (
+            "Delivery rules",
+            {"fields": ["frequency_caps", "frequency_cap_scope", "escalation"]},
+        ),
     ]
 
     class Media:

@@ -68,6 +68,9 @@ class SkipReason(models.TextChoices):
     OPTED_OUT = "opted_out", "Opted out"
     NO_ADDRESS = "no_address", "No address"
     NOT_IN_TEMPLATE = "not_in_template", "Not in template"
+    FREQUENCY_CAPPED = "frequency_capped", "Frequency capped"
+    # Not a skip: a scheduled delivery held until the recipient's quiet hours end.
+    QUIET_HOURS = "quiet_hours", "Held by quiet hours"
 
 
 class Owner(models.Model):
@@ -109,6 +112,9 @@ class Recipient(models.Model):
     phone = models.CharField(max_length=20, blank=True, help_text="E.164, e.g. +14155550100")
     locale = models.CharField(max_length=35, blank=True)
     timezone = models.CharField(max_length=64, blank=True)
+    # {"start": "22:00", "end": "07:00", "channels": ["sms", "push"]} in `timezone` (UTC when
+    # blank): a non-critical delivery due inside the window is held until it ends.
+    quiet_hours = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -178,6 +184,17 @@ class Template(models.Model):
     translations = models.JSONField(default=dict, blank=True)
     # Example `data` for the admin's live preview and "send a test"; never used for real sends.
     sample_data = models.JSONField(default=dict, blank=True)
+    # {"email": "3/1h", "sms": "1/1d"}: at most N deliveries of a channel per recipient per
+    # window, counted over this template or over every template of its category.
+    frequency_caps = models.JSONField(default=dict, blank=True)
+    frequency_cap_scope = models.CharField(
+        max_length=10,
+        choices=[("template", "This template"), ("category", "Every template of the category")],
+        default="template",
+    )
+    # [{"after": "15m", "unless": "read", "channel": "sms"}]: send that channel later only if
+    # no delivery of the notification was read (or delivered) by then.
+    escalation = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -256,6 +273,11 @@ class Delivery(models.Model):
     channel = models.CharField(max_length=10, choices=Channel.choices)
     status = models.CharField(max_length=10, choices=DeliveryStatus.choices)
     skip_reason = models.CharField(max_length=20, choices=SkipReason.choices, blank=True)
+    # An escalation step: this scheduled delivery goes out at its due time only if no other
+    # delivery of the notification is `read` (or `delivered`) by then; blank for the others.
+    escalate_unless = models.CharField(
+        max_length=10, choices=[("read", "Read"), ("delivered", "Delivered")], blank=True
+    )
     # The address snapshot taken at acceptance: an email or phone; push resolves devices
     # when it sends, so a token registered or revoked meanwhile is honoured.
     address = models.CharField(max_length=254, blank=True)

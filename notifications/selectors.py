@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -26,6 +27,17 @@ from notifications.models import (
     Recipient,
     Template,
 )
+from notifications.schedules import (
+    Cap,
+    EscalationStep,
+    QuietHours,
+    RuleError,
+    caps_parse,
+    escalation_parse,
+    quiet_hours_parse,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class RecipientContext:
     timezone: str
     # (category, channel) -> enabled; category "" is the channel-wide switch.
     preferences: dict[tuple[str, str], bool]
+    quiet_hours: QuietHours | None = None
 
     def allows(self, *, channel: str, category: str) -> bool:
         if category and (category, channel) in self.preferences:
@@ -56,7 +69,18 @@ def _recipient_context(recipient: Recipient, preferences: list[Preference]) -> R
         locale=recipient.locale,
         timezone=recipient.timezone,
         preferences={(p.category, p.channel): p.enabled for p in preferences},
+        quiet_hours=_quiet_hours_or_none(recipient.quiet_hours),
     )
+
+
+def _quiet_hours_or_none(document: Any) -> QuietHours | None:
+    """A stored document was checked when saved; one edited by hand into something unusable
+    is ignored (logged) rather than blocking every send to the recipient."""
+    try:
+        return quiet_hours_parse(document)
+    except RuleError as exc:
+        log.warning("ignoring unusable quiet hours %r: %s", document, exc)
+        return None
 
 
 def recipient_context_get(*, owner_id: int, external_id: str) -> RecipientContext | None:
@@ -118,6 +142,16 @@ class TemplateSnapshot:
     locale: str
     content: dict[str, dict[str, str]]
     translations: dict[str, dict[str, dict[str, str]]]
+    frequency_caps: dict[str, Cap] = field(default_factory=dict)
+    frequency_cap_scope: str = "template"
+    escalation: list[EscalationStep] = field(default_factory=list)
+
+    @property
+    def cap_scope_key(self) -> str:
+        """What a frequency cap counts over: this template, or its whole category."""
+        if self.frequency_cap_scope == "category":
+            return f"category:{self.category}"
+        return f"template:{self.key}"
 
 
 def template_snapshot_get(*, owner_id: int, key: str) -> TemplateSnapshot | None:
@@ -132,6 +166,9 @@ def template_snapshot_get(*, owner_id: int, key: str) -> TemplateSnapshot | None
             locale=template.locale,
             content=template.content,
             translations=template.translations,
+            frequency_caps=_rule_or_default(caps_parse, template.frequency_caps, {}),
+            frequency_cap_scope=template.frequency_cap_scope,
+            escalation=_rule_or_default(escalation_parse, template.escalation, []),
         )
 
     return keys.cached(
@@ -139,6 +176,16 @@ def template_snapshot_get(*, owner_id: int, key: str) -> TemplateSnapshot | None
         load,
         lambda snapshot: settings.CACHE_TTL_TEMPLATES if snapshot is not None else 0,
     )
+
+
+def _rule_or_default(parse: Any, stored: Any, default: Any) -> Any:
+    """Rules are checked when a template is saved; one edited by hand into something
+    unusable is ignored (logged) rather than failing every send of the template."""
+    try:
+        return parse(stored if stored is not None else default)
+    except RuleError as exc:
+        log.warning("ignoring an unusable template rule %r: %s", stored, exc)
+        return default
 
 
 def recipient_get(*, owner: Owner, external_id: str) -> Recipient | None:
@@ -154,7 +201,11 @@ def preferences_document(*, recipient: Recipient) -> dict[str, Any]:
             categories.setdefault(pref.category, {})[pref.channel] = pref.enabled
         else:
             channels[pref.channel] = pref.enabled
-    return {"channels": channels, "categories": categories}
+    return {
+        "channels": channels,
+        "categories": categories,
+        "quiet_hours": recipient.quiet_hours,
+    }
 
 
 def template_list(*, owner: Owner) -> QuerySet[Template]:
@@ -242,6 +293,7 @@ def notification_detail(*, notification: Notification) -> dict[str, Any]:
                 "channel": d.channel,
                 "status": d.status,
                 "reason": d.skip_reason or None,
+                "unless": d.escalate_unless or None,
                 "provider": d.provider or None,
                 "provider_message_id": d.provider_message_id or None,
                 "attempt_count": d.attempts,

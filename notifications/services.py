@@ -31,6 +31,13 @@ from notifications.models import (
     Recipient,
     Template,
 )
+from notifications.schedules import (
+    QuietHours,
+    RuleError,
+    caps_parse,
+    escalation_parse,
+    quiet_hours_parse,
+)
 from workers import transitions
 
 API_KEY_PREFIX = "clr_"
@@ -146,14 +153,21 @@ def recipient_upsert(*, owner: Owner, external_id: str, **contact: Any) -> tuple
 
 def preferences_update(*, recipient: Recipient, document: Any) -> None:
     """Apply a partial preferences document: {"channels": {ch: bool}, "categories":
-    {category: {ch: bool}}}; whatever is absent keeps its current value."""
+    {category: {ch: bool}}, "quiet_hours": {...} | null}; whatever is absent keeps its
+    current value."""
     errors: dict[str, list[str]] = {}
     rows: dict[tuple[str, str], bool] = {}
     if not isinstance(document, dict):
         raise ValidationFailed({"non_field_errors": ["Must be an object."]})
     for name in document:
-        if name not in ("channels", "categories"):
-            errors[name] = ["Unknown field; use channels and categories."]
+        if name not in ("channels", "categories", "quiet_hours"):
+            errors[name] = ["Unknown field; use channels, categories and quiet_hours."]
+    quiet: QuietHours | None = None
+    if "quiet_hours" in document:
+        try:
+            quiet = quiet_hours_parse(document["quiet_hours"])
+        except RuleError as exc:
+            errors.update(exc.fields)
 
     def take(switches: Any, category: str, path: str) -> None:
         if not isinstance(switches, dict):
@@ -187,6 +201,9 @@ def preferences_update(*, recipient: Recipient, document: Any) -> None:
                 channel=channel,
                 defaults={"enabled": enabled},
             )
+        if "quiet_hours" in document:
+            recipient.quiet_hours = quiet.document() if quiet is not None else None
+            recipient.save(update_fields=["quiet_hours", "updated_at"])
         recipient_invalidate(recipient=recipient)
 
 
@@ -213,7 +230,22 @@ def device_register(*, recipient: Recipient, platform: str, token: str) -> tuple
 # --- Templates ------------------------------------------------------------------------------
 
 
-def _template_validate(content: Any, translations: Any) -> None:
+def template_rules_validate(
+    *, frequency_caps: Any, frequency_cap_scope: Any, escalation: Any
+) -> dict[str, list[str]]:
+    """Field errors of a template's delivery rules (empty when they are usable)."""
+    errors: dict[str, list[str]] = {}
+    for parse, value in ((caps_parse, frequency_caps), (escalation_parse, escalation)):
+        try:
+            parse(value)
+        except RuleError as exc:
+            errors.update(exc.fields)
+    if frequency_cap_scope not in ("template", "category"):
+        errors["frequency_cap_scope"] = ["Use template or category."]
+    return errors
+
+
+def _template_validate(content: Any, translations: Any, rules: dict[str, Any]) -> None:
     errors: dict[str, list[str]] = {}
     for check, value in (
         (templating.validate_content, content),
@@ -223,6 +255,14 @@ def _template_validate(content: Any, translations: Any) -> None:
             check(value)
         except templating.TemplateError as exc:
             errors.update(exc.fields)
+    errors.update(template_rules_validate(**rules))
+    steps = rules["escalation"] if isinstance(rules["escalation"], list) else []
+    for index, step in enumerate(steps):
+        channel = step.get("channel") if isinstance(step, dict) else None
+        if channel and isinstance(content, dict) and channel not in content:
+            errors.setdefault(f"escalation.{index}.channel", []).append(
+                "The template has no content for this channel."
+            )
     if errors:
         raise ValidationFailed(errors)
 
@@ -239,16 +279,26 @@ def template_save(
     locale: str,
     content: dict[str, Any],
     translations: dict[str, Any] | None = None,
+    frequency_caps: dict[str, str] | None = None,
+    frequency_cap_scope: str = "template",
+    escalation: list[dict[str, Any]] | None = None,
     create_only: bool = False,
 ) -> tuple[Template, bool]:
-    """Create or replace a template after checking every field compiles."""
+    """Create or replace a template after checking every field compiles and every rule
+    (frequency caps, escalation) is usable."""
     translations = translations or {}
-    _template_validate(content, translations)
+    rules = {
+        "frequency_caps": frequency_caps or {},
+        "frequency_cap_scope": frequency_cap_scope,
+        "escalation": escalation or [],
+    }
+    _template_validate(content, translations, rules)
     values = {
         "category": category,
         "locale": locale,
         "content": content,
         "translations": translations,
+        **rules,
     }
     with transaction.atomic():
         if create_only:

@@ -104,11 +104,33 @@ def validate_content(content: Any, *, path: str = "content") -> None:
         raise TemplateError(errors)
 
 
+def locale_normalize(tag: str) -> str:
+    """`pt_BR`, `pt-br` and `PT-BR` are the same locale: lower case, subtags joined by `-`."""
+    return "-".join(part for part in tag.strip().lower().replace("_", "-").split("-") if part)
+
+
+def locale_chain(tag: str) -> list[str]:
+    """Most specific first: `zh-Hant-TW` → `zh-hant-tw`, `zh-hant`, `zh`."""
+    parts = locale_normalize(tag).split("-") if tag.strip() else []
+    return ["-".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
 def validate_translations(translations: Any) -> None:
     if not isinstance(translations, dict):
         raise TemplateError({"translations": ["Must be an object keyed by locale."]})
     errors: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
     for locale, content in translations.items():
+        normal = locale_normalize(locale)
+        if not normal:
+            errors[f"translations.{locale}"] = ["A locale is a language tag such as fr or pt-BR."]
+            continue
+        if normal in seen:
+            errors[f"translations.{locale}"] = [
+                f"Same locale as '{seen[normal]}' (case and _ or - do not matter)."
+            ]
+            continue
+        seen[normal] = locale
         try:
             validate_content(content, path=f"translations.{locale}")
         except TemplateError as exc:
@@ -120,17 +142,27 @@ def validate_translations(translations: Any) -> None:
 def pick_locale_content(
     *, default_locale: str, content: dict, translations: dict, wanted: str
 ) -> tuple[str, dict]:
-    """Content for the recipient's locale: exact match, then its language, then the
-    template's default locale; channels missing from a translation fall back too."""
-    if wanted and translations:
-        lowered = {k.lower(): k for k in translations}
-        for candidate in (wanted.lower(), wanted.lower().replace("_", "-").split("-")[0]):
-            if candidate == default_locale.lower():
-                break
-            if candidate in lowered:
-                locale = lowered[candidate]
-                return locale, {**content, **translations[locale]}
-    return default_locale, content
+    """Content for the recipient's locale along its fallback chain: `pt-BR`, then `pt`, then
+    the template's default locale (`pt_BR`, `pt-br` and `PT-BR` are one locale). A channel
+    missing from the most specific translation comes from the next one in the chain, and
+    finally from the default content. Returns the most specific locale used, as the template
+    spells it."""
+    if not (wanted and translations):
+        return default_locale, content
+    by_normal = {locale_normalize(k): k for k in translations}
+    default = locale_normalize(default_locale)
+    found: list[str] = []
+    for candidate in locale_chain(wanted):
+        if candidate == default:
+            break
+        if candidate in by_normal:
+            found.append(by_normal[candidate])
+    if not found:
+        return default_locale, content
+    merged = dict(content)
+    for locale in reversed(found):
+        merged.update(translations[locale])
+    return found[0], merged
 
 
 def render_channel(channel: str, fields: dict[str, str], data: dict[str, Any]) -> dict[str, str]:

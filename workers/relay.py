@@ -40,7 +40,8 @@ FAILURE_BACKOFF_MAX_SECONDS = 5.0
 
 def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None) -> int:
     """One round: claim up to `limit` due outbox rows, publish them in batches, mark them
-    published; all or nothing. Returns how many deliveries were published."""
+    published; all or nothing. Returns how many outbox rows it handled (published, or
+    cancelled as escalations no longer needed)."""
     now = now or timezone.now()
     limit = limit or settings.RELAY_CLAIM_SIZE
     with transaction.atomic():
@@ -53,12 +54,14 @@ def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None)
         )
         if not rows:
             return 0
+        claimed = len(rows)
+        not_needed = transitions.deliveries_release_due(
+            delivery_ids=[row[0] for row in rows if row[2] == DeliveryStatus.SCHEDULED], now=now
+        )
+        rows = [row for row in rows if row[0] not in not_needed]
         by_channel: dict[str, list[int]] = defaultdict(list)
         for delivery_id, channel, *_ in rows:
             by_channel[channel].append(delivery_id)
-        transitions.deliveries_release_due(
-            delivery_ids=[row[0] for row in rows if row[2] == DeliveryStatus.SCHEDULED], now=now
-        )
         # Marked before the publish, inside the same transaction: should the publish fail,
         # the rollback puts every row back in the outbox.
         Delivery.objects.filter(pk__in=[row[0] for row in rows]).update(enqueued_at=now)
@@ -74,7 +77,8 @@ def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None)
         chunks = -(-len(ids) // max(1, settings.DISPATCH_BATCH_SIZE))
         metrics.relay_published(channel=channel, deliveries=len(ids), messages=chunks)
     log.debug("relay published %s deliveries in %s messages", len(rows), messages)
-    return len(rows)
+    # Escalation steps cancelled on release count as handled: the drain goes on.
+    return claimed
 
 
 def outbox_next_due(*, now: datetime | None = None) -> float | None:

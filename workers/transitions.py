@@ -349,20 +349,100 @@ def deliveries_replay(*, delivery_ids: list[int], now: datetime) -> list[Deliver
 # --- Scheduled deliveries -------------------------------------------------------------------
 
 
-def deliveries_release_due(*, delivery_ids: list[int], now: datetime) -> None:
+def deliveries_release_due(*, delivery_ids: list[int], now: datetime) -> set[int]:
     """Scheduled deliveries whose time has come become `queued` (and say so in the log), as
-    the relay publishes them in the same transaction."""
+    the relay publishes them in the same transaction, which holds their rows locked. An
+    escalation step whose condition was met meanwhile (another delivery of the notification
+    read, or delivered) is cancelled instead; returns the ids cancelled so, not to publish."""
     if not delivery_ids:
-        return
+        return set()
+    steps = list(
+        Delivery.objects.filter(pk__in=delivery_ids)
+        .exclude(escalate_unless="")
+        .values_list("pk", "notification_id", "escalate_unless")
+    )
+    not_needed: dict[int, str] = {}
+    if steps:
+        reached = _escalation_conditions_met({nid for _, nid, _ in steps})
+        for pk, nid, unless in steps:
+            channel = reached.get((nid, unless))
+            if channel is not None:
+                not_needed[pk] = f"escalation not needed: {channel} {unless} in time"
+    if not_needed:
+        _deliveries_cancel_locked(list(not_needed), now, detail=not_needed)
+    released_ids = [pk for pk in delivery_ids if pk not in not_needed]
+    if released_ids:
+        Delivery.objects.filter(pk__in=released_ids).update(
+            status=DeliveryStatus.QUEUED, skip_reason="", next_attempt_at=None, updated_at=now
+        )
+        released = Delivery.objects.filter(pk__in=released_ids).select_related(
+            "notification__recipient"
+        )
+        get_delivery_log().record_statuses(
+            delivery_status_events(list(released), DeliveryStatus.QUEUED, detail="due")
+        )
+    return set(not_needed)
+
+
+def _escalation_conditions_met(notification_ids: set[Any]) -> dict[tuple[Any, str], str]:
+    """(notification id, "read" | "delivered") → a channel whose delivery got there."""
+    met: dict[tuple[Any, str], str] = {}
+    rows = (
+        Delivery.objects.filter(
+            notification_id__in=notification_ids,
+            escalate_unless="",
+            status__in=(DeliveryStatus.DELIVERED, DeliveryStatus.READ),
+        )
+        .values_list("notification_id", "channel", "status")
+        .order_by("notification_id", "channel")
+    )
+    for nid, channel, status in rows:
+        met.setdefault((nid, "delivered"), channel)
+        if status == DeliveryStatus.READ:
+            met.setdefault((nid, "read"), channel)
+    return met
+
+
+def _deliveries_cancel_locked(
+    delivery_ids: list[int], now: datetime, *, detail: str | dict[int, str]
+) -> None:
+    """Cancel rows the caller holds locked, with one status event each."""
     Delivery.objects.filter(pk__in=delivery_ids).update(
-        status=DeliveryStatus.QUEUED, next_attempt_at=None, updated_at=now
+        status=DeliveryStatus.CANCELLED, next_attempt_at=None, updated_at=now
     )
-    released = Delivery.objects.filter(pk__in=delivery_ids).select_related(
-        "notification__recipient"
+    rows = list(
+        Delivery.objects.filter(pk__in=delivery_ids).select_related("notification__recipient")
     )
-    get_delivery_log().record_statuses(
-        delivery_status_events(list(released), DeliveryStatus.QUEUED, detail="due")
-    )
+    details = detail if isinstance(detail, dict) else dict.fromkeys(delivery_ids, detail)
+    events = [
+        event
+        for row in rows
+        for event in delivery_status_events([row], DeliveryStatus.CANCELLED, detail=details[row.pk])
+    ]
+    get_delivery_log().record_statuses(events)
+
+
+def escalations_cancel(*, notification_ids: list[Any], reached: str, channel: str) -> int:
+    """A delivery of these notifications was read (or delivered) before their escalation
+    deadlines: cancel the escalation steps waiting on that. Called inside the transaction
+    that records the read. A step the relay has already locked and released is past its
+    deadline and goes out."""
+    conditions = ("read", "delivered") if reached == DeliveryStatus.READ else ("delivered",)
+    with transaction.atomic():
+        waiting = list(
+            Delivery.objects.filter(
+                notification_id__in=notification_ids,
+                escalate_unless__in=conditions,
+                status=DeliveryStatus.SCHEDULED,
+            )
+            .select_for_update(skip_locked=True, of=("self",))
+            .values_list("pk", "escalate_unless")
+        )
+        if not waiting:
+            return 0
+        why = {pk: f"escalation not needed: {channel} {unless} in time" for pk, unless in waiting}
+        _deliveries_cancel_locked([pk for pk, _ in waiting], timezone.now(), detail=why)
+    return len(waiting)
 
 
 # --- The in-app inbox -----------------------------------------------------------------------
@@ -416,6 +496,11 @@ def deliveries_inbox_advance(
         )
         get_delivery_log().record_statuses(
             delivery_status_events(deliveries, to_status, detail=source)
+        )
+        escalations_cancel(
+            notification_ids=sorted({d.notification_id for d in deliveries}),
+            reached=to_status,
+            channel=Channel.WEB,
         )
     return len(deliveries)
 

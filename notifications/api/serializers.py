@@ -123,7 +123,22 @@ class BulkCreateSerializer(serializers.Serializer):
 class DeliveryAcceptedSerializer(serializers.Serializer):
     channel = serializers.ChoiceField(choices=CHANNEL_CHOICES)
     status = serializers.CharField()
-    reason = serializers.CharField(required=False)
+    reason = serializers.CharField(
+        required=False,
+        help_text="Why it was skipped (opted_out, no_address, not_in_template, frequency_capped)"
+        " or held (quiet_hours).",
+    )
+    scheduled_for = serializers.DateTimeField(
+        required=False,
+        help_text="For a scheduled delivery: when it falls due (send_at, the end of the "
+        "recipient's quiet hours, or an escalation's deadline).",
+    )
+    unless = serializers.ChoiceField(
+        choices=["read", "delivered"],
+        required=False,
+        help_text="An escalation step: sent at scheduled_for unless another delivery of the "
+        "notification was read (or delivered) by then.",
+    )
 
 
 class NotificationAcceptedSerializer(serializers.Serializer):
@@ -196,6 +211,9 @@ class DeliveryDetailSerializer(serializers.Serializer):
     channel = serializers.ChoiceField(choices=CHANNEL_CHOICES)
     status = serializers.CharField()
     reason = serializers.CharField(allow_null=True)
+    unless = serializers.CharField(
+        allow_null=True, help_text="An escalation step's condition: read or delivered."
+    )
     provider = serializers.CharField(allow_null=True)
     provider_message_id = serializers.CharField(allow_null=True)
     attempt_count = serializers.IntegerField()
@@ -231,10 +249,26 @@ class RecipientSerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField(read_only=True)
 
 
+class QuietHoursSerializer(serializers.Serializer):
+    start = serializers.RegexField(r"^([01]\d|2[0-3]):[0-5]\d$", help_text="HH:MM, local time")
+    end = serializers.RegexField(r"^([01]\d|2[0-3]):[0-5]\d$", help_text="HH:MM, local time")
+    channels = serializers.ListField(
+        child=serializers.ChoiceField(choices=CHANNEL_CHOICES),
+        required=False,
+        help_text="The channels held; every channel when absent.",
+    )
+
+
 class PreferencesSerializer(serializers.Serializer):
     channels = serializers.DictField(child=serializers.BooleanField(), required=False)
     categories = serializers.DictField(
         child=serializers.DictField(child=serializers.BooleanField()), required=False
+    )
+    quiet_hours = QuietHoursSerializer(
+        required=False,
+        allow_null=True,
+        help_text="In the recipient's timezone (UTC when it has none): a non-critical delivery "
+        "due inside the window is held until it ends. null removes them.",
     )
 
 
@@ -278,7 +312,30 @@ class TemplateSerializer(serializers.Serializer):
         child=serializers.DictField(),
         required=False,
         default=dict,
-        help_text="Other locales: {locale: content}.",
+        help_text="Other locales: {locale: content}. A recipient's locale falls back along "
+        "its chain (pt-BR, then pt, then the template's locale); pt_BR and pt-br are one locale.",
+    )
+    frequency_caps = serializers.DictField(
+        child=serializers.CharField(),
+        required=False,
+        default=dict,
+        help_text='Per channel, at most N deliveries per recipient per window: {"email": "3/1h",'
+        ' "sms": "1/1d"}. Over the cap a delivery is skipped (frequency_capped); critical '
+        "notifications are counted, never capped.",
+    )
+    frequency_cap_scope = serializers.ChoiceField(
+        choices=["template", "category"],
+        required=False,
+        default="template",
+        help_text="What the caps count: this template, or every template of its category.",
+    )
+    escalation = serializers.ListField(
+        child=serializers.DictField(),
+        required=False,
+        default=list,
+        help_text='[{"after": "15m", "unless": "read", "channel": "sms"}]: that channel is '
+        "sent after the delay only if no other delivery of the notification was read "
+        "(or delivered) by then.",
     )
     created_at = serializers.DateTimeField(read_only=True)
     updated_at = serializers.DateTimeField(read_only=True)

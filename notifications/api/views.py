@@ -297,7 +297,8 @@ class PreferencesView(APIView):
         operation_id="preferences_update",
         request=s.PreferencesSerializer,
         responses={200: s.PreferencesSerializer, **ERRORS},
-        description="Partial update: channels and categories not named keep their value.",
+        description="Partial update: channels, categories and quiet_hours not named keep their "
+        "value; quiet_hours null removes them.",
     )
     def put(self, request: Request, rid: str) -> Response:
         recipient = _recipient_or_404(_owner(request), rid)
@@ -366,6 +367,9 @@ def _template_save(owner: Owner, payload: dict[str, Any], *, create_only: bool) 
             locale=payload.get("locale", "en"),
             content=payload["content"],
             translations=payload.get("translations") or {},
+            frequency_caps=payload.get("frequency_caps") or {},
+            frequency_cap_scope=payload.get("frequency_cap_scope", "template"),
+            escalation=payload.get("escalation") or [],
             create_only=create_only,
         )
     except services.ValidationFailed as exc:

@@ -151,6 +151,7 @@ def test_template_edit_in_admin_applies_to_the_next_request(
             "locale": "en",
             "content": json.dumps(content),
             "translations": "{}",
+            "frequency_cap_scope": "template",
             "_save": "Save",
         },
     )
@@ -663,6 +664,7 @@ def test_sample_data_is_saved_with_the_template(template: Any, staff: Client) ->
         "content": json.dumps(template.content),
         "translations": "",
         "sample_data": '{"order_id": "A-9"}',
+        "frequency_cap_scope": "template",
         "_save": "Save",
     }
     assert staff.post(url, form).status_code == 302
@@ -1026,3 +1028,69 @@ def test_api_key_rate_limit_is_edited_in_admin_and_applies_at_once(
     allowed = int(api_key_bucket_capacity(1))
     statuses = [api.get("/api/v1/templates").status_code for _ in range(allowed + 1)]
     assert statuses == [200] * allowed + [429]
+
+
+def test_delivery_rules_are_edited_and_checked_in_admin(template: Any, staff: Client) -> None:
+    url = reverse("admin:notifications_template_change", args=[template.pk])
+    form = {
+        "owner": template.owner_id,
+        "key": "order_shipped",
+        "category": "orders",
+        "locale": "en",
+        "content": json.dumps(template.content),
+        "translations": "",
+        "frequency_caps": '{"email": "3/1h", "sms": "1/1d"}',
+        "frequency_cap_scope": "category",
+        "escalation": '[{"after": "15m", "unless": "read", "channel": "sms"}]',
+        "_save": "Save",
+    }
+    assert staff.post(url, form).status_code == 302
+    template.refresh_from_db()
+    assert template.frequency_caps == {"email": "3/1h", "sms": "1/1d"}
+    assert template.frequency_cap_scope == "category"
+    assert template.escalation == [{"after": "15m", "unless": "read", "channel": "sms"}]
+    page = staff.get(url).content.decode()
+    assert "Delivery rules" in page and "3/1h" in page
+
+    response = staff.post(
+        url,
+        {
+            **form,
+            "frequency_caps": '{"email": "3 per hour", "fax": "1/1d"}',
+            "escalation": '[{"after": "soon", "channel": "sms"}]',
+        },
+    )
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert "frequency_caps.email: A cap is N/window, e.g. 3/1h or 1/1d." in text
+    assert "frequency_caps.fax: Unknown channel" in text
+    assert "escalation.0.after: A duration is a number and a unit" in text
+    template.refresh_from_db()
+    assert template.frequency_caps == {"email": "3/1h", "sms": "1/1d"}
+
+
+def test_quiet_hours_are_edited_and_checked_in_admin(owner: Any, staff: Client) -> None:
+    recipient = RecipientFactory(owner=owner, external_id="night-owl", timezone="Europe/Paris")
+    url = reverse("admin:notifications_recipient_change", args=[recipient.pk])
+    form = {
+        "owner": owner.pk,
+        "external_id": "night-owl",
+        "email": "",
+        "phone": "",
+        "locale": "",
+        "timezone": "Europe/Paris",
+        "quiet_hours": '{"start": "22:00", "end": "07:00", "channels": ["sms"]}',
+        "preferences-TOTAL_FORMS": "0",
+        "preferences-INITIAL_FORMS": "0",
+        "devices-TOTAL_FORMS": "0",
+        "devices-INITIAL_FORMS": "0",
+        "_save": "Save",
+    }
+    assert staff.post(url, form).status_code == 302
+    recipient.refresh_from_db()
+    assert recipient.quiet_hours == {"start": "22:00", "end": "07:00", "channels": ["sms"]}
+    listing = staff.get(reverse("admin:notifications_recipient_changelist")).content.decode()
+    assert "22:00-07:00 (sms)" in listing
+    response = staff.post(url, {**form, "quiet_hours": '{"start": "25:00", "end": "07:00"}'})
+    assert response.status_code == 200
+    assert "quiet_hours.start: A time of day HH:MM" in response.content.decode()

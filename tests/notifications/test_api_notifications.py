@@ -119,7 +119,9 @@ class TestRouting:
 
     def test_send_at_in_the_future_schedules(self, api: Any, template: Any) -> None:
         response = post(api, body_for(channels=["email"], send_at="2999-01-01T00:00:00Z"))
-        assert response.json()["deliveries"] == [{"channel": "email", "status": "scheduled"}]
+        assert response.json()["deliveries"] == [
+            {"channel": "email", "status": "scheduled", "scheduled_for": "2999-01-01T00:00:00Z"}
+        ]
         assert Delivery.objects.get().next_attempt_at.year == 2999
 
     def test_status_api_shows_each_delivery(self, api: Any, template: Any) -> None:
