@@ -55,6 +55,8 @@ class Route:
     due_at: datetime | None = None
     # An escalation step: "read" or "delivered" (schedules.ESCALATION_CONDITIONS).
     escalate_unless: str = ""
+    # A digest member, held until its window ends.
+    digest: bool = False
 
 
 def _address(channel: str, recipient: RecipientContext) -> str:
@@ -84,6 +86,7 @@ def channels_route(
     due = send_at if send_at is not None and send_at > now else now
     escalations = {step.channel: step for step in template.escalation}
     critical = priority == Priority.CRITICAL
+    digest = template.digest if not critical else None
     routes = []
     for channel in wanted:
         if channel not in template.content:
@@ -97,7 +100,16 @@ def channels_route(
             routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NO_ADDRESS))
             continue
         step = escalations.get(channel)
-        channel_due = due + step.after if step is not None else due
+        digested = (
+            digest is not None
+            and step is None
+            and not (channel == Channel.WEB and digest.web_at_once)
+        )
+        channel_due = due
+        if step is not None:
+            channel_due = due + step.after
+        elif digested and digest is not None:
+            channel_due = due + digest.window
         held = (
             None
             if critical
@@ -111,7 +123,8 @@ def channels_route(
         if held is not None:
             channel_due = held
         if channel_due > now:
-            status, reason = DeliveryStatus.SCHEDULED, SkipReason.QUIET_HOURS if held else ""
+            status = DeliveryStatus.SCHEDULED
+            reason = SkipReason.QUIET_HOURS if held else SkipReason.DIGEST if digested else ""
         else:
             status, reason, channel_due = DeliveryStatus.QUEUED, "", None  # type: ignore[assignment]
         routes.append(
@@ -122,6 +135,7 @@ def channels_route(
                 address if channel != Channel.PUSH else "",
                 due_at=channel_due,
                 escalate_unless=step.unless if step is not None else "",
+                digest=digested,
             )
         )
     return routes
@@ -239,16 +253,24 @@ def _notification_prepare(
     )
     rendered: dict[str, dict[str, str]] = {}
     errors: dict[str, list[str]] = {}
+    # A digest template is written for a list of events: one notification is a digest of one.
+    data = templating.digest_data([request.data]) if template.digest else request.data
     # Every channel of the template is rendered, even the ones this recipient skips, so a
     # missing variable fails the request the same way whoever the recipient is.
     for channel in CHANNEL_ORDER:
         if channel in content:
             try:
-                rendered[channel] = templating.render_channel(
-                    channel, content[channel], request.data
-                )
+                rendered[channel] = templating.render_channel(channel, content[channel], data)
             except templating.TemplateError as exc:
                 errors.update(exc.fields)
+    digest_key = ""
+    if template.digest is not None:
+        try:
+            # Every member of a group shares this: the template and the rendered key.
+            key = templating.render_key(template.digest.key, request.data, where="digest.key")
+            digest_key = f"{template.key}:{key}"[:255]
+        except templating.TemplateError as exc:
+            errors.update(exc.fields)
     if errors:
         raise ValidationFailed(errors)
 
@@ -275,6 +297,7 @@ def _notification_prepare(
             content=rendered.get(route.channel, {}),
             next_attempt_at=route.due_at if route.status == DeliveryStatus.SCHEDULED else None,
             escalate_unless=route.escalate_unless,
+            digest_key=digest_key if route.digest else "",
         )
         for route in routes
     ]
@@ -312,6 +335,7 @@ def _cap_checks(
         )
         for route in routes
         if route.status != DeliveryStatus.SKIPPED
+        and not route.digest  # digest members are not capped
         and (cap := template.frequency_caps.get(route.channel)) is not None
     ]
 

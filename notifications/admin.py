@@ -258,6 +258,14 @@ class TemplateAdminForm(ModelForm):
         "goes out after the delay only if no other delivery was read (or delivered) by then.",
     )
 
+    digest = admin_views.PrettyJSONField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4, "cols": 90, "spellcheck": "false"}),
+        help_text='E.g. {"window": "1h", "key": "{{ project_id }}", "web_at_once": true}: one '
+        "delivery per channel for all of a recipient's notifications of the window; the content "
+        "sees {{ events }} and {{ count }}. Empty: no digest.",
+    )
+
     class Meta:
         model = Template
         fields = [
@@ -271,6 +279,7 @@ class TemplateAdminForm(ModelForm):
             "frequency_caps",
             "frequency_cap_scope",
             "escalation",
+            "digest",
         ]
 
     def clean(self) -> dict[str, Any]:
@@ -286,7 +295,7 @@ class TemplateAdminForm(ModelForm):
                     self.add_error(field, [f"{k}: {' '.join(v)}" for k, v in exc.fields.items()])
         if cleaned.get("translations") is None and "translations" in cleaned:
             cleaned["translations"] = {}
-        for field, empty in (("frequency_caps", {}), ("escalation", [])):
+        for field, empty in (("frequency_caps", {}), ("escalation", []), ("digest", {})):
             if field in cleaned and cleaned[field] is None:
                 cleaned[field] = empty
         if {"frequency_caps", "escalation", "frequency_cap_scope"} <= cleaned.keys():
@@ -294,6 +303,7 @@ class TemplateAdminForm(ModelForm):
                 frequency_caps=cleaned["frequency_caps"],
                 frequency_cap_scope=cleaned["frequency_cap_scope"],
                 escalation=cleaned["escalation"],
+                digest=cleaned.get("digest") or {},
             )
             for path, messages in problems.items():
                 field = "escalation" if path.startswith("escalation") else path.split(".")[0]
@@ -318,7 +328,7 @@ class TemplateAdmin(admin.ModelAdmin):
         ("Content", {"fields": ["content", "translations", "sample_data"]}),
         (
             "Delivery rules",
-            {"fields": ["frequency_caps", "frequency_cap_scope", "escalation"]},
+            {"fields": ["frequency_caps", "frequency_cap_scope", "escalation", "digest"]},
         ),
     ]
 

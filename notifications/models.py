@@ -71,6 +71,10 @@ class SkipReason(models.TextChoices):
     FREQUENCY_CAPPED = "frequency_capped", "Frequency capped"
     # Not a skip: a scheduled delivery held until the recipient's quiet hours end.
     QUIET_HOURS = "quiet_hours", "Held by quiet hours"
+    # Not a skip: a scheduled delivery collected into a digest, sent when the window ends.
+    DIGEST = "digest", "Collected for a digest"
+    # The event went out inside a digest notification (the status event names it).
+    DIGESTED = "digested", "Sent in a digest"
 
 
 class Owner(models.Model):
@@ -195,6 +199,9 @@ class Template(models.Model):
     # [{"after": "15m", "unless": "read", "channel": "sms"}]: send that channel later only if
     # no delivery of the notification was read (or delivered) by then.
     escalation = models.JSONField(default=list, blank=True)
+    # {"window": "1h", "key": "{{ project_id }}", "web_at_once": true}: the notifications of
+    # one recipient (and key) in the window go out as one delivery per channel.
+    digest = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -278,6 +285,9 @@ class Delivery(models.Model):
     escalate_unless = models.CharField(
         max_length=10, choices=[("read", "Read"), ("delivered", "Delivered")], blank=True
     )
+    # A digest member: scheduled until its window ends, then flushed by the relay together
+    # with every other member of the same recipient, template, key and channel.
+    digest_key = models.CharField(max_length=255, blank=True)
     # The address snapshot taken at acceptance: an email or phone; push resolves devices
     # when it sends, so a token registered or revoked meanwhile is honoured.
     address = models.CharField(max_length=254, blank=True)

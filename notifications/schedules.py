@@ -121,6 +121,40 @@ def escalation_parse(steps: Any, *, path: str = "escalation") -> list[Escalation
     return parsed
 
 
+@dataclass(frozen=True)
+class DigestRule:
+    window: timedelta
+    key: str  # a Jinja template over the notification's data; "" groups every event
+    web_at_once: bool  # the in-app channel is not digested: it shows in the inbox at once
+
+
+def digest_parse(document: Any, *, path: str = "digest") -> DigestRule | None:
+    """{"window": "1h", "key": "{{ project_id }}", "web_at_once": true} → DigestRule; an
+    empty object or None means no digest."""
+    if document is None or document == {}:
+        return None
+    if not isinstance(document, dict):
+        raise RuleError({path: ['Must be {"window": "1h", "key": "...", "web_at_once": true}.']})
+    errors: dict[str, list[str]] = {}
+    unknown = set(document) - {"window", "key", "web_at_once"}
+    if unknown:
+        errors[path] = [f"Unknown field {', '.join(sorted(unknown))}."]
+    window = timedelta(0)
+    try:
+        window = duration_parse(document.get("window"))
+    except ValueError as exc:
+        errors[f"{path}.window"] = [str(exc)]
+    key = document.get("key", "")
+    if not isinstance(key, str) or len(key) > 500:
+        errors[f"{path}.key"] = ["A template of at most 500 characters, e.g. {{ project_id }}."]
+    web_at_once = document.get("web_at_once", True)
+    if not isinstance(web_at_once, bool):
+        errors[f"{path}.web_at_once"] = ["Must be true or false."]
+    if errors:
+        raise RuleError(errors)
+    return DigestRule(window, key, web_at_once)
+
+
 # --- Quiet hours ----------------------------------------------------------------------------
 
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")

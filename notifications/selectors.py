@@ -29,10 +29,12 @@ from notifications.models import (
 )
 from notifications.schedules import (
     Cap,
+    DigestRule,
     EscalationStep,
     QuietHours,
     RuleError,
     caps_parse,
+    digest_parse,
     escalation_parse,
     quiet_hours_parse,
 )
@@ -145,6 +147,7 @@ class TemplateSnapshot:
     frequency_caps: dict[str, Cap] = field(default_factory=dict)
     frequency_cap_scope: str = "template"
     escalation: list[EscalationStep] = field(default_factory=list)
+    digest: DigestRule | None = None
 
     @property
     def cap_scope_key(self) -> str:
@@ -169,6 +172,7 @@ def template_snapshot_get(*, owner_id: int, key: str) -> TemplateSnapshot | None
             frequency_caps=_rule_or_default(caps_parse, template.frequency_caps, {}),
             frequency_cap_scope=template.frequency_cap_scope,
             escalation=_rule_or_default(escalation_parse, template.escalation, []),
+            digest=_rule_or_default(digest_parse, template.digest, None),
         )
 
     return keys.cached(

@@ -35,6 +35,7 @@ from notifications.schedules import (
     QuietHours,
     RuleError,
     caps_parse,
+    digest_parse,
     escalation_parse,
     quiet_hours_parse,
 )
@@ -231,17 +232,30 @@ def device_register(*, recipient: Recipient, platform: str, token: str) -> tuple
 
 
 def template_rules_validate(
-    *, frequency_caps: Any, frequency_cap_scope: Any, escalation: Any
+    *, frequency_caps: Any, frequency_cap_scope: Any, escalation: Any, digest: Any = None
 ) -> dict[str, list[str]]:
     """Field errors of a template's delivery rules (empty when they are usable)."""
     errors: dict[str, list[str]] = {}
-    for parse, value in ((caps_parse, frequency_caps), (escalation_parse, escalation)):
+    for parse, value in (
+        (caps_parse, frequency_caps),
+        (escalation_parse, escalation),
+        (digest_parse, digest),
+    ):
         try:
             parse(value)
         except RuleError as exc:
             errors.update(exc.fields)
     if frequency_cap_scope not in ("template", "category"):
         errors["frequency_cap_scope"] = ["Use template or category."]
+    if (
+        isinstance(digest, dict)
+        and isinstance(digest.get("key"), str)
+        and "digest.key" not in errors
+    ):
+        try:
+            templating.validate_content({"sms": {"body": digest["key"] or "-"}})
+        except templating.TemplateError as exc:
+            errors["digest.key"] = [m for messages in exc.fields.values() for m in messages]
     return errors
 
 
@@ -282,6 +296,7 @@ def template_save(
     frequency_caps: dict[str, str] | None = None,
     frequency_cap_scope: str = "template",
     escalation: list[dict[str, Any]] | None = None,
+    digest: dict[str, Any] | None = None,
     create_only: bool = False,
 ) -> tuple[Template, bool]:
     """Create or replace a template after checking every field compiles and every rule
@@ -291,6 +306,7 @@ def template_save(
         "frequency_caps": frequency_caps or {},
         "frequency_cap_scope": frequency_cap_scope,
         "escalation": escalation or [],
+        "digest": digest or {},
     }
     _template_validate(content, translations, rules)
     values = {

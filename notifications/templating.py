@@ -192,3 +192,38 @@ def render_channel(channel: str, fields: dict[str, str], data: dict[str, Any]) -
             raise TemplateError({where: ["Rendered value is too long."]})
         rendered[name] = value
     return rendered
+
+
+def digest_data(events: list[dict[str, Any]], key: str = "") -> dict[str, Any]:
+    """What a digest template sees: the newest event's own data at the top level, and
+    `events` (every event's data, oldest first), `count` and `digest_key`."""
+    return {
+        **(events[-1] if events else {}),
+        "events": events,
+        "count": len(events),
+        "digest_key": key,
+    }
+
+
+def render_key(source: str, data: dict[str, Any], *, where: str) -> str:
+    """A one-line text template (a digest key): TemplateError names a missing variable."""
+    try:
+        template, variables = _parse(source, False)
+    except TemplateSyntaxError as exc:
+        raise TemplateError({where: [f"Template syntax error: {exc.message}"]}) from exc
+    missing = variables - data.keys()
+    if missing:
+        raise TemplateError(
+            {f"data.{name}": ["Missing template variable."] for name in sorted(missing)}
+        )
+    try:
+        return str(template.render(data)).strip()
+    except (
+        UndefinedError,
+        SecurityError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+        LookupError,
+    ) as exc:
+        raise TemplateError({where: [f"Template could not be rendered: {exc}"]}) from exc

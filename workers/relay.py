@@ -40,8 +40,9 @@ FAILURE_BACKOFF_MAX_SECONDS = 5.0
 
 def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None) -> int:
     """One round: claim up to `limit` due outbox rows, publish them in batches, mark them
-    published; all or nothing. Returns how many outbox rows it handled (published, or
-    cancelled as escalations no longer needed)."""
+    published; all or nothing. Scheduled rows due are released (an escalation no longer
+    needed is cancelled instead) and due digest members are flushed into their digest.
+    Returns how many outbox rows it handled."""
     now = now or timezone.now()
     limit = limit or settings.RELAY_CLAIM_SIZE
     with transaction.atomic():
@@ -50,27 +51,37 @@ def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None)
             .due(now)
             .order_by("id")
             .select_for_update(skip_locked=True)
-            .values_list("id", "channel", "status", "created_at", "next_attempt_at")[:limit]
+            .values_list("id", "channel", "status", "created_at", "next_attempt_at", "digest_key")[
+                :limit
+            ]
         )
         if not rows:
             return 0
         claimed = len(rows)
+        scheduled = [row for row in rows if row[2] == DeliveryStatus.SCHEDULED]
+        digested = {row[0] for row in scheduled if row[5]}
         not_needed = transitions.deliveries_release_due(
-            delivery_ids=[row[0] for row in rows if row[2] == DeliveryStatus.SCHEDULED], now=now
+            delivery_ids=[row[0] for row in scheduled if row[0] not in digested], now=now
         )
-        rows = [row for row in rows if row[0] not in not_needed]
+        # Digest members are not published: their group goes out as one new delivery.
+        flushed = transitions.digests_flush(delivery_ids=sorted(digested), now=now)
+        rows = [row for row in rows if row[0] not in not_needed and row[0] not in digested]
         by_channel: dict[str, list[int]] = defaultdict(list)
         for delivery_id, channel, *_ in rows:
             by_channel[channel].append(delivery_id)
+        for channel, ids in flushed.items():
+            by_channel[channel].extend(ids)
         # Marked before the publish, inside the same transaction: should the publish fail,
         # the rollback puts every row back in the outbox.
-        Delivery.objects.filter(pk__in=[row[0] for row in rows]).update(enqueued_at=now)
+        Delivery.objects.filter(
+            pk__in=[row[0] for row in rows] + [pk for ids in flushed.values() for pk in ids]
+        ).update(enqueued_at=now)
         messages = batches_publish_rollback_unsafe(by_channel)
     published_at = timezone.now()
     metrics.relay_lag(
         seconds=(
             (published_at - max(created_at, next_attempt_at or created_at)).total_seconds()
-            for _, _, _, created_at, next_attempt_at in rows
+            for _, _, _, created_at, next_attempt_at, _ in rows
         )
     )
     for channel, ids in by_channel.items():

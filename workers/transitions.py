@@ -21,12 +21,16 @@ from django.utils import timezone
 
 from notifications import cache as keys
 from notifications.models import (
+    CHANNEL_ORDER,
     INBOX_STATUSES,
     OUTBOX_STATUSES,
     Channel,
     Delivery,
     DeliveryStatus,
     Device,
+    Notification,
+    SkipReason,
+    Template,
 )
 from workers.delivery_log import AttemptRecord, delivery_status_events, get_delivery_log
 from workers.dispatch import outbox_wake_on_commit
@@ -443,6 +447,119 @@ def escalations_cancel(*, notification_ids: list[Any], reached: str, channel: st
         why = {pk: f"escalation not needed: {channel} {unless} in time" for pk, unless in waiting}
         _deliveries_cancel_locked([pk for pk, _ in waiting], timezone.now(), detail=why)
     return len(waiting)
+
+
+# --- Digests ---------------------------------------------------------------------------------
+
+
+def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[int]]:
+    """Digest members whose window has ended (the relay holds their rows locked): each group
+    (recipient and digest key: the template and the rendered key) becomes ONE notification
+    with one queued delivery per channel, rendered over every member of the group that is
+    still waiting, due or not (an event that came late in the window rides along); the
+    members become `skipped` (`digested`), each with an event naming the digest. All in the
+    relay's transaction: a crash before it commits leaves every member waiting, so an event
+    is neither lost nor sent twice. Returns the new deliveries' ids by channel, for the relay
+    to publish in the same round."""
+    from notifications import templating
+
+    if not delivery_ids:
+        return {}
+    groups = sorted(
+        set(
+            Delivery.objects.filter(pk__in=delivery_ids).values_list(
+                "notification__recipient_id", "digest_key"
+            )
+        )
+    )
+    published: dict[str, list[int]] = {}
+    for recipient_id, digest_key in groups:
+        members = list(
+            Delivery.objects.filter(
+                notification__recipient_id=recipient_id,
+                digest_key=digest_key,
+                status=DeliveryStatus.SCHEDULED,
+                lease_token__isnull=True,
+            )
+            .select_for_update(skip_locked=True, of=("self",))
+            .select_related("notification__recipient")
+            .order_by("notification__created_at", "pk")
+        )
+        if not members:
+            continue
+        newest = members[-1].notification
+        template = Template.objects.filter(pk=newest.template_id).first()
+        key = digest_key.partition(":")[2]
+        by_channel: dict[str, list[Delivery]] = {}
+        for member in members:
+            by_channel.setdefault(member.channel, []).append(member)
+        events_of = {m.notification_id: m.notification.data for m in members}
+        rendered: dict[str, dict[str, str]] = {}
+        problem = "" if template is not None else "the template was deleted"
+        if template is not None:
+            _, content = templating.pick_locale_content(
+                default_locale=template.locale,
+                content=template.content,
+                translations=template.translations,
+                wanted=newest.locale,
+            )
+            for channel, rows in by_channel.items():
+                events = [r.notification.data for r in rows]
+                try:
+                    rendered[channel] = templating.render_channel(
+                        channel, content[channel], templating.digest_data(events, key)
+                    )
+                except (templating.TemplateError, KeyError) as exc:
+                    problem = f"the digest could not be rendered: {exc}"
+                    break
+        if problem:
+            _deliveries_cancel_locked([m.pk for m in members], now, detail=problem)
+            continue
+        digest = Notification.objects.create(
+            owner_id=newest.owner_id,
+            recipient_id=recipient_id,
+            template_id=newest.template_id,
+            template_key=newest.template_key,
+            category=newest.category,
+            priority=newest.priority,
+            locale=newest.locale,
+            data=templating.digest_data(list(events_of.values()), key),
+        )
+        created = Delivery.objects.bulk_create(
+            [
+                Delivery(
+                    notification=digest,
+                    channel=channel,
+                    status=DeliveryStatus.QUEUED,
+                    address=by_channel[channel][-1].address,
+                    content=rendered[channel],
+                )
+                for channel in CHANNEL_ORDER
+                if channel in by_channel
+            ]
+        )
+        for delivery in created:
+            delivery.notification = digest
+            digest.recipient = newest.recipient
+            published.setdefault(delivery.channel, []).append(delivery.pk)
+        Delivery.objects.filter(pk__in=[m.pk for m in members]).update(
+            status=DeliveryStatus.SKIPPED,
+            skip_reason=SkipReason.DIGESTED,
+            next_attempt_at=None,
+            updated_at=now,
+        )
+        count = len(events_of)
+        get_delivery_log().record_statuses(
+            [
+                *delivery_status_events(
+                    created, DeliveryStatus.QUEUED, detail=f"digest of {count} notifications"
+                ),
+                *delivery_status_events(
+                    members, DeliveryStatus.SKIPPED, detail=f"digested into {digest.pk}"
+                ),
+            ]
+        )
+    return published
 
 
 # --- The in-app inbox -----------------------------------------------------------------------

@@ -337,6 +337,14 @@ class TemplateSerializer(serializers.Serializer):
         "sent after the delay only if no other delivery of the notification was read "
         "(or delivered) by then.",
     )
+    digest = serializers.DictField(
+        required=False,
+        default=dict,
+        help_text='{"window": "1h", "key": "{{ project_id }}", "web_at_once": true}: the '
+        "notifications of one recipient (and key) in the window go out as one delivery per "
+        "channel, whose content sees {{ events }} (every event's data) and {{ count }}; the "
+        "in-app one still shows at once unless web_at_once is false. {} for none.",
+    )
     created_at = serializers.DateTimeField(read_only=True)
     updated_at = serializers.DateTimeField(read_only=True)
 

@@ -370,6 +370,7 @@ def _template_save(owner: Owner, payload: dict[str, Any], *, create_only: bool) 
             frequency_caps=payload.get("frequency_caps") or {},
             frequency_cap_scope=payload.get("frequency_cap_scope", "template"),
             escalation=payload.get("escalation") or [],
+            digest=payload.get("digest") or {},
             create_only=create_only,
         )
     except services.ValidationFailed as exc:
