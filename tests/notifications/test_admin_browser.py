@@ -108,3 +108,75 @@ def test_template_preview_follows_edits_and_saves(
     template.refresh_from_db()
     assert template.content == edited
     assert template.sample_data == {"order_id": "<B-2>"}
+
+
+def test_delivery_rules_and_quiet_hours_in_the_browser(
+    owner: Any, template: Template, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    """The template's "Delivery rules" (frequency caps, escalation, digest) and a recipient's
+    quiet hours, edited, refused when wrong and saved through the real admin pages."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    from playwright.sync_api import expect, sync_playwright
+
+    from notifications.models import Recipient
+
+    get_user_model().objects.create_superuser("ops", "ops@example.com", "pw-ops-123")
+    recipient = Recipient.objects.create(
+        owner=owner, external_id="night-owl", timezone="Asia/Tokyo"
+    )
+    template_path = f"/admin/notifications/template/{template.pk}/change/"
+    recipient_path = f"/admin/notifications/recipient/{recipient.pk}/change/"
+    base = _serve(spawn, tmp_path)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(f"{base}/admin/login/?next={template_path}")
+            page.fill("#id_username", "ops")
+            page.fill("#id_password", "pw-ops-123")
+            page.click("input[type=submit]")
+            page.wait_for_url(f"{base}{template_path}")
+
+            expect(page.locator("fieldset h2", has_text="Delivery rules")).to_be_visible()
+            page.fill("#id_frequency_caps", '{"email": "3 an hour"}')
+            page.click("input[name=_continue]")
+            expect(page.locator(".errorlist")).to_contain_text(
+                "frequency_caps.email: A cap is N/window"
+            )
+            page.fill("#id_frequency_caps", '{"email": "3/1h", "sms": "1/1d"}')
+            page.select_option("#id_frequency_cap_scope", "category")
+            page.fill("#id_escalation", '[{"after": "15m", "unless": "read", "channel": "sms"}]')
+            page.fill("#id_digest", '{"window": "1h", "key": "{{ order_id }}"}')
+            page.click("input[name=_continue]")
+            expect(page.locator(".messagelist .success")).to_contain_text(
+                "was changed successfully"
+            )
+            expect(page.locator("#id_frequency_caps")).to_contain_text('"sms": "1/1d"')
+            page.locator("fieldset", has_text="Delivery rules").screenshot(
+                path=str(tmp_path / "delivery-rules.png")
+            )
+
+            page.goto(f"{base}{recipient_path}")
+            page.fill("#id_quiet_hours", '{"start": "22:00", "end": "7am"}')
+            page.click("input[name=_continue]")
+            expect(page.locator(".errorlist")).to_contain_text("quiet_hours.end: A time of day")
+            page.fill("#id_quiet_hours", '{"start": "22:00", "end": "07:00", "channels": ["sms"]}')
+            page.click("input[name=_save]")
+            page.wait_for_url(f"{base}/admin/notifications/recipient/")
+            expect(page.locator("#result_list")).to_contain_text("22:00-07:00 (sms)")
+            page.screenshot(path=str(tmp_path / "recipients.png"), full_page=True)
+        finally:
+            browser.close()
+
+    for shot in ("delivery-rules.png", "recipients.png"):
+        assert (tmp_path / shot).stat().st_size > 5_000, shot
+    template.refresh_from_db()
+    assert template.frequency_caps == {"email": "3/1h", "sms": "1/1d"}
+    assert template.frequency_cap_scope == "category"
+    assert template.escalation == [{"after": "15m", "unless": "read", "channel": "sms"}]
+    assert template.digest == {"window": "1h", "key": "{{ order_id }}"}
+    recipient.refresh_from_db()
+    assert recipient.quiet_hours == {"start": "22:00", "end": "07:00", "channels": ["sms"]}
