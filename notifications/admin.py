@@ -246,21 +246,21 @@ class TemplateAdminForm(ModelForm):
 
     frequency_caps = admin_views.PrettyJSONField(
         required=False,
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 90, "spellcheck": "false"}),
+        widget=forms.Textarea(attrs={"rows": 4, "cols": 90, "spellcheck": "false"}),
         help_text='At most N per recipient per window, per channel, e.g. {"email": "3/1h", '
         '"sms": "1/1d"} (units s, m, h, d). Over the cap a delivery is skipped '
         "(frequency_capped); critical notifications are never capped.",
     )
     escalation = admin_views.PrettyJSONField(
         required=False,
-        widget=forms.Textarea(attrs={"rows": 4, "cols": 90, "spellcheck": "false"}),
+        widget=forms.Textarea(attrs={"rows": 7, "cols": 90, "spellcheck": "false"}),
         help_text='E.g. [{"after": "15m", "unless": "read", "channel": "sms"}]: that channel '
         "goes out after the delay only if no other delivery was read (or delivered) by then.",
     )
 
     digest = admin_views.PrettyJSONField(
         required=False,
-        widget=forms.Textarea(attrs={"rows": 4, "cols": 90, "spellcheck": "false"}),
+        widget=forms.Textarea(attrs={"rows": 5, "cols": 90, "spellcheck": "false"}),
         help_text='E.g. {"window": "1h", "key": "{{ project_id }}", "web_at_once": true}: one '
         "delivery per channel for all of a recipient's notifications of the window; the content "
         "sees {{ events }} and {{ count }}. Empty: no digest.",
