@@ -25,6 +25,7 @@ from notifications.models import (
     Preference,
     Recipient,
     Template,
+    Topic,
 )
 
 
@@ -168,7 +169,7 @@ def template_get(*, owner: Owner, key: str) -> Template | None:
 def notification_get(*, owner: Owner, notification_id: uuid.UUID) -> Notification | None:
     return (
         Notification.objects.filter(owner=owner, pk=notification_id)
-        .select_related("recipient")
+        .select_related("recipient", "topic")
         .prefetch_related(Prefetch("deliveries", queryset=Delivery.objects.order_by("id")))
         .first()
     )
@@ -225,10 +226,23 @@ def notification_detail(*, notification: Notification) -> dict[str, Any]:
     attempts = get_delivery_log().attempts_for_deliveries(
         notification_id=str(notification.pk), delivery_ids=[d.pk for d in deliveries]
     )
+    if notification.topic_id is not None or notification.recipients_total is not None:
+        from notifications.fanout import topic_notification_status
+
+        status = topic_notification_status(notification)
+    else:
+        status = notification_summary_status([d.status for d in deliveries])
     return {
         "id": str(notification.pk),
-        "status": notification_summary_status([d.status for d in deliveries]),
-        "recipient": notification.recipient.external_id,
+        "status": status,
+        # NULL for a topic notification, whose children each have their recipient.
+        "recipient": notification.recipient.external_id if notification.recipient else None,
+        "topic": notification.topic.key if notification.topic else None,
+        "parent": str(notification.parent_id) if notification.parent_id else None,
+        "recipients_total": notification.recipients_total,
+        "recipients_done": (
+            notification.recipients_done if notification.recipients_total is not None else None
+        ),
         "template": notification.template_key,
         "category": notification.category,
         "priority": notification.priority,
@@ -367,3 +381,19 @@ def inbox_backlog(*, recipient_id: int, since: uuid.UUID | None, limit: int) -> 
                 | Q(status__in=UNACKNOWLEDGED_STATUSES)
             )
     return list(entries.order_by("created_at", "pk")[:limit])
+
+
+# --- Topics ---------------------------------------------------------------------------------
+
+
+def topic_get(*, owner: Owner, key: str) -> Topic | None:
+    return Topic.objects.filter(owner=owner, key=key).first()
+
+
+def topic_detail(*, topic: Topic) -> dict[str, Any]:
+    return {
+        "key": topic.key,
+        "name": topic.name,
+        "subscribers_count": topic.subscriptions.count(),
+        "created_at": topic.created_at,
+    }

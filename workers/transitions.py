@@ -91,7 +91,7 @@ def _attempt_record(
         delivery_id=delivery.pk,
         notification_id=str(delivery.notification_id),
         owner_id=delivery.notification.owner_id,
-        recipient_id=delivery.notification.recipient.external_id,
+        recipient_id=delivery.notification.addressee.external_id,
         channel=delivery.channel,
         number=delivery.attempts,
         provider=settlement.provider or "-",
@@ -274,7 +274,7 @@ def _settle_dead(settlement: Settlement, now: datetime) -> bool:
 
 
 def _devices_deactivate(delivery: Delivery, tokens: tuple[str, ...]) -> None:
-    recipient_id = delivery.notification.recipient_id
+    recipient_id = delivery.notification.addressee_id
     Device.objects.filter(recipient_id=recipient_id, token__in=tokens).update(active=False)
     keys.invalidate_on_commit(keys.devices_key(recipient_id))
 
@@ -314,7 +314,7 @@ def dead_letter_create(*, delivery: Delivery, provider: str, error: str) -> Dead
             for a in history.get(delivery.pk, [])
         ],
         payload={
-            "to": delivery.address or notification.recipient.external_id,
+            "to": delivery.address or notification.addressee.external_id,
             "content": delivery.content,
         },
     )
