@@ -126,14 +126,15 @@ class NotificationCreateSerializer(serializers.Serializer):
 
 
 class BulkItemSerializer(NotificationCreateSerializer):
+    recipient = RecipientRefField()
     idempotency_key = serializers.CharField(required=False, max_length=255)
 
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if "topic" in attrs:
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict) and "topic" in data:
             raise serializers.ValidationError(
                 {"topic": ["A topic notification is sent alone: POST /api/v1/notifications."]}
             )
-        return super().validate(attrs)
+        return super().to_internal_value(data)
 
 
 class BulkCreateSerializer(serializers.Serializer):
