@@ -139,7 +139,10 @@ def topic_notification_accept(*, owner: Owner, request: NotificationRequest) -> 
                 outbox_wake_on_commit()
     except IntegrityError as exc:
         claim = request.idempotency
-        if claim is not None and IdempotencyRecord.objects.filter(owner=owner, key=claim.key):
+        if (
+            claim is not None
+            and IdempotencyRecord.objects.filter(owner=owner, key=claim.key).exists()
+        ):
             raise IdempotencyRecordExists from exc
         raise
     log.info(
