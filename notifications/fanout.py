@@ -42,7 +42,7 @@ from notifications.models import (
 )
 from notifications.selectors import (
     TemplateSnapshot,
-    recipient_contexts_get_many,
+    recipient_contexts_by_pk,
     template_snapshot_get,
 )
 from notifications.services import ValidationFailed
@@ -160,8 +160,8 @@ def _children_prepare(
     """One child per subscriber, routed and rendered as a single send to it would be. A
     subscriber the send cannot reach now (the template was deleted or changed since and misses
     a variable) is logged and passed over."""
-    contexts = recipient_contexts_get_many(
-        owner_id=owner.pk, external_ids=[external_id for _, external_id in subscribers]
+    contexts = recipient_contexts_by_pk(
+        owner_id=owner.pk, recipient_ids=[recipient_id for recipient_id, _ in subscribers]
     )
     templates: dict[str, TemplateSnapshot | None] = {}
     prepared = []
