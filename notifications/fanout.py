@@ -16,6 +16,7 @@ fan-out ends."""
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -52,10 +53,34 @@ log = logging.getLogger(__name__)
 # A topic notification's `status` in the API and the admin.
 FANNING_OUT = "fanning_out"
 FANNED_OUT = "fanned_out"
+FANOUT_CANCELLED = "cancelled"
 
 
 def topic_notification_status(notification: Notification) -> str:
+    if notification.fanout_cancelled_at is not None:
+        return FANOUT_CANCELLED
     return FANNING_OUT if notification.fanout_finished_at is None else FANNED_OUT
+
+
+def topic_fanouts_stop(*, notification_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Stop the fan-out of the unfinished topic notifications among these; returns their ids.
+    The row lock waits for a chunk being written to commit, so once this returns no further
+    child is written, and the children written so far are all there to be cancelled."""
+    now = timezone.now()
+    with transaction.atomic():
+        stopped = list(
+            Notification.objects.filter(
+                pk__in=notification_ids,
+                recipients_total__isnull=False,
+                fanout_finished_at__isnull=True,
+            )
+            .select_for_update()
+            .values_list("pk", flat=True)
+        )
+        Notification.objects.filter(pk__in=stopped).update(
+            fanout_finished_at=now, fanout_cancelled_at=now
+        )
+    return stopped
 
 
 def _template_check(template: TemplateSnapshot, data: dict[str, Any]) -> None:

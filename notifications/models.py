@@ -229,6 +229,8 @@ class Notification(models.Model):
     fanout_after = models.BigIntegerField(null=True, blank=True)
     fanout_until = models.BigIntegerField(null=True, blank=True)
     fanout_finished_at = models.DateTimeField(null=True, blank=True)
+    # Set with fanout_finished_at when a cancel stopped the fan-out before its end.
+    fanout_cancelled_at = models.DateTimeField(null=True, blank=True)
     # The channels the topic notification asked for, for its children; NULL: the template's.
     fanout_channels = models.JSONField(null=True, blank=True)
 

@@ -175,6 +175,11 @@ class NotificationCancelledSerializer(serializers.Serializer):
     not_cancelled = CancelledDeliverySerializer(
         many=True, help_text="The others: already sent, final, or being sent."
     )
+    children_cancelled = serializers.IntegerField(
+        required=False,
+        help_text="A topic notification: its fan-out stops, and this many deliveries of its "
+        "children written so far were cancelled.",
+    )
 
 
 class CancelByKeySerializer(serializers.Serializer):

@@ -156,3 +156,50 @@ def test_the_childs_detail_names_its_parent(owner: Any, topic: Topic, api: Any) 
     )
     parent_detail = api.get(f"/api/v1/notifications/{parent.pk}").json()
     assert (parent_detail["status"], parent_detail["recipients_done"]) == ("fanned_out", 25)
+
+
+def test_a_cancel_stops_the_fan_out_and_cancels_the_children_so_far(
+    owner: Any, topic: Topic, api: Any
+) -> None:
+    parent = send(owner)
+    assert fanout.topic_fanout_step(chunk_size=10)
+    response = api.post(f"/api/v1/notifications/{parent.pk}/cancel")
+    assert response.status_code == 200
+    assert response.json() == {
+        "id": str(parent.pk),
+        "cancelled": [],
+        "not_cancelled": [],
+        "children_cancelled": 10,
+    }
+    assert fanout.topic_fanout_step(chunk_size=10) is False
+    assert len(children(parent)) == 10
+    assert set(
+        Delivery.objects.filter(notification__parent=parent).values_list("status", flat=True)
+    ) == {"cancelled"}
+    detail = api.get(f"/api/v1/notifications/{parent.pk}").json()
+    assert (detail["status"], detail["recipients_total"], detail["recipients_done"]) == (
+        "cancelled",
+        25,
+        10,
+    )
+    again = api.post(f"/api/v1/notifications/{parent.pk}/cancel").json()
+    assert again["children_cancelled"] == 0
+
+
+def test_a_cancel_by_key_reaches_the_topic_notification_and_its_children(
+    owner: Any, topic: Topic, api: Any
+) -> None:
+    parent = send(owner, cancel_key="release-2.0")
+    assert fanout.topic_fanout_step(chunk_size=10)
+    response = api.post(
+        "/api/v1/notifications/cancel", {"cancel_key": "release-2.0"}, format="json"
+    )
+    answers = response.json()["notifications"]
+    # The topic notification and the ten children written so far, which share its key.
+    assert len(answers) == 11
+    [topic_answer] = [a for a in answers if a["id"] == str(parent.pk)]
+    assert topic_answer["children_cancelled"] == 10
+    # Each child's own answer lists its cancelled delivery too.
+    assert sum(len(a["cancelled"]) for a in answers) == 10
+    assert fanout.topic_fanout_step(chunk_size=10) is False
+    assert Delivery.objects.filter(notification__parent=parent, status="cancelled").count() == 10
