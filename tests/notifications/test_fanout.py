@@ -203,3 +203,22 @@ def test_a_cancel_by_key_reaches_the_topic_notification_and_its_children(
     assert sum(len(a["cancelled"]) for a in answers) == 10
     assert fanout.topic_fanout_step(chunk_size=10) is False
     assert Delivery.objects.filter(notification__parent=parent, status="cancelled").count() == 10
+
+
+def test_a_topic_send_wakes_the_relay_after_commit_and_an_empty_one_does_not(
+    owner: Any, topic: Topic, django_capture_on_commit_callbacks: Any
+) -> None:
+    from workers import dispatch
+
+    Topic.objects.create(owner=owner, key="empty")
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        send(owner)
+    assert [c for c in callbacks if c is dispatch.outbox_wake] == [dispatch.outbox_wake]
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        notification_accept(
+            owner=owner,
+            request=NotificationRequest(
+                recipient="", topic="empty", template_key="order_shipped", data={"order_id": "1"}
+            ),
+        )
+    assert [c for c in callbacks if c is dispatch.outbox_wake] == []
