@@ -199,6 +199,8 @@ class NotificationRequest:
     send_at: datetime | None = None
     idempotency: IdempotencyClaim | None = None
     cancel_key: str = ""
+    # A topic's key instead of a recipient: the notification fans out (notifications/fanout.py).
+    topic: str = ""
 
 
 def _notification_prepare(
@@ -550,6 +552,10 @@ def notification_create(
 def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[str, Any]:
     """Accept one notification: render it, route it, write it with its deliveries in one
     transaction, and enqueue the deliveries after commit. Returns the 202 body."""
+    if request.topic:
+        from notifications.fanout import topic_notification_accept
+
+        return topic_notification_accept(owner=owner, request=request)
     now = timezone.now()
     prepared = _notification_prepare(owner=owner, request=request, now=now, templates={})
     structlog.contextvars.bind_contextvars(notification_id=str(prepared.notification.pk))

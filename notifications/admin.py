@@ -10,7 +10,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Exists, OuterRef, Prefetch, QuerySet
+from django.db.models import Count, Exists, OuterRef, Prefetch, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, path, reverse
@@ -19,6 +19,7 @@ from django.utils.safestring import SafeString
 
 from notifications import admin_views, services, templating
 from notifications import cache as keys
+from notifications.fanout import topic_notification_status
 from notifications.models import (
     ApiKey,
     Channel,
@@ -30,6 +31,8 @@ from notifications.models import (
     Preference,
     Recipient,
     Template,
+    Topic,
+    TopicSubscription,
 )
 from notifications.schedules import RuleError, quiet_hours_parse
 from notifications.selectors import notification_summary_status
@@ -490,11 +493,14 @@ class NotificationAdmin(admin.ModelAdmin):
         "cancel_key",
         "created_at",
     ]
+    # A topic notification's fan-out, and a child's topic notification.
+    _topic_fields: list[str] = ["topic", "parent", "fanout_progress"]
     fieldsets = [
         (None, {"fields": tuple(_fields)}),
+        ("Topic", {"fields": tuple(_topic_fields)}),
         ("Timeline: every status change and provider attempt", {"fields": ["timeline"]}),
     ]
-    readonly_fields = [*_fields, "timeline"]
+    readonly_fields = [*_fields, *_topic_fields, "timeline"]
     inlines = [DeliveryInline]
 
     class Media:
@@ -537,7 +543,18 @@ class NotificationAdmin(admin.ModelAdmin):
 
     @admin.display(description="status")
     def status(self, obj: Notification) -> str:
+        if obj.recipients_total is not None:
+            return f"{topic_notification_status(obj)} ({self.fanout_progress(obj)})"
         return notification_summary_status([d.status for d in obj.deliveries.all()])
+
+    @admin.display(description="fan-out")
+    def fanout_progress(self, obj: Notification) -> str:
+        if obj.recipients_total is None:
+            return "-"
+        finished = obj.fanout_finished_at is not None
+        return f"{obj.recipients_done} of {obj.recipients_total} subscribers" + (
+            f", finished {obj.fanout_finished_at:%Y-%m-%d %H:%M:%S}" if finished else ""
+        )
 
     @admin.display(description="deliveries")
     def deliveries_summary(self, obj: Notification) -> SafeString:
@@ -603,3 +620,62 @@ class DeliveryAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+
+# --- Topics -----------------------------------------------------------------------------------
+
+
+@admin.register(Topic)
+class TopicAdmin(admin.ModelAdmin):
+    list_display = ["key", "name", "owner", "subscribers", "created_at"]
+    list_filter = ["owner"]
+    search_fields = ["key", "name"]
+    readonly_fields = ["created_at", "subscribers"]
+    fields = ["owner", "key", "name", "created_at", "subscribers"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Topic]:
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("owner")
+            .annotate(subscribers_count=Count("subscriptions"))
+        )
+
+    @admin.display(description="subscribers", ordering="subscribers_count")
+    def subscribers(self, obj: Topic) -> SafeString | str:
+        if obj.pk is None:
+            return "-"
+        count = getattr(obj, "subscribers_count", None)
+        if count is None:
+            count = obj.subscriptions.count()
+        url = reverse("admin:notifications_topicsubscription_changelist")
+        return format_html('<a href="{}?topic__id__exact={}">{}</a>', url, obj.pk, count)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Topic | None = None) -> list[str]:
+        # The key is what senders name: fixed once the topic exists.
+        return [*self.readonly_fields, "owner", "key"] if obj else list(self.readonly_fields)
+
+
+class TopicSubscriptionForm(ModelForm):
+    class Meta:
+        model = TopicSubscription
+        fields = ["topic", "recipient"]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        topic, recipient = cleaned.get("topic"), cleaned.get("recipient")
+        if topic and recipient and topic.owner_id != recipient.owner_id:
+            raise forms.ValidationError("The recipient and the topic belong to different owners.")
+        return cleaned
+
+
+@admin.register(TopicSubscription)
+class TopicSubscriptionAdmin(admin.ModelAdmin):
+    form = TopicSubscriptionForm
+    list_display = ["recipient", "topic", "created_at"]
+    list_filter = ["topic"]
+    search_fields = ["recipient__external_id", "recipient__email", "topic__key"]
+    search_help_text = "Recipient id, email or topic key."
+    list_select_related = ["recipient", "topic"]
+    autocomplete_fields = ["topic", "recipient"]
+    readonly_fields = ["created_at"]

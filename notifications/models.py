@@ -215,7 +215,14 @@ class Template(models.Model):
 class Notification(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="notifications")
-    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="notifications")
+    # NULL for a topic notification: its children, one per subscriber, have a recipient.
+    recipient = models.ForeignKey(
+        Recipient,
+        on_delete=models.CASCADE,
+        related_name="notifications",
+        null=True,
+        blank=True,
+    )
     template = models.ForeignKey(Template, on_delete=models.SET_NULL, null=True, blank=True)
     template_key = models.CharField(max_length=100)
     category = models.CharField(max_length=100, blank=True)
@@ -228,9 +235,45 @@ class Notification(models.Model):
     # A-1001": POST /notifications/cancel with this key).
     cancel_key = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # --- Topics (notifications/fanout.py) ---
+    # A topic notification: sent to the topic's subscribers, fanned out in the background.
+    topic = models.ForeignKey(
+        "Topic", on_delete=models.SET_NULL, null=True, blank=True, related_name="notifications"
+    )
+    # A child of a topic notification: the one for one subscriber.
+    parent = models.ForeignKey(
+        "self", on_delete=models.CASCADE, null=True, blank=True, related_name="children"
+    )
+    # The subscribers when the topic notification was accepted; on completion, the number
+    # actually reached (subscribers who left before their turn are not counted).
+    recipients_total = models.PositiveIntegerField(null=True, blank=True)
+    recipients_done = models.PositiveIntegerField(default=0)
+    # The fan-out's cursor: the last recipient (primary key) handled, and the last one it will
+    # handle (the highest subscribed recipient at acceptance).
+    fanout_after = models.BigIntegerField(null=True, blank=True)
+    fanout_until = models.BigIntegerField(null=True, blank=True)
+    fanout_finished_at = models.DateTimeField(null=True, blank=True)
+    # Set with fanout_finished_at when a cancel stopped the fan-out before its end.
+    fanout_cancelled_at = models.DateTimeField(null=True, blank=True)
+    # The channels the topic notification asked for, for its children; NULL: the template's.
+    fanout_channels = models.JSONField(null=True, blank=True)
 
     class Meta:
+        constraints = [
+            # The backstop of exactly-once fan-out: one child per parent and recipient.
+            models.UniqueConstraint(
+                fields=["parent", "recipient"],
+                name="notification_parent_recipient",
+                condition=models.Q(parent__isnull=False),
+            )
+        ]
         indexes = [
+            # The fan-out's claim: partial, so it holds only topic notifications not done yet.
+            models.Index(
+                fields=["created_at"],
+                name="notification_fanout_pending",
+                condition=models.Q(recipients_total__isnull=False, fanout_finished_at__isnull=True),
+            ),
             models.Index(fields=["owner", "-created_at"], name="notification_owner_recent"),
             models.Index(
                 fields=["owner", "cancel_key"],
@@ -245,7 +288,23 @@ class Notification(models.Model):
         ]
 
     def __str__(self) -> str:
+        if self.recipient_id is None and self.topic_id is not None:
+            return f"{self.template_key} → topic {self.topic_id}"
         return f"{self.template_key} → {self.recipient_id}"
+
+    @property
+    def addressee(self) -> Recipient:
+        """The recipient of a notification that has deliveries: every one but a topic
+        notification, which has none (its children do)."""
+        if self.recipient is None:
+            raise ValueError(f"topic notification {self.pk} has no recipient")
+        return self.recipient
+
+    @property
+    def addressee_id(self) -> int:
+        if self.recipient_id is None:
+            raise ValueError(f"topic notification {self.pk} has no recipient")
+        return self.recipient_id
 
 
 # Statuses of a delivery the outbox relay may still have to publish (workers/relay.py): new
@@ -409,3 +468,35 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({self.status_code})"
+
+
+class Topic(models.Model):
+    """A list of recipients that one notification reaches all at once."""
+
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="topics")
+    key = models.SlugField(max_length=100)
+    name = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "key"], name="topic_owner_key")]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class TopicSubscription(models.Model):
+    topic = models.ForeignKey(Topic, on_delete=models.CASCADE, related_name="subscriptions")
+    recipient = models.ForeignKey(
+        Recipient, on_delete=models.CASCADE, related_name="topic_subscriptions"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        # Also the fan-out's index: a topic's subscribers in recipient order.
+        constraints = [
+            models.UniqueConstraint(fields=["topic", "recipient"], name="topic_subscription_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.recipient_id} → {self.topic_id}"

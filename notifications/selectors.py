@@ -26,6 +26,7 @@ from notifications.models import (
     Preference,
     Recipient,
     Template,
+    Topic,
 )
 from notifications.schedules import (
     Cap,
@@ -223,7 +224,7 @@ def template_get(*, owner: Owner, key: str) -> Template | None:
 def notification_get(*, owner: Owner, notification_id: uuid.UUID) -> Notification | None:
     return (
         Notification.objects.filter(owner=owner, pk=notification_id)
-        .select_related("recipient")
+        .select_related("recipient", "topic")
         .prefetch_related(Prefetch("deliveries", queryset=Delivery.objects.order_by("id")))
         .first()
     )
@@ -280,10 +281,23 @@ def notification_detail(*, notification: Notification) -> dict[str, Any]:
     attempts = get_delivery_log().attempts_for_deliveries(
         notification_id=str(notification.pk), delivery_ids=[d.pk for d in deliveries]
     )
+    if notification.topic_id is not None or notification.recipients_total is not None:
+        from notifications.fanout import topic_notification_status
+
+        status = topic_notification_status(notification)
+    else:
+        status = notification_summary_status([d.status for d in deliveries])
     return {
         "id": str(notification.pk),
-        "status": notification_summary_status([d.status for d in deliveries]),
-        "recipient": notification.recipient.external_id,
+        "status": status,
+        # NULL for a topic notification, whose children each have their recipient.
+        "recipient": notification.recipient.external_id if notification.recipient else None,
+        "topic": notification.topic.key if notification.topic else None,
+        "parent": str(notification.parent_id) if notification.parent_id else None,
+        "recipients_total": notification.recipients_total,
+        "recipients_done": (
+            notification.recipients_done if notification.recipients_total is not None else None
+        ),
         "template": notification.template_key,
         "category": notification.category,
         "priority": notification.priority,
@@ -423,3 +437,31 @@ def inbox_backlog(*, recipient_id: int, since: uuid.UUID | None, limit: int) -> 
                 | Q(status__in=UNACKNOWLEDGED_STATUSES)
             )
     return list(entries.order_by("created_at", "pk")[:limit])
+
+
+# --- Topics ---------------------------------------------------------------------------------
+
+
+def topic_get(*, owner: Owner, key: str) -> Topic | None:
+    return Topic.objects.filter(owner=owner, key=key).first()
+
+
+def topic_detail(*, topic: Topic) -> dict[str, Any]:
+    return {
+        "key": topic.key,
+        "name": topic.name,
+        "subscribers_count": topic.subscriptions.count(),
+        "created_at": topic.created_at,
+    }
+
+
+def recipient_contexts_by_pk(
+    *, owner_id: int, recipient_ids: list[int]
+) -> dict[str, RecipientContext]:
+    """The routing contexts of these recipients, by external id, read from the database in two
+    queries and not cached: a topic fan-out reads each subscriber once, so filling the cache
+    with them would only push out the recipients that single sends keep reading."""
+    recipients = Recipient.objects.filter(owner_id=owner_id, pk__in=recipient_ids).prefetch_related(
+        "preferences"
+    )
+    return {r.external_id: _recipient_context(r, list(r.preferences.all())) for r in recipients}

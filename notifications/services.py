@@ -395,7 +395,12 @@ def notifications_cancel(
     workers.transitions.deliveries_cancel), and say per notification which deliveries this
     call cancelled and where the others stand. Repeating it cancels nothing more."""
     ids = [n.pk for n in notifications if n.owner_id == owner.pk]
-    cancelled = transitions.deliveries_cancel(notification_ids=ids, detail=detail)
+    # A topic notification: its fan-out stops, and its children written so far are cancelled.
+    topic_children = _topic_fanouts_cancel(ids)
+    cancelled = transitions.deliveries_cancel(
+        notification_ids=list({*ids, *(c for cs in topic_children.values() for c in cs)}),
+        detail=detail,
+    )
     deliveries: dict[uuid.UUID, list[Delivery]] = {pk: [] for pk in ids}
     for delivery in Delivery.objects.filter(notification_id__in=ids).order_by("pk"):
         deliveries[delivery.notification_id].append(delivery)
@@ -410,5 +415,28 @@ def notifications_cancel(
             if delivery.lease_token is not None and delivery.status in OUTBOX_STATUSES:
                 entry["reason"] = "being_sent"
             left.append(entry)
-        answers.append({"id": str(pk), "cancelled": done, "not_cancelled": left})
+        answer: dict[str, Any] = {"id": str(pk), "cancelled": done, "not_cancelled": left}
+        if pk in topic_children:
+            children = set(topic_children[pk])
+            answer["children_cancelled"] = Delivery.objects.filter(
+                pk__in=cancelled, notification_id__in=children
+            ).count()
+        answers.append(answer)
     return answers
+
+
+def _topic_fanouts_cancel(ids: list[uuid.UUID]) -> dict[uuid.UUID, list[uuid.UUID]]:
+    """Stop the fan-out of the topic notifications among `ids`; their children, by topic
+    notification."""
+    from notifications.fanout import topic_fanouts_stop
+
+    topic_fanouts_stop(notification_ids=ids)
+    topics = Notification.objects.filter(pk__in=ids, recipients_total__isnull=False)
+    children: dict[uuid.UUID, list[uuid.UUID]] = {
+        pk: [] for pk in topics.values_list("pk", flat=True)
+    }
+    for child, parent in Notification.objects.filter(parent_id__in=list(children)).values_list(
+        "pk", "parent_id"
+    ):
+        children[parent].append(child)
+    return children

@@ -38,7 +38,7 @@ class SandboxMessageAdmin(admin.ModelAdmin):
 
     @admin.display(description="recipient", ordering="notification__recipient__external_id")
     def recipient(self, obj: SandboxMessage) -> str:
-        return obj.notification.recipient.external_id
+        return obj.notification.addressee.external_id
 
     @admin.display(description="notification", ordering="notification_id")
     def notification_link(self, obj: SandboxMessage) -> str:
@@ -117,7 +117,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="recipient", ordering="notification__recipient__external_id")
     def recipient(self, obj: DeadLetter) -> str:
-        return obj.notification.recipient.external_id
+        return obj.notification.addressee.external_id
 
     @admin.display(description="notification", ordering="notification_id")
     def notification_link(self, obj: DeadLetter) -> str:

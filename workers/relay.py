@@ -1,8 +1,9 @@
 """The outbox relay: the one process kind that publishes deliveries. It claims due rows of the
 outbox (Delivery.enqueued_at NULL: new, retrying, deferred, and scheduled ones once due),
 publishes one task per batch of ids of a channel in one broker round trip, and marks them
-published in the same transaction. It wakes on the signal writers send at commit, or after
-RELAY_POLL_SECONDS, or when the next row falls due, whichever comes first.
+published in the same transaction. It also fans out topic notifications, a chunk of
+subscribers per round (notifications/fanout.py). It wakes on the signal writers send at
+commit, or after RELAY_POLL_SECONDS, or when the next row falls due, whichever comes first.
 
 Several relays may run: on PostgreSQL each claims with FOR UPDATE SKIP LOCKED, so they take
 disjoint rows. A crash between publish and commit leaves the rows in the outbox, to be
@@ -26,6 +27,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from notifications import metrics
+from notifications.fanout import topic_fanout_step
 from notifications.models import Delivery, DeliveryStatus
 from workers import transitions
 from workers.dispatch import RELAY_WAKE_KEY, batches_publish_rollback_unsafe
@@ -124,12 +126,15 @@ class Relay:
         self.stopping = True
 
     def drain(self) -> int:
-        """Publish every due row, a round of RELAY_CLAIM_SIZE at a time."""
+        """Publish every due row, a round of RELAY_CLAIM_SIZE at a time; between rounds, fan
+        out the next chunk of a topic notification, so its children's deliveries go out while
+        the fan-out goes on."""
         total = 0
         while not self.stopping:
             published = outbox_publish_due()
             total += published
-            if published < settings.RELAY_CLAIM_SIZE:
+            fanned_out = not self.stopping and topic_fanout_step()
+            if published < settings.RELAY_CLAIM_SIZE and not fanned_out:
                 break
         return total
 

@@ -94,7 +94,7 @@ def _outbound_messages(deliveries: list[Delivery]) -> list[OutboundMessage | Sen
         notification = delivery.notification
         to: str | list[str] = delivery.address
         if delivery.channel == Channel.PUSH:
-            to = tokens.get(notification.recipient_id, [])
+            to = tokens.get(notification.addressee_id, [])
             if not to:
                 out.append(
                     SendResult(Outcome.PERMANENT, error="no active device for this recipient")

@@ -95,7 +95,7 @@ def _attempt_record(
         delivery_id=delivery.pk,
         notification_id=str(delivery.notification_id),
         owner_id=delivery.notification.owner_id,
-        recipient_id=delivery.notification.recipient.external_id,
+        recipient_id=delivery.notification.addressee.external_id,
         channel=delivery.channel,
         number=delivery.attempts,
         provider=settlement.provider or "-",
@@ -278,7 +278,7 @@ def _settle_dead(settlement: Settlement, now: datetime) -> bool:
 
 
 def _devices_deactivate(delivery: Delivery, tokens: tuple[str, ...]) -> None:
-    recipient_id = delivery.notification.recipient_id
+    recipient_id = delivery.notification.addressee_id
     Device.objects.filter(recipient_id=recipient_id, token__in=tokens).update(active=False)
     keys.invalidate_on_commit(keys.devices_key(recipient_id))
 
@@ -318,7 +318,7 @@ def dead_letter_create(*, delivery: Delivery, provider: str, error: str) -> Dead
             for a in history.get(delivery.pk, [])
         ],
         payload={
-            "to": delivery.address or notification.recipient.external_id,
+            "to": delivery.address or notification.addressee.external_id,
             "content": delivery.content,
         },
     )
@@ -488,7 +488,11 @@ def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[i
         if not members:
             continue
         newest = members[-1].notification
-        template = Template.objects.filter(pk=newest.template_id).first()
+        template = (
+            Template.objects.filter(pk=newest.template_id).first()
+            if newest.template_id is not None
+            else None
+        )
         key = digest_key.partition(":")[2]
         by_channel: dict[str, list[Delivery]] = {}
         for member in members:

@@ -87,7 +87,13 @@ class RecipientRefField(serializers.Field):
 
 
 class NotificationCreateSerializer(serializers.Serializer):
-    recipient = RecipientRefField()
+    recipient = RecipientRefField(required=False, help_text="Give this or `topic`.")
+    topic = serializers.SlugField(
+        required=False,
+        max_length=100,
+        help_text="A topic's key instead of `recipient`: one notification to every subscriber, "
+        "fanned out in the background.",
+    )
     template = serializers.SlugField(max_length=100)
     # DRF moves declared fields off the class, so `data` does not shadow Serializer.data.
     data = serializers.DictField(required=False, default=dict)  # type: ignore[assignment]
@@ -111,9 +117,24 @@ class NotificationCreateSerializer(serializers.Serializer):
     def validate_channels(self, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("recipient" in attrs) == ("topic" in attrs):
+            raise serializers.ValidationError(
+                {"recipient": ["Give exactly one of recipient and topic."]}
+            )
+        return attrs
+
 
 class BulkItemSerializer(NotificationCreateSerializer):
+    recipient = RecipientRefField()
     idempotency_key = serializers.CharField(required=False, max_length=255)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict) and "topic" in data:
+            raise serializers.ValidationError(
+                {"topic": ["A topic notification is sent alone: POST /api/v1/notifications."]}
+            )
+        return super().to_internal_value(data)
 
 
 class BulkCreateSerializer(serializers.Serializer):
@@ -144,7 +165,13 @@ class DeliveryAcceptedSerializer(serializers.Serializer):
 class NotificationAcceptedSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.CharField()
-    deliveries = DeliveryAcceptedSerializer(many=True)
+    deliveries = DeliveryAcceptedSerializer(
+        many=True, help_text="Empty for a topic notification: its children have the deliveries."
+    )
+    topic = serializers.CharField(required=False, help_text="Topic notifications only.")
+    recipients_total = serializers.IntegerField(
+        required=False, help_text="Topic notifications only: the subscribers it will reach."
+    )
 
 
 class CancelledDeliverySerializer(serializers.Serializer):
@@ -162,6 +189,11 @@ class NotificationCancelledSerializer(serializers.Serializer):
     )
     not_cancelled = CancelledDeliverySerializer(
         many=True, help_text="The others: already sent, final, or being sent."
+    )
+    children_cancelled = serializers.IntegerField(
+        required=False,
+        help_text="A topic notification: its fan-out stops, and this many deliveries of its "
+        "children written so far were cancelled.",
     )
 
 
@@ -227,8 +259,22 @@ class DeliveryDetailSerializer(serializers.Serializer):
 
 class NotificationDetailSerializer(serializers.Serializer):
     id = serializers.UUIDField()
-    status = serializers.CharField()
-    recipient = serializers.CharField()
+    status = serializers.CharField(
+        help_text="From the deliveries; for a topic notification `fanning_out` or `fanned_out`."
+    )
+    recipient = serializers.CharField(allow_null=True, help_text="NULL for a topic notification.")
+    topic = serializers.CharField(allow_null=True, help_text="A topic notification's topic.")
+    parent = serializers.UUIDField(  # type: ignore[assignment]
+        allow_null=True, help_text="The topic notification this one was fanned out from."
+    )
+    recipients_total = serializers.IntegerField(
+        allow_null=True,
+        help_text="Topic notifications: the subscribers at acceptance; once fanned out, the "
+        "number reached.",
+    )
+    recipients_done = serializers.IntegerField(
+        allow_null=True, help_text="Topic notifications: the subscribers fanned out so far."
+    )
     template = serializers.CharField()
     category = serializers.CharField()
     priority = serializers.CharField()
@@ -440,3 +486,50 @@ class InboxEntrySerializer(serializers.Serializer):
 
 class InboxReadAllSerializer(serializers.Serializer):
     marked_read = serializers.IntegerField(help_text="How many entries this request marked read")
+
+
+# --- Topics ---------------------------------------------------------------------------------
+
+# Recipient ids one subscribers call takes: one short transaction, one bounded body.
+MAX_SUBSCRIBERS_PER_CALL = 1000
+
+
+class TopicUpsertSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+
+
+class TopicSerializer(serializers.Serializer):
+    key = serializers.SlugField()
+    name = serializers.CharField()
+    subscribers_count = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+
+
+class TopicSubscribersSerializer(serializers.Serializer):
+    recipients = serializers.ListField(
+        child=serializers.CharField(max_length=255),
+        allow_empty=False,
+        max_length=MAX_SUBSCRIBERS_PER_CALL,
+        error_messages={
+            "max_length": f"At most {MAX_SUBSCRIBERS_PER_CALL} recipient ids per call; "
+            "send the rest in further calls.",
+            "empty": "Give at least one recipient id.",
+        },
+        help_text=f"1 to {MAX_SUBSCRIBERS_PER_CALL} recipient ids.",
+    )
+
+
+class TopicSubscribersAddedSerializer(serializers.Serializer):
+    added = serializers.IntegerField(help_text="Subscriptions this call created.")
+    unknown = serializers.ListField(
+        child=serializers.CharField(), help_text="Ids of no recipient of yours: not subscribed."
+    )
+    subscribers_count = serializers.IntegerField()
+
+
+class TopicSubscribersRemovedSerializer(serializers.Serializer):
+    removed = serializers.IntegerField(help_text="Subscriptions this call removed.")
+    unknown = serializers.ListField(
+        child=serializers.CharField(), help_text="Ids of no recipient of yours."
+    )
+    subscribers_count = serializers.IntegerField()

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from notifications.api import dead_letters, inbox, views
+from notifications.api import dead_letters, inbox, topics, views
 
 urlpatterns = [
     path("notifications", views.NotificationCreateView.as_view(), name="notification-create"),
@@ -41,6 +41,12 @@ urlpatterns = [
     ),
     path("templates", views.TemplateListView.as_view(), name="template-list"),
     path("templates/<slug:key>", views.TemplateDetailView.as_view(), name="template-detail"),
+    path("topics/<str:key>", topics.TopicView.as_view(), name="topic"),
+    path(
+        "topics/<str:key>/subscribers",
+        topics.TopicSubscribersView.as_view(),
+        name="topic-subscribers",
+    ),
     path("sandbox/messages", views.SandboxMessagesView.as_view(), name="sandbox-messages"),
     path("dead-letters", dead_letters.DeadLetterListView.as_view(), name="dead-letters"),
     path(

@@ -60,13 +60,14 @@ def _validated(serializer_class: type, data: Any, **kwargs: Any) -> dict[str, An
 
 def _notification_request(payload: dict[str, Any]) -> accepting.NotificationRequest:
     return accepting.NotificationRequest(
-        recipient=payload["recipient"],
+        recipient=payload.get("recipient", ""),
         template_key=payload["template"],
         data=payload["data"],
         channels=payload.get("channels"),
         priority=payload["priority"],
         send_at=payload["send_at"],
         cancel_key=payload.get("cancel_key", ""),
+        topic=payload.get("topic", ""),
     )
 
 
@@ -107,6 +108,10 @@ class NotificationCreateView(APIView):
             422: OpenApiResponse(description="Same Idempotency-Key, different body"),
             **ERRORS,
         },
+        description="To one recipient (`recipient`), or to every subscriber of a topic "
+        "(`topic`, exactly one of the two): a topic notification is one row answered at once, "
+        "fanned out in the background into one child notification per subscriber, routed and "
+        "rendered as a single send to it would be. An unknown topic is a 400.",
     )
     def post(self, request: Request) -> Response:
         idem_key = _idempotency_key(request)

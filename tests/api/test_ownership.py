@@ -11,7 +11,15 @@ import pytest
 from rest_framework.test import APIClient
 
 from channels_app.tokens import recipient_token_issue
-from notifications.models import Delivery, DeliveryStatus, Device, Preference, Recipient, Template
+from notifications.models import (
+    Delivery,
+    DeliveryStatus,
+    Device,
+    Preference,
+    Recipient,
+    Template,
+    TopicSubscription,
+)
 from tests.factories import RecipientFactory
 from workers.models import DeadLetter, DeadLetterStatus
 from workers.transitions import dead_letter_create
@@ -78,6 +86,11 @@ def acme(owner: Any, api: APIClient) -> dict[str, Any]:
     Delivery.objects.filter(pk=sms.pk).update(status=DeliveryStatus.DEAD, attempts=1)
     sms.refresh_from_db()
     letter = dead_letter_create(delivery=sms, provider="twilio", error=f"{SECRETS[2]} refused")
+    # A topic under the same key as the template, with the recipient subscribed.
+    response = api.put(f"/api/v1/topics/{key}", {"name": SECRETS[5]}, format="json")
+    assert response.status_code == 201, response.content
+    response = api.post(f"/api/v1/topics/{key}/subscribers", {"recipients": [rid]}, format="json")
+    assert response.json()["added"] == 1, response.content
     recipient = Recipient.objects.get(owner=owner, external_id=rid)
     return {
         "rid": rid,
@@ -119,6 +132,11 @@ def _snapshot(acme: dict[str, Any]) -> dict[str, Any]:
             )
         ),
         "dead_letter": DeadLetter.objects.get(pk=acme["dead_letter_id"]).status,
+        "topics": sorted(
+            TopicSubscription.objects.filter(topic__owner=recipient.owner).values_list(
+                "topic__key", "topic__name", "recipient__external_id"
+            )
+        ),
     }
 
 
@@ -137,6 +155,9 @@ def _object_calls(ids: dict[str, Any]) -> list[tuple[str, str, Any]]:
         ("delete", f"/api/v1/templates/{key}", None),
         ("post", f"/api/v1/dead-letters/{dl}/replay", None),
         ("post", f"/api/v1/dead-letters/{dl}/discard", None),
+        ("get", f"/api/v1/topics/{key}", None),
+        ("post", f"/api/v1/topics/{key}/subscribers", {"recipients": [rid]}),
+        ("delete", f"/api/v1/topics/{key}/subscribers", {"recipients": [rid]}),
     ]
 
 
@@ -180,7 +201,7 @@ def test_another_owner_gets_404_for_every_object_and_changes_nothing(
             _assert_no_secret(response)
             answers.append((method, path, response.status_code, response.json()))
     assert answers == [(m, p, 404, NOT_FOUND) for m, p, _, _ in answers]
-    assert len(answers) == 20
+    assert len(answers) == 26
     assert _snapshot(acme) == before
 
 
@@ -212,7 +233,7 @@ def test_the_owner_itself_sees_its_objects(acme: dict[str, Any], api: APIClient)
     """The control: the same sweep with the owner's own key finds every object, so the 404s
     above are about ownership, not about broken ids."""
     reads = [c for c in _object_calls(acme) if c[0] == "get"]
-    assert [_call(api, m, p, b).status_code for m, p, b in reads] == [200, 200, 200, 200]
+    assert [_call(api, m, p, b).status_code for m, p, b in reads] == [200] * 5
     owner_token = recipient_token_issue(
         owner_id=acme["recipient"].owner_id, recipient_id=acme["recipient"].pk
     ).token

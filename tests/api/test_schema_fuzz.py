@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 
 from channels_app.tokens import recipient_token_issue
 from notifications.accepting import notification_create
-from notifications.models import Delivery, DeliveryStatus
+from notifications.models import Delivery, DeliveryStatus, Topic, TopicSubscription
 from tests.factories import DeviceFactory, RecipientFactory, TemplateFactory, api_key_for
 from workers.transitions import dead_letter_create
 
@@ -92,6 +92,8 @@ def known(owner: Any) -> dict[str, Any]:
     Delivery.objects.filter(pk=delivery.pk).update(status=DeliveryStatus.DEAD)
     delivery.refresh_from_db()
     letter = dead_letter_create(delivery=delivery, provider="twilio", error="21211 bad number")
+    topic = Topic.objects.create(owner=owner, key="order_shipped")
+    TopicSubscription.objects.create(topic=topic, recipient=recipient)
     return {
         "api_key": api_key_for(owner),
         "recipient_token": recipient_token_issue(

@@ -34,6 +34,8 @@ from notifications.models import (
     Preference,
     Recipient,
     Template,
+    Topic,
+    TopicSubscription,
 )
 from tests.factories import ORDER_SHIPPED, DeviceFactory, OwnerFactory, RecipientFactory
 from workers.delivery_log import AttemptRecord, StatusEvent
@@ -305,6 +307,14 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
     for delivery in Delivery.objects.filter(status="queued"):
         delivery_process(delivery_id=delivery.pk)
     first_letter, second_letter = _dead_letters(owner, "sms", "Twilio 400: invalid number", 2)
+    topic = Topic.objects.create(owner=owner, key="release-notes", name="Release notes")
+    TopicSubscription.objects.create(topic=topic, recipient=recipient)
+    topic_send = api.post(
+        "/api/v1/notifications",
+        {"topic": "release-notes", "template": "order_shipped", "data": {"order_id": "T-1"}},
+        format="json",
+    )
+    assert topic_send.status_code == 202, topic_send.content
     request = RequestFactory().get("/")
     request.user = get_user_model().objects.get(username="ops")
 
@@ -324,10 +334,10 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
             urls.append(reverse(f"{prefix}_add"))
         for url in urls:
             ok(url, staff.get(url))
-    # 11 models (9 of Clarion's, users and groups): every changelist; a change page for the 10
-    # with a row (no group); an add page for the 7 that allow adding (notifications,
+    # 13 models (11 of Clarion's, users and groups): every changelist; a change page for the 12
+    # with a row (no group); an add page for the 9 that allow adding (notifications,
     # deliveries, sandbox messages and dead letters do not).
-    assert len(rendered) == 11 + 10 + 7
+    assert len(rendered) == 13 + 12 + 9
 
     # The filters and searches an operator uses, on every list that has them.
     notifications = reverse("admin:notifications_notification_changelist")
@@ -371,7 +381,7 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
     )
     created = ApiKey.objects.get(name="k")
     ok(keys, staff.post(keys, {"action": "revoke", "_selected_action": [created.pk]}), 302)
-    assert len(rendered) == 28 + 9 + 3 + 3 + 2
+    assert len(rendered) == 34 + 9 + 3 + 3 + 2
     assert dict(DeadLetter.objects.values_list("pk", "status")) == {
         first_letter.pk: "replayed",
         second_letter.pk: "discarded",

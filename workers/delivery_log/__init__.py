@@ -75,7 +75,7 @@ def delivery_status_events(
             delivery_id=d.pk,
             notification_id=str(d.notification_id),
             owner_id=d.notification.owner_id,
-            recipient_id=d.notification.recipient.external_id,
+            recipient_id=d.notification.addressee.external_id,
             channel=d.channel,
             status=status,
             at=now,

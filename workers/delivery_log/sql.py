@@ -64,7 +64,7 @@ class SqlDeliveryLog:
                     delivery_id=row.delivery_id,
                     notification_id=str(notification.pk),
                     owner_id=notification.owner_id,
-                    recipient_id=notification.recipient.external_id,
+                    recipient_id=notification.addressee.external_id,
                     channel=row.delivery.channel,
                     number=row.number,
                     provider=row.provider,
