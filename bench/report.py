@@ -224,6 +224,16 @@ def figures_markdown(results: dict[str, Any]) -> str:
             + (f"{100 * growth:.1f} %" if growth is not None else "-")
             + (" (levels off)." if soak.get("levels_off") else " (does not level off).")
         )
+    fan = f.get("fanout") or {}
+    if fan.get("recipients_per_s"):
+        parts.append(
+            f"Topic fan-out: one POST to a topic of {fan.get('subscribers'):,} subscribers "
+            f"(answered in {_fmt(fan.get('accept_ms'), 'ms')}), fanned out by one relay in "
+            f"chunks of {fan.get('chunk_size')}: every child notification written after "
+            f"{_fmt(fan.get('fanned_out_s'), 's')} ({_fmt(fan.get('recipients_per_s'), '/s')}), "
+            f"every child's delivery on the broker after {_fmt(fan.get('published_s'), 's')}; "
+            f"relay CPU {_fmt(fan.get('relay_cpu_ms_per_recipient'), 'ms')} per recipient."
+        )
     e2e = f.get("e2e") or {}
     if e2e.get("cpu_s"):
         cpu = ", ".join(f"{name} {seconds} s" for name, seconds in e2e["cpu_s"].items())

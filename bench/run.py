@@ -66,6 +66,7 @@ PHASES = (
     "celery",
     "e2e",
     "relay",
+    "fanout",
     "ws_base",
     "ws",
     "idle",
@@ -120,6 +121,7 @@ class Config:
     ws_check_samples: int
     relay_rate: float
     relay_seconds: int
+    fanout_subscribers: int
     idle_seconds: int
     soak_seconds: int
     soak_wave: int
@@ -166,6 +168,7 @@ class Config:
             ws_check_samples=50 if quick else 200,
             relay_rate=float(os.environ.get("BENCH_RELAY_RATE", 50)),
             relay_seconds=_env_int("BENCH_RELAY_SECONDS", 5 if quick else 10),
+            fanout_subscribers=_env_int("BENCH_FANOUT_SUBSCRIBERS", 10_000 if quick else 100_000),
             idle_seconds=_env_int("BENCH_IDLE_SECONDS", 15 if quick else 60),
             soak_seconds=_env_int("BENCH_SOAK_SECONDS", 45 if quick else 300),
             soak_wave=_env_int("BENCH_SOAK_WAVE", 300 if quick else 2000),
@@ -173,7 +176,7 @@ class Config:
             profile=os.environ.get("BENCH_PROFILE", "1") not in ("", "0", "false"),
             # About 9 minutes of phases, then the WebSocket memory soak (5 minutes), which is
             # cut short rather than run past the budget.
-            budget_seconds=_env_int("BENCH_BUDGET_SECONDS", 1260),
+            budget_seconds=_env_int("BENCH_BUDGET_SECONDS", 1500),
         )
 
 
@@ -784,6 +787,117 @@ class Bench:
             self.results["figures"]["bulk"] = self._bulk(api)
         finally:
             self.procs.stop(api)
+
+    def phase_fanout(self) -> None:
+        """A topic of N subscribers (100,000; 10,000 quick), one POST with "topic", one relay
+        (the Procfile's process, which fans out a FANOUT_CHUNK_SIZE chunk of subscribers per
+        round between its outbox rounds) and no worker: timed from the POST until the last
+        child is written (recipients/s, the target) and until the last child's delivery is
+        on the broker."""
+        from notifications.models import (
+            Delivery,
+            Notification,
+            Owner,
+            Recipient,
+            Topic,
+            TopicSubscription,
+        )
+        from notifications.services import template_save
+
+        n = self.config.fanout_subscribers
+        self.flush_redis()
+        self.retire_outbox()
+        owner_id = self.owner_id
+        template_save(
+            owner=Owner.objects.get(pk=owner_id),
+            key="bench_email",
+            category="bench",
+            locale="en",
+            content={"email": TWO_CHANNEL_TEMPLATE["email"]},
+        )
+        topic = Topic.objects.create(owner_id=owner_id, key=f"bench-{self.nonce}", name="bench")
+        seed0 = time.perf_counter()
+        Recipient.objects.bulk_create(
+            [
+                Recipient(
+                    owner_id=owner_id,
+                    external_id=f"bench-fan-{self.nonce}-{i}",
+                    email=f"fan-{i}@example.com",
+                    locale="en",
+                    timezone="UTC",
+                )
+                for i in range(n)
+            ],
+            batch_size=5000,
+        )
+        ids = Recipient.objects.filter(
+            owner_id=owner_id, external_id__startswith=f"bench-fan-{self.nonce}-"
+        ).values_list("pk", flat=True)
+        TopicSubscription.objects.bulk_create(
+            [TopicSubscription(topic=topic, recipient_id=pk) for pk in ids], batch_size=5000
+        )
+        seeded_s = time.perf_counter() - seed0
+        self.warm_caches()
+        api = self.start_api()
+        relay = self.start_relay()
+        try:
+            raw = http_request(
+                "POST",
+                "/api/v1/notifications",
+                host=HOST,
+                headers={
+                    "Authorization": f"Bearer {self.api_key}",
+                    "Content-Type": "application/json",
+                },
+                body=json.dumps(
+                    {"topic": topic.key, "template": "bench_email", "data": {"order_id": "F-1"}}
+                ).encode(),
+            )
+            cpu0 = relay.cpu_seconds()
+            t0 = time.perf_counter()
+            status, body = asyncio.run(http_once(HOST, api.port, raw, timeout=60))
+            answered = time.perf_counter() - t0
+            if status != 202:
+                raise PhaseFailed(f"topic send answered {status}: {body[:300]!r}")
+            parent_id = json.loads(body)["id"]
+
+            def fanned_out() -> bool:
+                if not relay.alive():
+                    raise PhaseFailed(f"relay exited:\n{relay.log_tail()}")
+                return Notification.objects.filter(
+                    pk=parent_id, fanout_finished_at__isnull=False
+                ).exists()
+
+            procs.wait_for(fanned_out, timeout=900, what="the fan-out", interval=0.05)
+            done = time.perf_counter() - t0
+            children = Delivery.objects.filter(notification__parent_id=parent_id)
+            procs.wait_for(
+                lambda: not children.filter(enqueued_at__isnull=True).exists(),
+                timeout=300,
+                what="the children's deliveries on the broker",
+                interval=0.05,
+            )
+            published = time.perf_counter() - t0
+            relay_cpu = relay.cpu_seconds() - cpu0
+            parent = Notification.objects.get(pk=parent_id)
+            written = children.count()
+        finally:
+            self.procs.stop(relay)
+            self.procs.stop(api)
+        if parent.recipients_done != n or written != n:
+            raise PhaseFailed(f"{parent.recipients_done} fanned out, {written} deliveries of {n}")
+        self.results["figures"]["fanout"] = {
+            "subscribers": n,
+            "chunk_size": int(self.env.get("FANOUT_CHUNK_SIZE", 500)),
+            "seed_s": round(seeded_s, 1),
+            "accept_ms": round(answered * 1000, 1),
+            "fanned_out_s": round(done, 2),
+            "published_s": round(published, 2),
+            "recipients_per_s": round(n / done, 1),
+            "relay_cpu_ms_per_recipient": round(relay_cpu * 1000 / n, 3),
+        }
+        self.flush_redis()  # the published tasks: no worker ran
+        self.retire_outbox()
 
     def _queues_idle(self, queues: tuple[str, ...]) -> bool:
         r = self.redis()
@@ -1577,6 +1691,21 @@ class Bench:
             r = ratio_of(value, b_publish)
             add(
                 "bulk accept, recipients/s (1000 items/request)",
+                value,
+                "/s",
+                "≥ 5 x B_publish",
+                None if r is None else r >= 5,
+                ratio=r,
+                baseline_text=f"B_publish {b_publish:,.0f}/s" if b_publish else "",
+            )
+        if "fanout" in self.config.phases:
+            fan = f.get("fanout") or {}
+            value = fan.get("recipients_per_s")
+            r = ratio_of(value, b_publish)
+            add(
+                f"topic fan-out, recipients/s ({fan.get('subscribers', '?'):,} subscribers)"
+                if fan.get("subscribers")
+                else "topic fan-out, recipients/s",
                 value,
                 "/s",
                 "≥ 5 x B_publish",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,112 @@ def test_a_poison_delivery_ends_dead_and_the_rest_keep_their_throughput(
     assert dead_letters.count() == poisons
     assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
     assert share >= scale(0.5, 0.9)
+
+
+# --- A topic fanned out while workers die ---------------------------------------------------
+
+
+def test_a_topic_fan_out_while_workers_are_killed_loses_nothing(
+    api: Any,
+    owner: Any,
+    sendgrid: SendGridEmulator,
+    spawn: Callable[..., Process],
+    tmp_path: Path,
+) -> None:
+    """One POST to a topic of 20,000 subscribers (2,000 in the normal suite), fanned out by
+    the relay in chunks while pool children are killed every second and one whole worker
+    once: every subscriber gets one child notification, every child's email reaches SendGrid,
+    and only what was in flight at a kill may arrive twice."""
+    from notifications.models import Notification, Recipient, Topic, TopicSubscription
+    from tests.factories import TemplateFactory
+
+    subscribers = scale(2000, 20000)
+    rng = random.Random(12)
+    TemplateFactory(owner=owner, key="fan", content={"email": {"subject": "News", "body": "x"}})
+    Recipient.objects.bulk_create(
+        [
+            Recipient(owner=owner, external_id=f"fan-{n}", email=f"fan-{n}@example.com")
+            for n in range(subscribers)
+        ],
+        batch_size=5000,
+    )
+    topic = Topic.objects.create(owner=owner, key="news", name="News")
+    TopicSubscription.objects.bulk_create(
+        [
+            TopicSubscription(topic=topic, recipient_id=pk)
+            for pk in Recipient.objects.filter(owner=owner).values_list("pk", flat=True)
+        ],
+        batch_size=5000,
+    )
+    sendgrid.latency = 0.05
+    env = {
+        **RECOVERY_ENV,
+        **sendgrid.settings_env(),
+        "DISPATCH_BATCH_SIZE": "5",
+        "FANOUT_CHUNK_SIZE": str(scale(200, 1000)),
+        "RETRY_MAX_ATTEMPTS": "10",
+    }
+    _, *victims = start_workers(
+        spawn,
+        tmp_path,
+        [
+            WorkerSpec("sweeper", "maintenance", concurrency=1, beat=True),
+            WorkerSpec("fan-0", "email"),
+            WorkerSpec("fan-1", "email"),
+        ],
+        **env,
+    )
+    answer = api.post(
+        "/api/v1/notifications", {"topic": "news", "template": "fan", "data": {}}, format="json"
+    )
+    assert answer.status_code == 202, answer.content
+    parent_id = answer.json()["id"]
+
+    def sent() -> int:
+        return Delivery.objects.filter(status=DeliveryStatus.SENT).count()
+
+    exposed = kills = 0
+    whole_worker_killed = False
+    kills_during_fan_out = 0
+    deadline = time.monotonic() + scale(120, 900)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        fanning_out = Notification.objects.filter(
+            pk=parent_id, fanout_finished_at__isnull=True
+        ).exists()
+        done = sent()
+        if done >= subscribers:
+            break
+        exposed += in_flight()
+        if not whole_worker_killed and done >= subscribers // 3:
+            kill_group(victims[0])
+            [victims[0]] = start_workers(
+                spawn, tmp_path, [WorkerSpec("fan-2", "email")], relay=False, **env
+            )
+            whole_worker_killed = True
+        elif kill_child(rng.choice(victims), rng) is not None:
+            kills += 1
+            kills_during_fan_out += fanning_out
+    parent = Notification.objects.get(pk=parent_id)
+    assert parent.fanout_finished_at is not None
+    assert parent.recipients_done == subscribers
+    wait_settled(subscribers, timeout=scale(60, 300), message="every email settled")
+
+    children = Notification.objects.filter(parent_id=parent_id)
+    per_recipient = Counter(children.values_list("recipient_id", flat=True))
+    assert len(per_recipient) == subscribers and max(per_recipient.values()) == 1
+    ledger = Ledger()
+    for child_id in children.values_list("pk", flat=True):
+        ledger.accept("email", str(child_id))
+    result = tally(
+        "7 topic fan-out, kill -9 workers",
+        ledger,
+        received(sendgrid, None),
+        note=(
+            f"{subscribers} subscribers; {kills} pool children ({kills_during_fan_out} during "
+            f"the fan-out) and 1 whole worker killed; {exposed} in flight at the kills"
+        ),
+    )
+    assert whole_worker_killed and kills >= 1
+    assert (result.lost, result.unexpected) == (0, 0)
+    assert result.duplicated <= exposed
