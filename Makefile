@@ -62,7 +62,7 @@ clean: stop
 .PHONY: bench
 bench: venv
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	timeout --signal=TERM --kill-after=30 1290 $(BIN)/python -m bench.run
+	timeout --signal=TERM --kill-after=30 1530 $(BIN)/python -m bench.run
 
 # Chaos scenarios at full size (tests/chaos: 2,000 deliveries under kill -9, a 5,000-message
 # broker backlog lost and recovered, a 60 s provider outage, PostgreSQL restarted under API

@@ -193,6 +193,8 @@ def _children_prepare(
         owner_id=owner.pk, recipient_ids=[recipient_id for recipient_id, _ in subscribers]
     )
     templates: dict[str, TemplateSnapshot | None] = {}
+    # Every child carries the parent's template and data: each locale renders once a chunk.
+    renders: dict[tuple[str, str], Any] = {}
     prepared = []
     for _, external_id in subscribers:
         request = NotificationRequest(
@@ -206,7 +208,12 @@ def _children_prepare(
         )
         try:
             child = _notification_prepare(
-                owner=owner, request=request, now=now, templates=templates, contexts=contexts
+                owner=owner,
+                request=request,
+                now=now,
+                templates=templates,
+                contexts=contexts,
+                renders=renders,
             )
         except ValidationFailed as exc:
             log.warning(

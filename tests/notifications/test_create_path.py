@@ -115,7 +115,7 @@ def _items(count: int, *, prefix: str = "k") -> list[dict[str, Any]]:
 
 
 def test_bulk_writes_every_item_in_one_set_of_inserts(api: Any, template: Any) -> None:
-    """A bulk request is one transaction whatever its size: one INSERT per table, not one per
+    """A bulk request is one transaction whatever its size: one write per table, not one per
     item (recipients known and cached, as a bulk usually goes)."""
     first = api.post("/api/v1/notifications/bulk", {"notifications": _items(50)}, format="json")
     assert first.json()["accepted"] == 50
@@ -126,11 +126,18 @@ def test_bulk_writes_every_item_in_one_set_of_inserts(api: Any, template: Any) -
         response = api.post("/api/v1/notifications/bulk", {"notifications": items}, format="json")
     assert response.json()["accepted"] == 50
     statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
-    # notifications, deliveries, their "queued" events, idempotency records: one INSERT each,
-    # or a few batches where the database caps a statement's parameters (SQLite's 999).
-    inserts = statements.count("INSERT")
-    assert inserts == 4 if connection.vendor == "postgresql" else 4 <= inserts <= 10, statements
-    assert "SELECT" not in statements
+    if connection.vendor == "postgresql":
+        # The deliveries' ids in one query, then one COPY per table (notifications,
+        # deliveries, their "queued" events, idempotency records) on the driver's cursor,
+        # which Django's query log does not see.
+        [ids] = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+        assert "nextval" in ids and "generate_series" in ids
+        assert "INSERT" not in statements
+    else:
+        # One INSERT per table, or a few batches where the database caps a statement's
+        # parameters (SQLite's 999).
+        assert 4 <= statements.count("INSERT") <= 10, statements
+        assert "SELECT" not in statements
     assert Notification.objects.count() == 100
     assert Delivery.objects.count() == 200
     assert DeliveryEvent.objects.count() == 200
