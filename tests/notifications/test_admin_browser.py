@@ -180,3 +180,90 @@ def test_delivery_rules_and_quiet_hours_in_the_browser(
     assert template.digest == {"window": "1h", "key": "{{ order_id }}"}
     recipient.refresh_from_db()
     assert recipient.quiet_hours == {"start": "22:00", "end": "07:00", "channels": ["sms"]}
+
+
+def test_topics_and_subscribers_in_the_browser(
+    owner: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    """A topic created in the admin, its subscriber count linking to its subscribers, a
+    subscriber found by search and one refused from another owner, through the real pages."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    from playwright.sync_api import expect, sync_playwright
+
+    from notifications.models import Owner, Recipient, Topic, TopicSubscription
+
+    get_user_model().objects.create_superuser("ops", "ops@example.com", "pw-ops-123")
+    for n in range(3):
+        Recipient.objects.create(owner=owner, external_id=f"reader-{n}", email=f"r{n}@example.com")
+    stranger = Recipient.objects.create(
+        owner=Owner.objects.create(name="elsewhere"), external_id="stranger"
+    )
+    pks = dict(Recipient.objects.values_list("external_id", "pk"))
+    base = _serve(spawn, tmp_path)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            add_topic = "/admin/notifications/topic/add/"
+            page.goto(f"{base}/admin/login/?next={add_topic}")
+            page.fill("#id_username", "ops")
+            page.fill("#id_password", "pw-ops-123")
+            page.click("input[type=submit]")
+            page.wait_for_url(f"{base}{add_topic}")
+            page.select_option("#id_owner", label=owner.name)
+            page.fill("#id_key", "release-notes")
+            page.fill("#id_name", "Release notes")
+            page.click("input[name=_save]")
+            page.wait_for_url(f"{base}/admin/notifications/topic/")
+
+            # Subscribe two readers through the subscription form (autocomplete widgets are
+            # plain selects underneath).
+            topic_id = page.evaluate(
+                "() => document.querySelector('#result_list a[href*=\"/change/\"]')"
+                ".getAttribute('href').split('/').slice(-3)[0]"
+            )
+            for rid in ("reader-0", "reader-2", "stranger"):
+                page.goto(f"{base}/admin/notifications/topicsubscription/add/")
+                page.evaluate(
+                    """([topic, rid]) => {
+                        for (const [id, value, label] of [["id_topic", topic, "release-notes"],
+                                                         ["id_recipient", rid, rid]]) {
+                            const select = document.getElementById(id);
+                            select.add(new Option(label, value, true, true));
+                        }
+                    }""",
+                    [topic_id, str(pks[rid])],
+                )
+                page.click("input[name=_save]")
+                if rid == "stranger":
+                    expect(page.locator(".errorlist.nonfield")).to_contain_text(
+                        "different owners"
+                    )
+                else:
+                    page.wait_for_url(f"{base}/admin/notifications/topicsubscription/")
+
+            page.goto(f"{base}/admin/notifications/topic/")
+            count = page.locator("#result_list td.field-subscribers a")
+            expect(count).to_have_text("2")
+            count.click()
+            expect(page.locator("#result_list tbody tr")).to_have_count(2)
+            page.fill("#searchbar", "r2@example.com")
+            page.press("#searchbar", "Enter")
+            expect(page.locator("#result_list tbody tr")).to_have_count(1)
+            expect(page.locator("#result_list")).to_contain_text("reader-2")
+            page.screenshot(path=str(tmp_path / "subscribers.png"), full_page=True)
+        finally:
+            browser.close()
+
+    assert (tmp_path / "subscribers.png").stat().st_size > 5_000
+    topic = Topic.objects.get(key="release-notes")
+    assert topic.owner_id == owner.pk
+    assert set(
+        TopicSubscription.objects.filter(topic=topic).values_list(
+            "recipient__external_id", flat=True
+        )
+    ) == {"reader-0", "reader-2"}
+    assert not TopicSubscription.objects.filter(recipient=stranger).exists()
