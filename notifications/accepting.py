@@ -527,7 +527,9 @@ def _write_with_copy(
     from notifications.models import DeliveryEvent
 
     deliveries = [d for p in prepared for d in p.deliveries]
-    with connection.cursor() as cursor:
+    # COPY runs on the driver's cursor: its errors are turned into Django's (IntegrityError
+    # for a duplicate idempotency key) as the ORM's own statements' are.
+    with connection.wrap_database_errors, connection.cursor() as cursor:
         cursor.execute(
             "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
             [Delivery._meta.db_table, len(deliveries)],
