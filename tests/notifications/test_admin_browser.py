@@ -239,9 +239,7 @@ def test_topics_and_subscribers_in_the_browser(
                 )
                 page.click("input[name=_save]")
                 if rid == "stranger":
-                    expect(page.locator(".errorlist.nonfield")).to_contain_text(
-                        "different owners"
-                    )
+                    expect(page.locator(".errorlist.nonfield")).to_contain_text("different owners")
                 else:
                     page.wait_for_url(f"{base}/admin/notifications/topicsubscription/")
 
