@@ -5,9 +5,11 @@ subscribers come and go during the fan-out."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from notifications import fanout
 from notifications.accepting import NotificationRequest, notification_accept
@@ -222,3 +224,41 @@ def test_a_topic_send_wakes_the_relay_after_commit_and_an_empty_one_does_not(
             ),
         )
     assert [c for c in callbacks if c is dispatch.outbox_wake] == []
+
+
+def test_children_pass_the_frequency_caps_and_quiet_hours(
+    owner: Any, template: Any, topic: Topic
+) -> None:
+    """Each child is routed as a single send: a subscriber at its cap is skipped
+    (frequency_capped), one inside its quiet hours is held until they end; the others go."""
+    template.frequency_caps = {"sms": "1/1h"}
+    template.save()
+    capped = Recipient.objects.get(external_id="sub-001")
+    notification_accept(
+        owner=owner,
+        request=NotificationRequest(
+            recipient="sub-001", template_key="order_shipped", data={"order_id": "v1"}
+        ),
+    )
+    now = timezone.now()
+    Recipient.objects.filter(external_id="sub-002").update(
+        quiet_hours={
+            "start": (now - timedelta(hours=1)).strftime("%H:%M"),
+            "end": (now + timedelta(hours=1)).strftime("%H:%M"),
+        },
+        timezone="UTC",
+    )
+    parent = send(owner)
+    while fanout.topic_fanout_step(chunk_size=10):
+        pass
+    rows = {
+        d.notification.recipient.external_id: d
+        for d in Delivery.objects.filter(notification__parent=parent).select_related(
+            "notification__recipient"
+        )
+    }
+    assert len(rows) == 25
+    assert (rows["sub-001"].status, rows["sub-001"].skip_reason) == ("skipped", "frequency_capped")
+    assert (rows["sub-002"].status, rows["sub-002"].skip_reason) == ("scheduled", "quiet_hours")
+    assert rows["sub-003"].status == "queued"
+    assert capped.pk == rows["sub-001"].notification.recipient_id
