@@ -28,12 +28,19 @@ VERSION_KEY = "cache-version"
 _MISSING = object()
 
 
+# The shape of the cached routing snapshots (selectors.RecipientContext, TemplateSnapshot),
+# part of their keys: a release that changes a shape bumps it, so that during a rolling
+# deploy each release reads only the entries it wrote (2: quiet hours; caps, escalation and
+# digest rules).
+SNAPSHOT_SHAPE = 2
+
+
 def recipient_key(owner_id: int, external_id: str) -> str:
-    return f"recipient:{owner_id}:{external_id}"
+    return f"recipient:v{SNAPSHOT_SHAPE}:{owner_id}:{external_id}"
 
 
 def template_key(owner_id: int, key: str) -> str:
-    return f"template:{owner_id}:{key}"
+    return f"template:v{SNAPSHOT_SHAPE}:{owner_id}:{key}"
 
 
 def devices_key(recipient_id: int) -> str:
