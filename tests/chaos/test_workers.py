@@ -295,7 +295,7 @@ def test_a_topic_fan_out_while_workers_are_killed_loses_nothing(
     for child_id in children.values_list("pk", flat=True):
         ledger.accept("email", str(child_id))
     result = tally(
-        "7 topic fan-out, kill -9 workers",
+        "8 topic fan-out, kill -9 workers",
         ledger,
         received(sendgrid, None),
         note=(
