@@ -373,7 +373,15 @@ def deliveries_release_due(*, delivery_ids: list[int], now: datetime) -> set[int
             if channel is not None:
                 not_needed[pk] = f"escalation not needed: {channel} {unless} in time"
     if not_needed:
-        _deliveries_cancel_locked(list(not_needed), now, detail=not_needed)
+        _deliveries_cancel_locked(
+            list(
+                Delivery.objects.filter(pk__in=list(not_needed)).select_related(
+                    "notification__recipient"
+                )
+            ),
+            now,
+            detail=not_needed,
+        )
     released_ids = [pk for pk in delivery_ids if pk not in not_needed]
     if released_ids:
         Delivery.objects.filter(pk__in=released_ids).update(
@@ -408,21 +416,23 @@ def _escalation_conditions_met(notification_ids: set[Any]) -> dict[tuple[Any, st
 
 
 def _deliveries_cancel_locked(
-    delivery_ids: list[int], now: datetime, *, detail: str | dict[int, str]
+    rows: list[Delivery], now: datetime, *, detail: str | dict[int, str]
 ) -> None:
-    """Cancel rows the caller holds locked, with one status event each."""
-    Delivery.objects.filter(pk__in=delivery_ids).update(
+    """Cancel rows the caller holds locked (loaded with notification__recipient), with one
+    status event each; `detail` is one text for all, or one per delivery id."""
+    Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
         status=DeliveryStatus.CANCELLED, next_attempt_at=None, updated_at=now
     )
-    rows = list(
-        Delivery.objects.filter(pk__in=delivery_ids).select_related("notification__recipient")
-    )
-    details = detail if isinstance(detail, dict) else dict.fromkeys(delivery_ids, detail)
-    events = [
-        event
-        for row in rows
-        for event in delivery_status_events([row], DeliveryStatus.CANCELLED, detail=details[row.pk])
-    ]
+    if isinstance(detail, str):
+        events = delivery_status_events(rows, DeliveryStatus.CANCELLED, detail=detail)
+    else:
+        events = [
+            event
+            for row in rows
+            for event in delivery_status_events(
+                [row], DeliveryStatus.CANCELLED, detail=detail[row.pk]
+            )
+        ]
     get_delivery_log().record_statuses(events)
 
 
@@ -440,12 +450,14 @@ def escalations_cancel(*, notification_ids: list[Any], reached: str, channel: st
                 status=DeliveryStatus.SCHEDULED,
             )
             .select_for_update(skip_locked=True, of=("self",))
-            .values_list("pk", "escalate_unless")
+            .select_related("notification__recipient")
         )
         if not waiting:
             return 0
-        why = {pk: f"escalation not needed: {channel} {unless} in time" for pk, unless in waiting}
-        _deliveries_cancel_locked([pk for pk, _ in waiting], timezone.now(), detail=why)
+        why = {
+            d.pk: f"escalation not needed: {channel} {d.escalate_unless} in time" for d in waiting
+        }
+        _deliveries_cancel_locked(waiting, timezone.now(), detail=why)
     return len(waiting)
 
 
@@ -517,7 +529,7 @@ def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[i
                     problem = f"the digest could not be rendered: {exc}"
                     break
         if problem:
-            _deliveries_cancel_locked([m.pk for m in members], now, detail=problem)
+            _deliveries_cancel_locked(members, now, detail=problem)
             continue
         digest = Notification.objects.create(
             owner_id=newest.owner_id,
@@ -666,10 +678,5 @@ def deliveries_cancel(*, notification_ids: list[uuid.UUID], detail: str) -> set[
         )
         if not rows:
             return set()
-        Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
-            status=DeliveryStatus.CANCELLED, next_attempt_at=None, updated_at=now
-        )
-        get_delivery_log().record_statuses(
-            delivery_status_events(rows, DeliveryStatus.CANCELLED, detail=detail)
-        )
+        _deliveries_cancel_locked(rows, now, detail=detail)
     return {d.pk for d in rows}
