@@ -1,14 +1,17 @@
 """The delivery path, a batch at a time: claim the deliveries of one task, take their tokens
 from the provider's bucket in one call, ask the breaker once, send them (the vendor's batch
-call, or bounded concurrent calls), and settle every one in one transaction; and the sweeper
-that hands back to the relay what the broker lost."""
+call, or bounded concurrent calls; each call is told to the breaker, and none is made once it
+opens), and settle every one in one transaction; and the sweeper that hands back to the relay
+what the broker lost."""
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +26,7 @@ from notifications import metrics
 from notifications.logs import scoped_log_context
 from notifications.models import PENDING_STATUSES, Channel, Delivery, Device
 from workers import retry
-from workers.circuit_breaker import circuit_allow, circuit_record
+from workers.circuit_breaker import CircuitState, circuit_allow, circuit_record
 from workers.providers import (
     BatchProvider,
     OutboundMessage,
@@ -131,26 +134,52 @@ def _send_pool() -> ThreadPoolExecutor:
     return _executor[1]
 
 
+class _Round:
+    """The provider calls of one batch, each told to the shared breaker as it ends: a round
+    of several calls (vendor batches of `max_batch`, or one call per message) makes no new
+    call once the breaker has opened, so a provider that is down gets the failures that open
+    the breaker and the calls already under way, not the rest of every batch."""
+
+    def __init__(self, provider_name: str):
+        self.provider_name = provider_name
+        self.opened = threading.Event()
+
+    def call(self, send: Callable[[], list[SendResult]]) -> list[SendResult] | None:
+        """The call's results, or None when it was not made: the breaker opened first."""
+        if self.opened.is_set():
+            return None
+        results = send()
+        state = circuit_record(provider=self.provider_name, outcome=_breaker_outcome(results).value)
+        if state is CircuitState.OPEN:
+            self.opened.set()
+        return results
+
+
 def _send(
     provider: Provider, messages: list[OutboundMessage], offsets: list[float]
-) -> list[SendResult]:
-    """One result per message, in order: the vendor's batch call where there is one (after the
-    last token is due), else at most PROVIDER_CONCURRENCY calls at once on the provider's
-    pooled connections, each made when its own token is due (`offsets`, from now)."""
+) -> list[SendResult | None]:
+    """One result per message, in order (None for a message not sent because the breaker
+    opened during the round): the vendor's batch call where there is one (after the last
+    token is due), else at most PROVIDER_CONCURRENCY calls at once on the provider's pooled
+    connections, each made when its own token is due (`offsets`, from now)."""
     start = time.monotonic()
+    round_ = _Round(provider.name)
     if isinstance(provider, BatchProvider) and len(messages) > 1:
         time.sleep(max(offsets, default=0.0))
         size = max(1, provider.max_batch)
-        results: list[SendResult] = []
+        results: list[SendResult | None] = []
         for first in range(0, len(messages), size):
-            results += provider.send_batch(messages[first : first + size])
+            chunk = messages[first : first + size]
+            sent = round_.call(functools.partial(provider.send_batch, chunk))
+            results += sent if sent is not None else [None] * len(chunk)
         return results
 
-    def paced(index: int) -> SendResult:
+    def paced(index: int) -> SendResult | None:
         delay = start + offsets[index] - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        return provider.send(messages[index])
+        sent = round_.call(lambda: [provider.send(messages[index])])
+        return sent[0] if sent is not None else None
 
     if len(messages) == 1 or settings.PROVIDER_CONCURRENCY <= 1:
         return [paced(index) for index in range(len(messages))]
@@ -279,16 +308,29 @@ def deliveries_process(*, delivery_ids: list[int]) -> dict[int, ProcessOutcome]:
     latency_ms = 0.0
     if sendable:
         t0 = time.perf_counter()
-        results = _send(provider, [message for _, message in sendable], offsets)
+        attempted = _send(provider, [message for _, message in sendable], offsets)
         latency_ms = (time.perf_counter() - t0) * 1000
-        circuit_record(provider=name, outcome=_breaker_outcome(results).value)
+        results = [r for r in attempted if r is not None]
         slow_for = max((r.retry_after or 0.0 for r in results if r.throttled), default=0.0)
         if slow_for > 0:
             rate_limit_slow(channel=channel, provider=name, seconds=slow_for)
         settled += [
             _judge(delivery, result, name)
-            for (delivery, _), result in zip(sendable, results, strict=True)
+            for (delivery, _), result in zip(sendable, attempted, strict=True)
+            if result is not None
         ]
+        unsent = [
+            delivery for (delivery, _), r in zip(sendable, attempted, strict=True) if r is None
+        ]
+        if unsent:
+            # The breaker opened during this round: the rest waits for it, costing no attempt.
+            rate_limit_refund(channel=channel, provider=name, count=len(unsent))
+            settled += _held(
+                unsent,
+                delay=lambda i: settings.CIRCUIT_OPEN_SECONDS + random.uniform(0, 1),
+                why="circuit open",
+                provider_name=name,
+            )
     return _settle(outcomes, settled, started_at=started_at, latency_ms=latency_ms)
 
 

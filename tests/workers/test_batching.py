@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from notifications.models import Delivery, DeliveryAttempt, DeliveryStatus
 from tests.emulators.sendgrid import SendGridEmulator
 from workers import rate_limiter
+from workers.circuit_breaker import CircuitState, circuit_state
 from workers.models import DeadLetter
 from workers.providers import provider_for
 from workers.rate_limiter import rate_limit_refund, rate_limit_take_many
@@ -139,6 +141,77 @@ def test_an_open_breaker_defers_the_whole_batch_without_spending_attempts(
     rows = Delivery.objects.values_list("status", "attempts", "lease_token")
     assert sorted(rows) == [(DeliveryStatus.QUEUED, 0, None)] * 4
     assert Delivery.objects.filter(next_attempt_at__isnull=False).count() == 4
+
+
+def test_a_provider_down_gets_the_calls_that_open_the_breaker_and_no_more(
+    api: Any, template: Any, sendgrid: SendGridEmulator, settings: Any
+) -> None:
+    """One task of 30 emails in SendGrid batches of 5 while SendGrid answers 503: each call
+    is told to the breaker, which opens after the third; the other three batches are not
+    sent and wait for the breaker without spending an attempt."""
+    settings.SENDGRID_MAX_BATCH = 5
+    settings.CIRCUIT_FAILURE_THRESHOLD = 3
+    settings.CIRCUIT_OPEN_SECONDS = 60
+    provider_for.cache_clear()
+    deliveries = accept_emails(api, 30)
+    sendgrid.fail_always(sendgrid.server_error(503))
+
+    outcomes = deliveries_process(delivery_ids=[d.pk for d in deliveries])
+
+    assert len(sendgrid.requests()) == 3
+    assert circuit_state(provider="sendgrid") == CircuitState.OPEN
+    assert [outcomes[d.pk] for d in deliveries] == [ProcessOutcome.RETRY] * 15 + [
+        ProcessOutcome.DEFERRED
+    ] * 15
+    rows = list(Delivery.objects.order_by("id").values_list("status", "attempts"))
+    assert rows == [(DeliveryStatus.RETRYING, 1)] * 15 + [(DeliveryStatus.QUEUED, 0)] * 15
+    # Held until the breaker lets a trial through.
+    held = Delivery.objects.filter(status=DeliveryStatus.QUEUED)
+    first_due = min(held.values_list("next_attempt_at", flat=True))
+    assert (first_due - timezone.now()).total_seconds() > 55
+
+
+def test_one_call_per_message_stops_once_the_breaker_opens(
+    api: Any, template: Any, settings: Any
+) -> None:
+    """A provider without a batch API (Twilio), down: the calls of one round stop at the one
+    that opens the breaker."""
+    from tests.emulators.twilio import TwilioEmulator
+
+    twilio = TwilioEmulator().start()
+    try:
+        for name, value in twilio.settings_overrides().items():
+            setattr(settings, name, value)
+        settings.PROVIDER_CONCURRENCY = 1
+        settings.CIRCUIT_FAILURE_THRESHOLD = 4
+        settings.CIRCUIT_OPEN_SECONDS = 60
+        provider_for.cache_clear()
+        ids = []
+        for n in range(12):
+            response = api.post(
+                "/api/v1/notifications",
+                {
+                    "recipient": {"id": f"user-{n}", "phone": f"+141555501{n:02d}"},
+                    "template": "order_shipped",
+                    "data": {"order_id": f"A-{n}"},
+                    "channels": ["sms"],
+                },
+                format="json",
+            )
+            assert response.status_code == 202, response.content
+            ids.append(Delivery.objects.get(notification_id=response.json()["id"]).pk)
+        twilio.fail_always(twilio.server_error(503))
+
+        outcomes = deliveries_process(delivery_ids=ids)
+
+        assert len(twilio.requests()) == 4
+        assert [outcomes[pk] for pk in ids] == [ProcessOutcome.RETRY] * 4 + [
+            ProcessOutcome.DEFERRED
+        ] * 8
+        assert Delivery.objects.filter(attempts=0, status=DeliveryStatus.QUEUED).count() == 8
+    finally:
+        twilio.stop()
+        provider_for.cache_clear()
 
 
 def test_take_many_grants_what_comes_within_max_wait_and_refunds(settings: Any) -> None:
