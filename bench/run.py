@@ -888,7 +888,7 @@ class Bench:
             raise PhaseFailed(f"{parent.recipients_done} fanned out, {written} deliveries of {n}")
         self.results["figures"]["fanout"] = {
             "subscribers": n,
-            "chunk_size": int(self.env.get("FANOUT_CHUNK_SIZE", 500)),
+            "chunk_size": int(self.env.get("FANOUT_CHUNK_SIZE", 2000)),
             "seed_s": round(seeded_s, 1),
             "accept_ms": round(answered * 1000, 1),
             "fanned_out_s": round(done, 2),

@@ -6,6 +6,7 @@ management commands call these; the views only adapt HTTP."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,6 @@ import structlog
 from django.conf import settings
 from django.db import IntegrityError, connection, connections, models, transaction
 from django.utils import timezone
-from psycopg.types.json import Jsonb
 
 from notifications import idempotency, metrics, templating
 from notifications.frequency_caps import CapCheck, caps_give_back, caps_take
@@ -479,11 +479,25 @@ def _copy_fits() -> bool:
 
 
 def _copy_value(field: Any) -> Any:
-    """How COPY gets a field's value from an object: psycopg adapts strings, numbers, UUIDs
-    and aware datetimes itself, so only JSON (wrapped) and the auto_now dates (stamped) need
-    the field; anything else goes through the ORM's own preparation."""
+    """How COPY gets a field's value from an object, for the objects of one COPY: psycopg
+    adapts strings, numbers, UUIDs and aware datetimes itself, so only JSON (encoded) and the
+    auto_now dates (stamped) need the field; anything else goes through the ORM's own
+    preparation."""
     if isinstance(field, models.JSONField):
-        return lambda obj: Jsonb(getattr(obj, field.attname))
+        # COPY's text format takes JSON as text. Rows of one batch often share one document
+        # (a fan-out's data, a locale's rendered content): each is encoded once.
+        encoded: dict[int, str] = {}
+
+        def json_text(obj: Any) -> str | None:
+            value = getattr(obj, field.attname)
+            if value is None:
+                return None
+            text = encoded.get(id(value))
+            if text is None:
+                text = encoded[id(value)] = json.dumps(value, cls=field.encoder)
+            return text
+
+        return json_text
     if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
         return lambda obj: field.pre_save(obj, True)
     if isinstance(

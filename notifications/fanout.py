@@ -5,8 +5,10 @@ and batch write as a single send.
 The fan-out is durable and exactly-once per subscriber: a step claims one unfinished topic
 notification (FOR UPDATE SKIP LOCKED, so several relays share the work), takes the next
 FANOUT_CHUNK_SIZE subscribers in recipient order after its cursor, writes their children with
-their deliveries and moves the cursor in the same transaction. A crash rolls the whole chunk
-back, and the next step starts again at the cursor.
+their deliveries and moves the cursor in the same transaction, then publishes the deliveries
+due now as the relay's outbox round would, but by id. A crash rolls the whole chunk back, and
+the next step starts again at the cursor; a crash before the publish commits leaves the
+deliveries in the outbox for the next round.
 
 Who is reached: the subscribers whose recipient id is at most the highest subscribed id at
 acceptance (`fanout_until`), and who are still subscribed when their chunk is reached.
@@ -17,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Max
 from django.utils import timezone
 
@@ -37,6 +40,8 @@ from notifications.accepting import (
 from notifications.frequency_caps import CapCheck, caps_give_back
 from notifications.models import (
     CHANNEL_ORDER,
+    Delivery,
+    DeliveryStatus,
     IdempotencyRecord,
     Notification,
     Owner,
@@ -44,11 +49,13 @@ from notifications.models import (
     TopicSubscription,
 )
 from notifications.selectors import (
+    RecipientContext,
     TemplateSnapshot,
-    recipient_contexts_by_pk,
     template_snapshot_get,
+    topic_subscriber_contexts,
 )
 from notifications.services import ValidationFailed
+from workers.dispatch import batches_publish_rollback_unsafe
 
 log = logging.getLogger(__name__)
 
@@ -184,21 +191,19 @@ def topic_notification_accept(*, owner: Owner, request: NotificationRequest) -> 
 
 
 def _children_prepare(
-    *, parent: Notification, owner: Owner, subscribers: list[tuple[int, str]], now: datetime
+    *, parent: Notification, owner: Owner, subscribers: list[RecipientContext], now: datetime
 ) -> list[PreparedNotification]:
     """One child per subscriber, routed and rendered as a single send to it would be. A
     subscriber the send cannot reach now (the template was deleted or changed since and misses
     a variable) is logged and passed over."""
-    contexts = recipient_contexts_by_pk(
-        owner_id=owner.pk, recipient_ids=[recipient_id for recipient_id, _ in subscribers]
-    )
+    contexts = {context.external_id: context for context in subscribers}
     templates: dict[str, TemplateSnapshot | None] = {}
     # Every child carries the parent's template and data: each locale renders once a chunk.
     renders: dict[tuple[str, str], Any] = {}
     prepared = []
-    for _, external_id in subscribers:
+    for context in subscribers:
         request = NotificationRequest(
-            recipient=external_id,
+            recipient=context.external_id,
             template_key=parent.template_key,
             data=parent.data,
             channels=parent.fanout_channels,
@@ -219,7 +224,7 @@ def _children_prepare(
             log.warning(
                 "topic notification %s: subscriber %s passed over: %s",
                 parent.pk,
-                external_id,
+                context.external_id,
                 exc.fields,
             )
             continue
@@ -228,21 +233,54 @@ def _children_prepare(
     return prepared
 
 
+def _children_publish(due: list[int], *, now: datetime) -> None:
+    """Publish the children's deliveries due now once their chunk has committed, as the
+    relay's outbox round does but by their ids (no scan of the outbox): mark them published
+    and publish them in one transaction, so a crash before its commit leaves them in the
+    outbox, and a refused publish rolls the mark back. Rows another relay took meanwhile are
+    not published twice."""
+    if not due:
+        return
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"UPDATE {connection.ops.quote_name(Delivery._meta.db_table)} "  # noqa: S608
+                    "SET enqueued_at = %s "
+                    "WHERE id = ANY(%s) AND enqueued_at IS NULL RETURNING id, channel",
+                    [now, due],
+                )
+                marked = cursor.fetchall()
+        else:
+            rows = Delivery.objects.filter(pk__in=due, enqueued_at__isnull=True)
+            marked = list(rows.select_for_update().values_list("pk", "channel"))
+            Delivery.objects.filter(pk__in=[pk for pk, _ in marked]).update(enqueued_at=now)
+        by_channel: dict[str, list[int]] = defaultdict(list)
+        for pk, channel in sorted(marked):
+            by_channel[channel].append(pk)
+        batches_publish_rollback_unsafe(by_channel)
+
+
 def topic_fanout_step(*, chunk_size: int | None = None) -> bool:
     """Fan out the next chunk of one unfinished topic notification, in one transaction: its
-    children with their deliveries, and its cursor. Returns False when no topic notification
-    was waiting (or all were being fanned out by other processes)."""
+    children with their deliveries, and its cursor; then publish the children due now.
+    Returns False when no topic notification was waiting (or all were being fanned out by
+    other processes)."""
     chunk_size = chunk_size or settings.FANOUT_CHUNK_SIZE
     now = timezone.now()
     taken: list[CapCheck] = []
+    due: list[int] = []
     try:
-        return _fanout_step(chunk_size=chunk_size, now=now, taken=taken)
+        stepped = _fanout_step(chunk_size=chunk_size, now=now, taken=taken, due=due)
     except BaseException:
         caps_give_back(taken)  # the chunk was rolled back: its places under the caps too
         raise
+    # Committed: should this fail, the children wait in the outbox for the relay's round.
+    _children_publish(due, now=now)
+    return stepped
 
 
-def _fanout_step(*, chunk_size: int, now: datetime, taken: list[CapCheck]) -> bool:
+def _fanout_step(*, chunk_size: int, now: datetime, taken: list[CapCheck], due: list[int]) -> bool:
     with transaction.atomic():
         parent = (
             Notification.objects.filter(
@@ -254,16 +292,13 @@ def _fanout_step(*, chunk_size: int, now: datetime, taken: list[CapCheck]) -> bo
         )
         if parent is None:
             return False
-        subscribers: list[tuple[int, str]] = []
+        subscribers: list[RecipientContext] = []
         if parent.topic_id is not None and parent.fanout_until is not None:
-            subscribers = list(
-                TopicSubscription.objects.filter(
-                    topic_id=parent.topic_id,
-                    recipient_id__gt=parent.fanout_after or 0,
-                    recipient_id__lte=parent.fanout_until,
-                )
-                .order_by("recipient_id")
-                .values_list("recipient_id", "recipient__external_id")[:chunk_size]
+            subscribers = topic_subscriber_contexts(
+                topic_id=parent.topic_id,
+                after=parent.fanout_after or 0,
+                until=parent.fanout_until,
+                limit=chunk_size,
             )
         if subscribers:
             owner = Owner.objects.get(pk=parent.owner_id)
@@ -275,7 +310,13 @@ def _fanout_step(*, chunk_size: int, now: datetime, taken: list[CapCheck]) -> bo
                 _caps_apply(prepared)
                 taken.extend(check for child in prepared for check in child.caps)
                 _notifications_write(owner=owner, prepared=prepared, now=now)
-            parent.fanout_after = subscribers[-1][0]
+                due += [
+                    d.pk
+                    for child in prepared
+                    for d in child.deliveries
+                    if d.status == DeliveryStatus.QUEUED and d.next_attempt_at is None
+                ]
+            parent.fanout_after = subscribers[-1].id
             parent.recipients_done += len(subscribers)
         if len(subscribers) < chunk_size:
             parent.fanout_finished_at = now

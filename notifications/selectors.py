@@ -27,6 +27,7 @@ from notifications.models import (
     Recipient,
     Template,
     Topic,
+    TopicSubscription,
 )
 from notifications.schedules import (
     Cap,
@@ -455,23 +456,37 @@ def topic_detail(*, topic: Topic) -> dict[str, Any]:
     }
 
 
-def recipient_contexts_by_pk(
-    *, owner_id: int, recipient_ids: list[int]
-) -> dict[str, RecipientContext]:
-    """The routing contexts of these recipients, by external id, read from the database in two
-    queries and not cached: a topic fan-out reads each subscriber once, so filling the cache
-    with them would only push out the recipients that single sends keep reading."""
+def topic_subscriber_contexts(
+    *, topic_id: int, after: int, until: int, limit: int
+) -> list[RecipientContext]:
+    """The routing contexts of the next `limit` subscribers of a topic whose recipient id is
+    in (after, until], in recipient id order: the subscriptions joined with their recipients
+    in one query, their preferences in a second, as plain rows and not cached (a topic
+    fan-out reads each subscriber once, so caching them would only push out the recipients
+    that single sends keep reading)."""
+    chunk = TopicSubscription.objects.filter(
+        topic_id=topic_id, recipient_id__gt=after, recipient_id__lte=until
+    ).order_by("recipient_id")
+    rows = list(
+        chunk.values_list(
+            "recipient_id",
+            "recipient__external_id",
+            "recipient__email",
+            "recipient__phone",
+            "recipient__locale",
+            "recipient__timezone",
+            "recipient__quiet_hours",
+        )[:limit]
+    )
+    if not rows:
+        return []
     switches: dict[int, dict[tuple[str, str], bool]] = {}
     for recipient_id, category, channel, enabled in Preference.objects.filter(
-        recipient_id__in=recipient_ids
+        recipient_id__in=chunk.filter(recipient_id__lte=rows[-1][0]).values("recipient_id")
     ).values_list("recipient_id", "category", "channel", "enabled"):
         switches.setdefault(recipient_id, {})[(category, channel)] = enabled
-    # Plain rows, not model instances: a fan-out reads thousands a second.
-    rows = Recipient.objects.filter(owner_id=owner_id, pk__in=recipient_ids).values_list(
-        "pk", "external_id", "email", "phone", "locale", "timezone", "quiet_hours"
-    )
-    return {
-        external_id: RecipientContext(
+    return [
+        RecipientContext(
             id=pk,
             external_id=external_id,
             email=email,
@@ -482,4 +497,4 @@ def recipient_contexts_by_pk(
             quiet_hours=_quiet_hours_or_none(quiet) if quiet else None,
         )
         for pk, external_id, email, phone, locale, tz, quiet in rows
-    }
+    ]

@@ -304,9 +304,10 @@ RELAY_POLL_SECONDS = env.float("RELAY_POLL_SECONDS", default=1.0)
 # Rows one relay claims per round: one broker round trip publishes them all.
 RELAY_CLAIM_SIZE = env.int("RELAY_CLAIM_SIZE", default=1000)
 # Subscribers a topic fan-out turns into notifications per transaction (notifications/fanout.py):
-# large enough that the per-chunk claim and cursor update are noise, small enough that one
-# transaction stays short and a crash redoes little.
-FANOUT_CHUNK_SIZE = env.int("FANOUT_CHUNK_SIZE", default=500)
+# large enough that the per-chunk claim, cursor update and commit are noise (at 500 they cost
+# a third of the fan-out's time; docs/benchmarks.md), small enough that one transaction stays
+# well under a second and a crash redoes little.
+FANOUT_CHUNK_SIZE = env.int("FANOUT_CHUNK_SIZE", default=2000)
 # Provider calls a worker makes at once for a batch on providers without a batch API (Twilio,
 # FCM, SMTP): bounded so one worker process keeps a handful of pooled connections.
 PROVIDER_CONCURRENCY = env.int("PROVIDER_CONCURRENCY", default=8)

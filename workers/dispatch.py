@@ -12,6 +12,8 @@ from django.conf import settings
 from django.db import transaction
 from redis.exceptions import RedisError
 
+from notifications import metrics
+
 log = logging.getLogger(__name__)
 
 # A list holding at most one element: the relay blocks on it (BLPOP). Trimmed at every push, so
@@ -78,4 +80,7 @@ def batches_publish_rollback_unsafe(by_channel: dict[str, list[int]]) -> int:
                 retry=True,
                 retry_policy=retry_policy,
             )
+    for channel, ids in by_channel.items():
+        chunks = -(-len(ids) // max(1, settings.DISPATCH_BATCH_SIZE))
+        metrics.relay_published(channel=channel, deliveries=len(ids), messages=chunks)
     return len(messages)

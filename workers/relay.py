@@ -2,7 +2,8 @@
 outbox (Delivery.enqueued_at NULL: new, retrying, deferred, and scheduled ones once due),
 publishes one task per batch of ids of a channel in one broker round trip, and marks them
 published in the same transaction. It also fans out topic notifications, a chunk of
-subscribers per round (notifications/fanout.py). It wakes on the signal writers send at
+subscribers per round (notifications/fanout.py), publishing the children due now with the
+chunk that writes them. It wakes on the signal writers send at
 commit, or after RELAY_POLL_SECONDS, or when the next row falls due, whichever comes first.
 
 Several relays may run: on PostgreSQL each claims with FOR UPDATE SKIP LOCKED, so they take
@@ -86,9 +87,6 @@ def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None)
             for _, _, _, created_at, next_attempt_at, _ in rows
         )
     )
-    for channel, ids in by_channel.items():
-        chunks = -(-len(ids) // max(1, settings.DISPATCH_BATCH_SIZE))
-        metrics.relay_published(channel=channel, deliveries=len(ids), messages=chunks)
     log.debug("relay published %s deliveries in %s messages", len(rows), messages)
     # Escalation steps cancelled on release count as handled: the drain goes on.
     return claimed

@@ -262,3 +262,58 @@ def test_children_pass_the_frequency_caps_and_quiet_hours(
     assert (rows["sub-002"].status, rows["sub-002"].skip_reason) == ("scheduled", "quiet_hours")
     assert rows["sub-003"].status == "queued"
     assert capped.pk == rows["sub-001"].notification.recipient_id
+
+
+def test_the_children_due_now_are_published_once_their_chunk_commits(
+    owner: Any, topic: Topic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published: list[dict[str, list[int]]] = []
+
+    def publish(by_channel: dict[str, list[int]]) -> int:
+        # What a worker receiving the message would find: the committed rows.
+        ids = by_channel["sms"]
+        assert Delivery.objects.filter(pk__in=ids, enqueued_at__isnull=False).count() == len(ids)
+        published.append(by_channel)
+        return 1
+
+    monkeypatch.setattr(fanout, "batches_publish_rollback_unsafe", publish)
+    parent = send(owner)
+    while fanout.topic_fanout_step(chunk_size=10):
+        pass
+    queued = Delivery.objects.filter(notification__parent=parent, status="queued")
+    assert [len(p["sms"]) for p in published] == [10, 10, 5]
+    assert sorted(pk for p in published for pk in p["sms"]) == sorted(
+        queued.values_list("pk", flat=True)
+    )
+    # Published by the fan-out: none is left in the outbox for the relay's round.
+    assert not Delivery.objects.outbox().filter(notification__parent=parent).exists()
+
+
+def test_children_the_broker_refused_stay_in_the_outbox_for_the_relay(
+    owner: Any, topic: Topic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.exceptions import OperationalError
+
+    from workers import relay
+
+    def refuse(by_channel: dict[str, list[int]]) -> int:
+        raise OperationalError("broker down")
+
+    monkeypatch.setattr(fanout, "batches_publish_rollback_unsafe", refuse)
+    parent = send(owner)
+    with pytest.raises(OperationalError):  # the relay's loop backs off and goes on
+        fanout.topic_fanout_step(chunk_size=10)
+    parent.refresh_from_db()
+    assert parent.recipients_done == 10  # the chunk itself committed
+    outbox = Delivery.objects.outbox().filter(notification__parent=parent)
+    assert outbox.count() == 10
+
+    published: list[int] = []
+    monkeypatch.setattr(
+        relay, "batches_publish_rollback_unsafe", lambda by: published.extend(by["sms"]) or 1
+    )
+    assert relay.outbox_publish_due() == 10
+    assert sorted(published) == sorted(
+        outbox.model.objects.filter(notification__parent=parent).values_list("pk", flat=True)
+    )
+    assert not outbox.exists()
