@@ -214,6 +214,17 @@ def preferences_document(*, recipient: Recipient) -> dict[str, Any]:
     }
 
 
+def template_categories(*, owner_id: int) -> list[str]:
+    """The distinct non-empty categories of an owner's templates, in order."""
+    return list(
+        Template.objects.filter(owner_id=owner_id)
+        .exclude(category="")
+        .order_by("category")
+        .values_list("category", flat=True)
+        .distinct()
+    )
+
+
 def template_list(*, owner: Owner) -> QuerySet[Template]:
     return Template.objects.filter(owner=owner).order_by("key")
 

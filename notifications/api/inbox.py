@@ -9,6 +9,7 @@ from typing import Any, cast
 from django.conf import settings
 from django.http import Http404
 from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework.exceptions import NotAuthenticated
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import IsAuthenticated
@@ -19,8 +20,10 @@ from rest_framework.views import APIView
 from channels_app.tokens import recipient_token_issue
 from notifications import selectors, services
 from notifications.api import serializers as s
+from notifications.api.errors import FieldErrors
 from notifications.api.views import ERRORS, _owner, _recipient_or_404, _validated
 from notifications.auth import RecipientTokenAuthentication
+from notifications.models import Recipient
 from notifications.selectors import InboxRecipient
 
 INBOX_ERRORS = {
@@ -151,6 +154,54 @@ class InboxReadAllView(_InboxView):
             recipient_id=_recipient(request).recipient_id, source="inbox api"
         )
         return Response({"marked_read": count})
+
+
+class InboxPreferencesView(_InboxView):
+    """The recipient's own preferences, as `/recipients/{id}/preferences` gives them to the
+    owner's services, for a preferences page in the recipient's browser."""
+
+    def _answer(self, recipient: Recipient) -> Response:
+        body = selectors.preferences_document(recipient=recipient)
+        body["template_categories"] = selectors.template_categories(owner_id=recipient.owner_id)
+        return Response(body)
+
+    @extend_schema(
+        operation_id="inbox_preferences_retrieve",
+        responses={200: s.InboxPreferencesSerializer, 401: INBOX_ERRORS[401]},
+        description="The recipient's channel and category opt-outs and quiet hours, and the "
+        "categories of the owner's templates.",
+    )
+    def get(self, request: Request) -> Response:
+        return self._answer(_inbox_recipient_row(request))
+
+    @extend_schema(
+        operation_id="inbox_preferences_update",
+        request=s.PreferencesSerializer,
+        responses={
+            200: s.InboxPreferencesSerializer,
+            400: OpenApiResponse(description="Invalid preferences document"),
+            401: INBOX_ERRORS[401],
+        },
+        description="Partial update, as `PUT /recipients/{id}/preferences`: channels, "
+        "categories and quiet_hours not named keep their value; quiet_hours null removes them.",
+    )
+    def put(self, request: Request) -> Response:
+        recipient = _inbox_recipient_row(request)
+        try:
+            services.preferences_update(recipient=recipient, document=request.data)
+        except services.ValidationFailed as exc:
+            raise FieldErrors(exc.fields) from exc
+        return self._answer(recipient)
+
+
+def _inbox_recipient_row(request: Request) -> Recipient:
+    verified = _recipient(request)
+    recipient = Recipient.objects.filter(
+        pk=verified.recipient_id, owner_id=verified.owner_id
+    ).first()
+    if recipient is None:  # erased since the token was issued
+        raise NotAuthenticated("This recipient no longer exists.")
+    return recipient
 
 
 class InboxArchiveView(_InboxView):

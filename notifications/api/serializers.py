@@ -318,6 +318,15 @@ class PreferencesSerializer(serializers.Serializer):
     )
 
 
+class InboxPreferencesSerializer(PreferencesSerializer):
+    template_categories = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="The categories of the owner's templates, for a preferences page to offer "
+        "(read only; a category with no rule is enabled).",
+    )
+
+
 # What an iOS app should register instead of its raw APNs device token.
 APNS_REFUSED = (
     "APNs device tokens cannot be used: Clarion sends push through FCM, which reaches iOS "

@@ -33,6 +33,7 @@ urlpatterns = [
     path("inbox", inbox.InboxListView.as_view(), name="inbox"),
     path("inbox/unread-count", inbox.InboxUnreadCountView.as_view(), name="inbox-unread-count"),
     path("inbox/read-all", inbox.InboxReadAllView.as_view(), name="inbox-read-all"),
+    path("inbox/preferences", inbox.InboxPreferencesView.as_view(), name="inbox-preferences"),
     path("inbox/<str:notification_id>/read", inbox.InboxReadView.as_view(), name="inbox-read"),
     path(
         "inbox/<str:notification_id>/archive",

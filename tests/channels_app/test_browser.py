@@ -187,3 +187,63 @@ def test_page_reconnects_after_a_server_restart_and_resumes_with_since(
         Delivery.objects.filter(notification_id__in=[seen, *missed], status="delivered").count()
         == 3
     )
+
+
+def test_inbox_preferences_panel_changes_the_recipients_own_preferences(
+    api: Any,
+    owner: Any,
+    template: Any,
+    spawn: Callable[..., Process],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.factories import TemplateFactory
+
+    TemplateFactory(owner=owner, key="newsletter", category="marketing")
+    base, _ = start_server(spawn, tmp_path, "uvicorn")
+    api.put("/api/v1/recipients/user-42", {}, format="json")
+    api.put(
+        "/api/v1/recipients/user-42/preferences",
+        {"categories": {"orders": {"push": False}}},
+        format="json",
+    )
+    token = api.post("/api/v1/recipients/user-42/token").json()["token"]
+    console: list[str] = []
+
+    with chromium(monkeypatch) as browser:
+        page = browser.new_page()
+        page.on("console", lambda message: console.append(message.text))
+        page.goto(f"{base}/inbox/#token={token}")
+        page.click("#preferences-toggle")
+        page.wait_for_selector('#preferences [data-category="orders"]', timeout=5_000)
+        # What is stored is what the panel shows: every channel on, orders' push off, both
+        # categories of the owner's templates offered.
+        assert page.eval_on_selector_all(
+            "#preferences-categories .category", "rows => rows.map(r => r.dataset.category)"
+        ) == ["marketing", "orders"]
+        assert not page.is_checked('input[data-category="orders"][data-channel="push"]')
+        assert page.is_checked('input[data-category="marketing"][data-channel="email"]')
+        assert page.is_checked('#preferences-channels input[data-channel="sms"]')
+        assert not page.is_checked("#quiet-on")
+
+        page.uncheck('#preferences-channels input[data-channel="sms"]')
+        page.uncheck('input[data-category="marketing"][data-channel="email"]')
+        page.check('input[data-category="orders"][data-channel="push"]')
+        page.check("#quiet-on")
+        page.fill("#quiet-start", "21:30")
+        page.fill("#quiet-end", "06:45")
+        page.click("#preferences-save")
+        page.wait_for_selector("#preferences-status:has-text('Saved')", timeout=5_000)
+        screenshot = tmp_path / "preferences.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+
+    stored = api.get("/api/v1/recipients/user-42/preferences").json()
+    assert stored["channels"] == {"email": True, "sms": False, "push": True, "web": True}
+    assert stored["categories"] == {"marketing": {"email": False}, "orders": {"push": True}}
+    assert stored["quiet_hours"] == {
+        "start": "21:30",
+        "end": "06:45",
+        "channels": ["email", "sms", "push", "web"],
+    }
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [m for m in console if "error" in m.lower()] == []

@@ -109,6 +109,8 @@ def test_recipient_tokens_and_api_keys_do_not_open_each_others_api(
         ("get", "/api/v1/inbox"),
         ("get", "/api/v1/inbox/unread-count"),
         ("post", "/api/v1/inbox/read-all"),
+        ("get", "/api/v1/inbox/preferences"),
+        ("put", "/api/v1/inbox/preferences"),
         ("post", f"/api/v1/inbox/{uuid.uuid4()}/read"),
     ):
         response = getattr(key_client, method)(path)
@@ -221,6 +223,7 @@ def test_schema_documents_the_inbox_and_the_token_endpoint(api: APIClient) -> No
         "/api/v1/inbox": ["get"],
         "/api/v1/inbox/unread-count": ["get"],
         "/api/v1/inbox/read-all": ["post"],
+        "/api/v1/inbox/preferences": ["get", "put"],
         "/api/v1/inbox/{notification_id}/read": ["post"],
         "/api/v1/inbox/{notification_id}/archive": ["post"],
     } == {p: sorted(paths[p]) for p in paths if "inbox" in p or p.endswith("/token")}
@@ -234,3 +237,73 @@ def test_schema_documents_the_inbox_and_the_token_endpoint(api: APIClient) -> No
         "page_size",
         "unread",
     }
+
+
+# --- The recipient's own preferences --------------------------------------------------------
+
+
+def test_a_recipient_reads_and_changes_its_own_preferences(
+    api: APIClient, owner: Any, inbox: APIClient
+) -> None:
+    from tests.factories import TemplateFactory
+
+    TemplateFactory(owner=owner, key="newsletter", category="marketing")
+    api.put("/api/v1/recipients/user-b", {}, format="json")
+    response = inbox.get("/api/v1/inbox/preferences")
+    assert response.status_code == 200
+    assert response.json() == {
+        "channels": {"email": True, "sms": True, "push": True, "web": True},
+        "categories": {},
+        "quiet_hours": None,
+        "template_categories": ["marketing", "orders"],
+    }
+
+    response = inbox.put(
+        "/api/v1/inbox/preferences",
+        {
+            "channels": {"sms": False},
+            "categories": {"marketing": {"email": False}},
+            "quiet_hours": {"start": "22:00", "end": "07:00"},
+        },
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    changed = response.json()
+    assert changed["channels"]["sms"] is False
+    assert changed["categories"] == {"marketing": {"email": False}}
+    assert changed["quiet_hours"] == {
+        "start": "22:00",
+        "end": "07:00",
+        "channels": ["email", "sms", "push", "web"],  # every channel, as none was named
+    }
+    # What the owner's services see is the same document, and the other recipient is untouched.
+    owners_view = api.get("/api/v1/recipients/user-a/preferences").json()
+    assert owners_view == {k: v for k, v in changed.items() if k != "template_categories"}
+    assert api.get("/api/v1/recipients/user-b/preferences").json()["channels"]["sms"] is True
+    # And the next send follows it.
+    api.put("/api/v1/recipients/user-a", {"phone": "+14155550100"}, format="json")
+    response = api.post(
+        "/api/v1/notifications",
+        {
+            "recipient": "user-a",
+            "template": "order_shipped",
+            "data": {"order_id": "P-2"},
+            "channels": ["sms"],
+        },
+        format="json",
+    )
+    assert response.json()["deliveries"][0] == {
+        "channel": "sms",
+        "status": "skipped",
+        "reason": "opted_out",
+    }
+    # Removing the quiet hours, and a bad document.
+    assert (
+        inbox.put("/api/v1/inbox/preferences", {"quiet_hours": None}, format="json").json()[
+            "quiet_hours"
+        ]
+        is None
+    )
+    bad = inbox.put("/api/v1/inbox/preferences", {"channels": {"fax": False}}, format="json")
+    assert bad.status_code == 400
+    assert bad.json()["fields"] == {"channels.fax": ["Unknown channel; use email, sms, push, web."]}

@@ -9,7 +9,7 @@
  * It authenticates with its first frame (the token never sits in a URL), acks every
  * notification, answers the server's pings, and reconnects with exponential backoff,
  * resuming with `since` = the last notification it saw. The inbox API calls (markRead,
- * markAllRead, archive, list) use the same token.
+ * markAllRead, archive, list, preferences, updatePreferences) use the same token.
  *
  * Events: "connected", "disconnected" ({code, reason}), "notification" (frame),
  * "unread-count" (number), "auth-failed", "error" (frame or Error).
@@ -186,13 +186,16 @@
 
   // --- inbox API ----------------------------------------------------------------------------
 
-  Client.prototype.api = function (method, path) {
+  Client.prototype.api = function (method, path, body) {
     var self = this;
+    var headers = {Authorization: "Bearer " + this.token, Accept: "application/json"};
+    var request = {method: method, headers: headers};
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      request.body = JSON.stringify(body);
+    }
     return root
-      .fetch(this.apiBase + path, {
-        method: method,
-        headers: {Authorization: "Bearer " + this.token, Accept: "application/json"},
-      })
+      .fetch(this.apiBase + path, request)
       .then(function (response) {
         if (!response.ok) {
           var error = new Error(method + " " + path + ": " + response.status);
@@ -248,6 +251,17 @@
       self.refreshUnreadCount().catch(function () {});
       return e;
     });
+  };
+
+  // The recipient's own preferences: {channels: {email: true, ...}, categories: {marketing:
+  // {email: false}}, quiet_hours: {start, end, channels} | null, template_categories: [...]}.
+  Client.prototype.preferences = function () {
+    return this.api("GET", "/inbox/preferences");
+  };
+
+  // A partial document: what it does not name keeps its value; quiet_hours null removes them.
+  Client.prototype.updatePreferences = function (document) {
+    return this.api("PUT", "/inbox/preferences", document);
   };
 
   root.Clarion = {Client: Client};

@@ -1,6 +1,7 @@
 /*
  * The demo inbox page: a bell with the unread count, the list (newest first), live
- * notifications on top, click to mark read. The recipient token comes in the URL fragment
+ * notifications on top, click to mark read, and a preferences panel (channels, categories,
+ * quiet hours) on the recipient's own preferences. The recipient token comes in the URL fragment
  * (#token=...), which the browser never sends to the server.
  */
 (function () {
@@ -105,6 +106,119 @@
         item.className = "entry read";
       });
     });
+  });
+
+  // --- preferences panel ----------------------------------------------------------------
+
+  var CHANNEL_NAMES = {email: "Email", sms: "SMS", push: "Push", web: "In the browser"};
+  var panel = document.getElementById("preferences");
+  var toggle = document.getElementById("preferences-toggle");
+  var status = document.getElementById("preferences-status");
+  var quietOn = document.getElementById("quiet-on");
+  var quietStart = document.getElementById("quiet-start");
+  var quietEnd = document.getElementById("quiet-end");
+  var shown = null;  // the document last read or saved
+
+  function switchElement(text, checked, data) {
+    var label = document.createElement("label");
+    var input = document.createElement("input");
+    input.type = "checkbox";
+    input.checked = checked;
+    Object.keys(data).forEach(function (key) { input.setAttribute("data-" + key, data[key]); });
+    label.appendChild(input);
+    label.appendChild(document.createTextNode(" " + text));
+    return label;
+  }
+
+  function clear(container, selector) {
+    Array.prototype.forEach.call(container.querySelectorAll(selector), function (element) {
+      element.remove();
+    });
+  }
+
+  function renderPreferences(prefs) {
+    shown = prefs;
+    var channels = Object.keys(prefs.channels);
+    var channelSet = document.getElementById("preferences-channels");
+    clear(channelSet, "label");
+    channels.forEach(function (channel) {
+      channelSet.appendChild(switchElement(CHANNEL_NAMES[channel] || channel,
+                                           prefs.channels[channel], {channel: channel}));
+    });
+    var categorySet = document.getElementById("preferences-categories");
+    clear(categorySet, ".category");
+    var names = (prefs.template_categories || []).slice();
+    Object.keys(prefs.categories).forEach(function (name) {
+      if (names.indexOf(name) < 0) names.push(name);
+    });
+    names.sort();
+    categorySet.hidden = names.length === 0;
+    names.forEach(function (name) {
+      var rules = prefs.categories[name] || {};
+      var row = document.createElement("div");
+      row.className = "category";
+      row.setAttribute("data-category", name);
+      var title = document.createElement("span");
+      title.textContent = name;
+      row.appendChild(title);
+      channels.forEach(function (channel) {
+        var on = Object.prototype.hasOwnProperty.call(rules, channel) ? rules[channel] : true;
+        row.appendChild(switchElement(CHANNEL_NAMES[channel] || channel, on,
+                                      {category: name, channel: channel}));
+      });
+      categorySet.appendChild(row);
+    });
+    quietOn.checked = Boolean(prefs.quiet_hours);
+    if (prefs.quiet_hours) {
+      quietStart.value = prefs.quiet_hours.start;
+      quietEnd.value = prefs.quiet_hours.end;
+    }
+  }
+
+  function preferencesDocument() {
+    var body = {channels: {}, categories: {}, quiet_hours: null};
+    Array.prototype.forEach.call(panel.querySelectorAll("input[data-channel]"), function (input) {
+      var channel = input.getAttribute("data-channel");
+      var category = input.getAttribute("data-category");
+      if (category === null) {
+        body.channels[channel] = input.checked;
+        return;
+      }
+      // A category rule is sent when it says no, or when one was set before (to lift it).
+      var before = shown.categories[category] || {};
+      if (!input.checked || Object.prototype.hasOwnProperty.call(before, channel)) {
+        body.categories[category] = body.categories[category] || {};
+        body.categories[category][channel] = input.checked;
+      }
+    });
+    if (quietOn.checked) {
+      body.quiet_hours = {start: quietStart.value, end: quietEnd.value};
+      if (shown.quiet_hours && shown.quiet_hours.channels) {
+        body.quiet_hours.channels = shown.quiet_hours.channels;
+      }
+    }
+    return body;
+  }
+
+  toggle.addEventListener("click", function () {
+    var opening = panel.hidden;
+    panel.hidden = !opening;
+    toggle.setAttribute("aria-expanded", String(opening));
+    if (opening) {
+      status.textContent = "loading…";
+      client.preferences().then(function (prefs) {
+        renderPreferences(prefs);
+        status.textContent = "";
+      }, function () { status.textContent = "could not load your preferences"; });
+    }
+  });
+  panel.addEventListener("submit", function (event) {
+    event.preventDefault();
+    status.textContent = "saving…";
+    client.updatePreferences(preferencesDocument()).then(function (prefs) {
+      renderPreferences(prefs);
+      status.textContent = "Saved";
+    }, function () { status.textContent = "not saved: please check the times"; });
   });
 
   client.start();
