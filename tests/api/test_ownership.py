@@ -226,6 +226,19 @@ def test_another_recipients_inbox_gets_404_for_the_notification_and_changes_noth
     assert (unread.status_code, unread.json()) == (200, {"count": 0})
     read_all = client.post("/api/v1/inbox/read-all")
     assert (read_all.status_code, read_all.json()) == (200, {"marked_read": 0})
+    # Its own preferences: none of the first owner's categories offered, and a change (even
+    # naming the first owner's category) lands on its own recipient only.
+    preferences = client.get("/api/v1/inbox/preferences")
+    _assert_no_secret(preferences)
+    assert preferences.json()["template_categories"] == []
+    changed = client.put(
+        "/api/v1/inbox/preferences",
+        {"channels": {"email": False}, "categories": {"acme-secret-category": {"sms": False}}},
+        format="json",
+    )
+    assert changed.status_code == 200
+    globex = Recipient.objects.get(external_id="user-globex-1")
+    assert Preference.objects.filter(recipient=globex).count() == 2
     assert _snapshot(acme) == before
 
 
