@@ -31,7 +31,7 @@ from notifications.models import (
     Priority,
     SkipReason,
 )
-from notifications.schedules import quiet_until
+from notifications.schedules import EscalationStep, quiet_until
 from notifications.selectors import (
     RecipientContext,
     TemplateSnapshot,
@@ -78,6 +78,8 @@ def channels_route(
     priority: str,
     now: datetime,
     send_at: datetime | None = None,
+    digest_wanted: bool = True,
+    escalation: list[EscalationStep] | None = None,
 ) -> list[Route]:
     """requested ∩ template ∩ preferences ∩ addresses, each exclusion with its reason; then
     the time rules: a channel the template escalates to waits for its deadline, and a
@@ -85,9 +87,10 @@ def channels_route(
     template_channels = [c for c in CHANNEL_ORDER if c in template.content]
     wanted = requested if requested is not None else template_channels
     due = send_at if send_at is not None and send_at > now else now
-    escalations = {step.channel: step for step in template.escalation}
+    steps = template.escalation if escalation is None else escalation
+    escalations = {step.channel: step for step in steps}
     critical = priority == Priority.CRITICAL
-    digest = template.digest if not critical else None
+    digest = template.digest if not critical and digest_wanted else None
     routes = []
     for channel in wanted:
         if channel not in template.content:
@@ -202,6 +205,21 @@ class NotificationRequest:
     cancel_key: str = ""
     # A topic's key instead of a recipient: the notification fans out (notifications/fanout.py).
     topic: str = ""
+    # Per-request overrides of the template's rules: False sends at once rather than into the
+    # template's digest; steps (or none) instead of the template's escalation.
+    digest: bool = True
+    escalation: list[EscalationStep] | None = None
+
+
+def _escalation_check(template: TemplateSnapshot, steps: list[EscalationStep]) -> None:
+    """A request's own escalation steps name channels its template has."""
+    errors = {
+        f"escalation.{index}.channel": [f"The template has no {step.channel} content."]
+        for index, step in enumerate(steps)
+        if step.channel not in template.content
+    }
+    if errors:
+        raise ValidationFailed(errors)
 
 
 def _notification_prepare(
@@ -242,6 +260,8 @@ def _notification_prepare(
         )
 
     send_at = request.send_at
+    if request.escalation is not None:
+        _escalation_check(template, request.escalation)
     routes = channels_route(
         requested=request.channels,
         template=template,
@@ -249,6 +269,8 @@ def _notification_prepare(
         priority=request.priority,
         now=now,
         send_at=send_at,
+        digest_wanted=request.digest,
+        escalation=request.escalation,
     )
     locale, content = templating.pick_locale_content(
         default_locale=template.locale,

@@ -8,6 +8,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from notifications.models import CHANNEL_ORDER, DevicePlatform, Priority
+from notifications.schedules import EscalationStep, RuleError, escalation_parse
 from notifications.services import RECIPIENT_FIELDS
 
 CHANNEL_CHOICES = [(c, c) for c in CHANNEL_ORDER]
@@ -113,14 +114,49 @@ class NotificationCreateSerializer(serializers.Serializer):
         help_text="A key of the caller's choosing; POST /notifications/cancel with it cancels "
         "every notification created with it that has not gone out yet.",
     )
+    digest = serializers.BooleanField(
+        required=False,
+        default=True,
+        help_text="false: this notification goes out at once, not collected into its "
+        "template's digest (its content is still rendered as a digest of one). true (the "
+        "default) follows the template.",
+    )
+    escalation = serializers.ListField(
+        child=serializers.DictField(),
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="This notification's escalation steps instead of the template's, in the "
+        'template\'s shape ([{"after": "15m", "unless": "read", "channel": "sms"}]); [] '
+        "for none. Each step's channel must be one the template has.",
+    )
 
     def validate_channels(self, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
+
+    def validate_escalation(self, value: list[Any] | None) -> list[EscalationStep] | None:
+        if value is None:
+            return None
+        try:
+            return escalation_parse(value)
+        except RuleError as exc:
+            raise serializers.ValidationError(
+                [f"{path}: {' '.join(messages)}" for path, messages in exc.fields.items()]
+            ) from exc
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if ("recipient" in attrs) == ("topic" in attrs):
             raise serializers.ValidationError(
                 {"recipient": ["Give exactly one of recipient and topic."]}
+            )
+        if "topic" in attrs and (attrs.get("escalation") is not None or not attrs["digest"]):
+            raise serializers.ValidationError(
+                {
+                    "topic": [
+                        "A topic notification follows its template's digest and escalation: "
+                        "digest and escalation cannot be overridden for a topic."
+                    ]
+                }
             )
         return attrs
 

@@ -68,6 +68,8 @@ def _notification_request(payload: dict[str, Any]) -> accepting.NotificationRequ
         send_at=payload["send_at"],
         cancel_key=payload.get("cancel_key", ""),
         topic=payload.get("topic", ""),
+        digest=payload.get("digest", True),
+        escalation=payload.get("escalation"),
     )
 
 

@@ -341,6 +341,39 @@ def test_a_channel_that_is_escalated_to_is_not_sent_at_first(api: Any, escalatin
     }
 
 
+def test_a_request_brings_its_own_escalation_or_none(api: Any, escalating: Any) -> None:
+    # None: the channel goes at once.
+    assert statuses(send(api, escalation=[]))["sms"] == {"channel": "sms", "status": "queued"}
+    # Its own steps instead of the template's.
+    before = timezone.now()
+    answer = statuses(
+        send(api, escalation=[{"after": "2m", "unless": "delivered", "channel": "sms"}])
+    )
+    assert (answer["sms"]["status"], answer["sms"]["unless"]) == ("scheduled", "delivered")
+    due = datetime.fromisoformat(answer["sms"]["scheduled_for"].replace("Z", "+00:00"))
+    assert before + timedelta(minutes=2) <= due <= timezone.now() + timedelta(minutes=2)
+    # Refused, and nothing written: a channel the template does not have, a bad step.
+    written = Delivery.objects.count()
+    bad = send(api, escalation=[{"after": "2m", "channel": "email"}])
+    assert bad.status_code == 400
+    assert bad.json()["fields"] == {"escalation.0.channel": ["The template has no email content."]}
+    bad = send(api, escalation=[{"after": "soon", "channel": "sms"}])
+    assert bad.status_code == 400
+    assert "escalation" in bad.json()["fields"]
+    assert Delivery.objects.count() == written
+
+
+def test_a_topic_send_cannot_override_digest_or_escalation(api: Any, escalating: Any) -> None:
+    for override in ({"escalation": []}, {"digest": False}):
+        bad = api.post(
+            URL,
+            {"topic": "release-notes", "template": "order_shipped", **override},
+            format="json",
+        )
+        assert bad.status_code == 400
+        assert "topic" in bad.json()["fields"]
+
+
 # --- Locales on the send path -----------------------------------------------------------------
 
 

@@ -140,6 +140,19 @@ class TestOnTheRelay:
         assert bad.status_code == 400
         assert "data.project_id" in bad.json()["fields"]
 
+    def test_a_request_can_send_at_once_instead_of_into_the_digest(
+        self, api: Any, digest_template: Any
+    ) -> None:
+        answer = notify(api, "u1", "apollo", "release 2.0", channels=["sms"], digest=False)
+        assert answer["deliveries"] == [{"channel": "sms", "status": "queued"}]
+        sms = Delivery.objects.get(notification_id=answer["id"])
+        # Not a member of any group, and rendered as a digest of one.
+        assert (sms.digest_key, sms.next_attempt_at) == ("", None)
+        assert sms.content == {"body": "1 updates: release 2.0 "}
+        # The next one without the override waits for the window as the template says.
+        later = notify(api, "u1", "apollo", "build 3", channels=["sms"])
+        assert later["deliveries"][0]["reason"] == "digest"
+
     def test_web_can_be_digested_too(self, api: Any, owner: Any) -> None:
         TemplateFactory(
             owner=owner,
