@@ -7,10 +7,17 @@ shared version in Redis is unchanged: every invalidation replaces that version w
 random one, and a process reads it at most every CACHE_LOCAL_CHECK_SECONDS. The process that
 wrote drops its own entries at once; the others follow within CACHE_LOCAL_CHECK_SECONDS. A
 flushed Redis changes the version too (it is gone), so the local layer never outlives the
-shared one."""
+shared one.
+
+With Redis unreachable, reads go to the database: the local layer is dropped (the version it
+was trusted under cannot be checked) and nothing is kept until Redis answers again.
+Invalidations that cannot reach Redis are logged and skipped; an entry Redis still holds
+from before may then be read until its TTL (CACHE_TTL_*) ends, if Redis comes back with its
+data."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -20,8 +27,11 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
+from redis.exceptions import RedisError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 VERSION_KEY = "cache-version"
 # What a miss in the local layer looks like (None is a value worth keeping: "no such key").
@@ -66,23 +76,32 @@ class _Local:
         self.version = _MISSING
         self.checked_at = float("-inf")
 
-    def fresh(self, now: float) -> None:
-        """Drop every entry if the shared version moved since the last look."""
+    def fresh(self, now: float) -> bool:
+        """Drop every entry if the shared version moved since the last look. False when Redis
+        cannot be asked: every entry is dropped then, and none may be kept."""
         if now - self.checked_at < settings.CACHE_LOCAL_CHECK_SECONDS:
-            return
+            return self.version is not _MISSING
         with self.lock:
             if now - self.checked_at < settings.CACHE_LOCAL_CHECK_SECONDS:
-                return
-            version = cache.get(VERSION_KEY)
-            if version is None:
-                # First reader, or Redis was flushed: a version of its own, so that a later
-                # flush shows as a change too.
-                cache.add(VERSION_KEY, uuid.uuid4().hex, None)
+                return self.version is not _MISSING
+            try:
                 version = cache.get(VERSION_KEY)
+                if version is None:
+                    # First reader, or Redis was flushed: a version of its own, so that a
+                    # later flush shows as a change too.
+                    cache.add(VERSION_KEY, uuid.uuid4().hex, None)
+                    version = cache.get(VERSION_KEY)
+            except RedisError as exc:
+                log.warning("cache version unknown, Redis unavailable: %s", exc)
+                self.entries.clear()
+                self.version = _MISSING
+                self.checked_at = now
+                return False
             if version != self.version:
                 self.entries.clear()
                 self.version = version
             self.checked_at = now
+            return True
 
 
 _local = _Local()
@@ -100,17 +119,26 @@ def cached(key: str, load: Callable[[], T], ttl: Callable[[T], int]) -> T:
     lifetime = settings.CACHE_LOCAL_SECONDS
     now = time.monotonic()
     if lifetime > 0:
-        _local.fresh(now)
+        if not _local.fresh(now):
+            return load()  # Redis unavailable: the database, and nothing kept
         entry = _local.entries.get(key)
         if entry is not None and entry[1] > now:
             return entry[0]
-    value = cache.get(key, _MISSING)
+    try:
+        value = cache.get(key, _MISSING)
+    except RedisError as exc:
+        log.warning("cache unavailable, reading %s from the database: %s", key, exc)
+        return load()
     seconds = None
     if value is _MISSING:
         value = load()
         seconds = ttl(value)
         if seconds > 0:
-            cache.set(key, value, seconds)
+            try:
+                cache.set(key, value, seconds)
+            except RedisError as exc:
+                log.warning("cache unavailable, %s not kept: %s", key, exc)
+                return value
     if lifetime > 0:
         seconds = ttl(value) if seconds is None else seconds
         if seconds > 0:
@@ -123,9 +151,12 @@ def cached(key: str, load: Callable[[], T], ttl: Callable[[T], int]) -> T:
 def _shared_drop(keys: list[str]) -> None:
     for key in keys:
         _local.entries.pop(key, None)
-    # A new shared version first: a reader that misses Redis after the delete reloads.
-    cache.set_many({VERSION_KEY: uuid.uuid4().hex}, None)
-    cache.delete_many(keys)
+    try:
+        # A new shared version first: a reader that misses Redis after the delete reloads.
+        cache.set_many({VERSION_KEY: uuid.uuid4().hex}, None)
+        cache.delete_many(keys)
+    except RedisError as exc:
+        log.warning("cache entries %s not invalidated, Redis unavailable: %s", keys, exc)
 
 
 def invalidate_on_commit(*keys: str) -> None:

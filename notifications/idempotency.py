@@ -1,10 +1,15 @@
 """Idempotency-Key handling with the semantics of Stripe and the IETF draft: a Redis fast path
-(one SET NX per request) over the database's unique record, which survives a Redis flush."""
+(one SET NX per request) over the database's unique record, which survives a Redis flush.
+With Redis unreachable the database record alone keeps a key to one notification: the request
+proceeds, a twin racing it is refused by the record's unique key and answered from it, and
+nothing is remembered in Redis (the API key's rate limit is not enforced meanwhile, as
+elsewhere)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,11 +18,14 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from notifications.models import IdempotencyRecord
 from workers.rate_limiter import token_bucket_answer, token_bucket_args, token_bucket_script
 
 MAX_KEY_LENGTH = 255
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,15 @@ def _add_with_token(cache_key: str, value: dict[str, Any], limit: RateLimit) -> 
 def begin(*, owner_id: int, key: str, fp: str, limit: RateLimit | None = None) -> Proceed | Replay:
     """Take the key, or say why not: Replay for a finished twin, InFlight, Mismatch. One Redis
     round trip when the key is new, with `limit`'s token taken in the same one (RateLimited
-    when there is none)."""
+    when there is none). With Redis unreachable: Proceed, under the database record alone."""
+    try:
+        return _begin(owner_id=owner_id, key=key, fp=fp, limit=limit)
+    except RedisError as exc:
+        log.warning("Idempotency-Key kept by the database alone, Redis unavailable: %s", exc)
+        return Proceed(key=key, fingerprint=fp, lock_token="")
+
+
+def _begin(*, owner_id: int, key: str, fp: str, limit: RateLimit | None) -> Proceed | Replay:
     cache_key = _cache_key(owner_id, key)
     token = uuid.uuid4().hex
     value = {"state": "in_flight", "fp": fp, "token": token}
@@ -135,6 +151,16 @@ def begin_many(
 ) -> list[Proceed | Replay | InFlight | Mismatch]:
     """begin() for many (key, fingerprint) pairs in two Redis round trips; each answer is what
     begin() would return, or the exception it would raise. Keys must be distinct."""
+    try:
+        return _begin_many(owner_id=owner_id, claims=claims)
+    except RedisError as exc:
+        log.warning("Idempotency-Keys kept by the database alone, Redis unavailable: %s", exc)
+        return [Proceed(key=key, fingerprint=fp, lock_token="") for key, fp in claims]
+
+
+def _begin_many(
+    *, owner_id: int, claims: list[tuple[str, str]]
+) -> list[Proceed | Replay | InFlight | Mismatch]:
     token = uuid.uuid4().hex
     cache_keys = [_cache_key(owner_id, key) for key, _ in claims]
     taken = cache.add_many(  # type: ignore[attr-defined]
@@ -168,13 +194,16 @@ def begin_many(
 def complete_many(*, owner_id: int, done: list[tuple[Proceed, int, Any]]) -> None:
     """complete() for many (claim, status, body) in one Redis round trip."""
     if done:
-        cache.set_many(
-            {
-                _cache_key(owner_id, claim.key): _done_entry(claim.fingerprint, code, body)
-                for claim, code, body in done
-            },
-            settings.IDEMPOTENCY_TTL_SECONDS,
-        )
+        try:
+            cache.set_many(
+                {
+                    _cache_key(owner_id, claim.key): _done_entry(claim.fingerprint, code, body)
+                    for claim, code, body in done
+                },
+                settings.IDEMPOTENCY_TTL_SECONDS,
+            )
+        except RedisError as exc:  # the database records answer the replays
+            log.warning("answers not remembered in Redis, unavailable: %s", exc)
 
 
 def _done_entry(fp: str, status_code: int, body: Any) -> dict[str, Any]:
@@ -182,11 +211,14 @@ def _done_entry(fp: str, status_code: int, body: Any) -> dict[str, Any]:
 
 
 def _remember(cache_key: str, fp: str, replay: Replay) -> None:
-    cache.set(
-        cache_key,
-        _done_entry(fp, replay.status_code, replay.body),
-        settings.IDEMPOTENCY_TTL_SECONDS,
-    )
+    try:
+        cache.set(
+            cache_key,
+            _done_entry(fp, replay.status_code, replay.body),
+            settings.IDEMPOTENCY_TTL_SECONDS,
+        )
+    except RedisError as exc:  # the database record answers the replays
+        log.warning("answer not remembered in Redis, unavailable: %s", exc)
 
 
 def complete(*, owner_id: int, claim: Proceed, status_code: int, body: Any) -> None:
@@ -195,10 +227,15 @@ def complete(*, owner_id: int, claim: Proceed, status_code: int, body: Any) -> N
 
 def release(*, owner_id: int, claim: Proceed) -> None:
     """Give the key back after a request that changed nothing (a 4xx), so it can be reused."""
+    if not claim.lock_token:  # taken while Redis was unavailable: nothing to give back
+        return
     cache_key = _cache_key(owner_id, claim.key)
-    entry = cache.get(cache_key)
-    if entry is not None and entry.get("token") == claim.lock_token:
-        cache.delete(cache_key)
+    try:
+        entry = cache.get(cache_key)
+        if entry is not None and entry.get("token") == claim.lock_token:
+            cache.delete(cache_key)
+    except RedisError as exc:  # its lock expires after IDEMPOTENCY_LOCK_SECONDS
+        log.warning("Idempotency-Key not given back, Redis unavailable: %s", exc)
 
 
 def replay_from_database(*, owner_id: int, key: str, fp: str) -> Replay | None:

@@ -255,6 +255,30 @@ class TestIdempotency:
         assert post(api, body_for(data={}), HTTP_IDEMPOTENCY_KEY="k2").status_code == 400
         assert post(api, body_for(), HTTP_IDEMPOTENCY_KEY="k2").status_code == 202
 
+    def test_with_redis_unreachable_the_database_keeps_a_key_to_one_notification(
+        self, api: Any, template: Any, settings: Any
+    ) -> None:
+        warm = post(api, body_for(), HTTP_IDEMPOTENCY_KEY="warm")  # caches filled
+        assert warm.status_code == 202
+        # Every cache call now meets a closed port: connection refused.
+        caches = {
+            "default": {
+                **settings.CACHES["default"],
+                "LOCATION": "redis://127.0.0.1:1/0",
+                "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+            }
+        }
+        settings.CACHES = caches
+        first = post(api, body_for(), HTTP_IDEMPOTENCY_KEY="order-R-1")
+        second = post(api, body_for(), HTTP_IDEMPOTENCY_KEY="order-R-1")
+        other = post(api, body_for(data={"order_id": "B-2"}), HTTP_IDEMPOTENCY_KEY="order-R-1")
+        assert (first.status_code, second.status_code, other.status_code) == (202, 200, 422)
+        assert second.json() == first.json()
+        assert Notification.objects.filter(idempotency_key="order-R-1").count() == 1
+        # A refused request leaves its key free, with or without Redis.
+        assert post(api, body_for(data={}), HTTP_IDEMPOTENCY_KEY="order-R-2").status_code == 400
+        assert post(api, body_for(), HTTP_IDEMPOTENCY_KEY="order-R-2").status_code == 202
+
     def test_keys_are_per_owner(self, api: Any, other_api: Any, template: Any) -> None:
         TemplateFactory(owner=template.owner.__class__.objects.get(name="globex"))
         assert post(api, body_for(), HTTP_IDEMPOTENCY_KEY="shared").status_code == 202
