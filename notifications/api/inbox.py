@@ -20,8 +20,13 @@ from rest_framework.views import APIView
 from channels_app.tokens import recipient_token_issue
 from notifications import selectors, services
 from notifications.api import serializers as s
-from notifications.api.errors import FieldErrors
-from notifications.api.views import ERRORS, _owner, _recipient_or_404, _validated
+from notifications.api.views import (
+    ERRORS,
+    _owner,
+    _recipient_or_404,
+    _validated,
+    preferences_apply,
+)
 from notifications.auth import RecipientTokenAuthentication
 from notifications.models import Recipient
 from notifications.selectors import InboxRecipient
@@ -160,10 +165,9 @@ class InboxPreferencesView(_InboxView):
     """The recipient's own preferences, as `/recipients/{id}/preferences` gives them to the
     owner's services, for a preferences page in the recipient's browser."""
 
-    def _answer(self, recipient: Recipient) -> Response:
-        body = selectors.preferences_document(recipient=recipient)
-        body["template_categories"] = selectors.template_categories(owner_id=recipient.owner_id)
-        return Response(body)
+    def _answer(self, recipient: Recipient, document: dict[str, Any]) -> Response:
+        categories = selectors.template_categories(owner_id=recipient.owner_id)
+        return Response({**document, "template_categories": categories})
 
     @extend_schema(
         operation_id="inbox_preferences_retrieve",
@@ -172,7 +176,8 @@ class InboxPreferencesView(_InboxView):
         "categories of the owner's templates.",
     )
     def get(self, request: Request) -> Response:
-        return self._answer(_inbox_recipient_row(request))
+        recipient = _inbox_recipient_row(request)
+        return self._answer(recipient, selectors.preferences_document(recipient=recipient))
 
     @extend_schema(
         operation_id="inbox_preferences_update",
@@ -187,11 +192,7 @@ class InboxPreferencesView(_InboxView):
     )
     def put(self, request: Request) -> Response:
         recipient = _inbox_recipient_row(request)
-        try:
-            services.preferences_update(recipient=recipient, document=request.data)
-        except services.ValidationFailed as exc:
-            raise FieldErrors(exc.fields) from exc
-        return self._answer(recipient)
+        return self._answer(recipient, preferences_apply(recipient, request.data))
 
 
 def _inbox_recipient_row(request: Request) -> Recipient:

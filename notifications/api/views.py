@@ -309,11 +309,17 @@ class PreferencesView(APIView):
     )
     def put(self, request: Request, rid: str) -> Response:
         recipient = _recipient_or_404(_owner(request), rid)
-        try:
-            services.preferences_update(recipient=recipient, document=request.data)
-        except services.ValidationFailed as exc:
-            raise FieldErrors(exc.fields) from exc
-        return Response(selectors.preferences_document(recipient=recipient))
+        return Response(preferences_apply(recipient, request.data))
+
+
+def preferences_apply(recipient: Recipient, document: Any) -> dict[str, Any]:
+    """Apply a partial preferences document (400 with the fields for a bad one); returns the
+    recipient's whole preferences document after it."""
+    try:
+        services.preferences_update(recipient=recipient, document=document)
+    except services.ValidationFailed as exc:
+        raise FieldErrors(exc.fields) from exc
+    return selectors.preferences_document(recipient=recipient)
 
 
 class DevicesView(APIView):

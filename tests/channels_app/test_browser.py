@@ -47,6 +47,14 @@ def chromium(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             connections.close_all()
 
 
+def open_inbox(browser: Any, base: str, token: str, console: list[str]) -> Any:
+    """A new page on the inbox with the token, its console messages collected."""
+    page = browser.new_page()
+    page.on("console", lambda message: console.append(message.text))
+    page.goto(f"{base}/inbox/#token={token}")
+    return page
+
+
 def test_inbox_page_shows_a_live_notification_and_click_marks_it_read(
     api: Any,
     template: Any,
@@ -63,9 +71,7 @@ def test_inbox_page_shows_a_live_notification_and_click_marks_it_read(
     console: list[str] = []
 
     with chromium(monkeypatch) as browser:
-        page = browser.new_page()
-        page.on("console", lambda message: console.append(message.text))
-        page.goto(f"{base}/inbox/#token={token}")
+        page = open_inbox(browser, base, token, console)
         page.wait_for_selector("#connection[data-state=live]", timeout=10_000)
         # The one sent before the page opened is listed, and counted.
         page.wait_for_selector(f'li.entry.unread[data-id="{earlier}"]', timeout=5_000)
@@ -211,9 +217,7 @@ def test_inbox_preferences_panel_changes_the_recipients_own_preferences(
     console: list[str] = []
 
     with chromium(monkeypatch) as browser:
-        page = browser.new_page()
-        page.on("console", lambda message: console.append(message.text))
-        page.goto(f"{base}/inbox/#token={token}")
+        page = open_inbox(browser, base, token, console)
         page.click("#preferences-toggle")
         page.wait_for_selector('#preferences [data-category="orders"]', timeout=5_000)
         # What is stored is what the panel shows: every channel on, orders' push off, both
