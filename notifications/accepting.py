@@ -41,6 +41,7 @@ from notifications.selectors import (
     template_snapshot_get,
 )
 from notifications.services import ValidationFailed, recipient_upsert
+from notifications.suppressions import suppression_binds
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ def channels_route(
         address = _address(channel, recipient)
         if not address:
             routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NO_ADDRESS))
+            continue
+        suppressed = recipient.suppressed.get(channel)
+        if suppressed and suppression_binds(reason=suppressed, priority=priority):
+            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.SUPPRESSED))
             continue
         step = escalations.get(channel)
         digested = (

@@ -30,12 +30,14 @@ from notifications.models import (
     Owner,
     Preference,
     Recipient,
+    Suppression,
     Template,
     Topic,
     TopicSubscription,
 )
 from notifications.schedules import RuleError, quiet_hours_parse
 from notifications.selectors import notification_summary_status
+from notifications.suppressions import suppression_delete
 
 
 @admin.register(Owner)
@@ -679,3 +681,50 @@ class TopicSubscriptionAdmin(admin.ModelAdmin):
     list_select_related = ["recipient", "topic"]
     autocomplete_fields = ["topic", "recipient"]
     readonly_fields = ["created_at"]
+
+
+@admin.register(Suppression)
+class SuppressionAdmin(admin.ModelAdmin):
+    """The addresses not sent to. Lifting one (the action) lets it be sent to again."""
+
+    list_display = [
+        "id",
+        "channel",
+        "address",
+        "reason",
+        "source",
+        "short_detail",
+        "owner",
+        "created_at",
+    ]
+    list_filter = ["reason", "channel", "source", "owner", "created_at"]
+    search_fields = ["address", "detail"]
+    search_help_text = "An address (or part of one), or the provider's words."
+    list_select_related = ["owner"]
+    date_hierarchy = "created_at"
+    readonly_fields = [
+        "owner",
+        "channel",
+        "address",
+        "reason",
+        "source",
+        "detail",
+        "delivery",
+        "created_at",
+    ]
+    actions = ["lift"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.display(description="detail")
+    def short_detail(self, obj: Suppression) -> str:
+        return obj.detail if len(obj.detail) <= 80 else obj.detail[:79] + "…"
+
+    @admin.action(description="Lift the selected suppressions (send to these addresses again)")
+    def lift(self, request: HttpRequest, queryset: QuerySet[Suppression]) -> None:
+        count = 0
+        for suppression in queryset:
+            suppression_delete(suppression=suppression)
+            count += 1
+        self.message_user(request, f"Lifted {count} suppression(s).", messages.SUCCESS)

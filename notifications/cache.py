@@ -41,8 +41,8 @@ _MISSING = object()
 # The shape of the cached routing snapshots (selectors.RecipientContext, TemplateSnapshot),
 # part of their keys: a release that changes a shape bumps it, so that during a rolling
 # deploy each release reads only the entries it wrote (2: quiet hours; caps, escalation and
-# digest rules).
-SNAPSHOT_SHAPE = 2
+# digest rules; 3: suppressed addresses).
+SNAPSHOT_SHAPE = 3
 
 
 def recipient_key(owner_id: int, external_id: str) -> str:

@@ -48,8 +48,8 @@ NOTIFICATIONS_ACCEPTED = Counter(
 )
 DELIVERIES = Counter(
     "clarion_deliveries_total",
-    "Worker outcomes of delivery attempts: sent, retried, dead, or deferred (no token, "
-    "breaker open; no attempt spent).",
+    "Worker outcomes of delivery attempts: sent, retried, dead, deferred (no token, "
+    "breaker open; no attempt spent), or skipped (address suppressed since acceptance).",
     ["channel", "provider", "outcome"],
 )
 DELIVERY_LATENCY = Histogram(
@@ -88,6 +88,7 @@ OUTCOME_SENT = "sent"
 OUTCOME_RETRIED = "retried"
 OUTCOME_DEAD = "dead"
 OUTCOME_DEFERRED = "deferred"
+OUTCOME_SKIPPED = "skipped"
 
 
 # --- Recording ------------------------------------------------------------------------------

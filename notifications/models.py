@@ -36,6 +36,10 @@ class DeliveryStatus(models.TextChoices):
     DEAD = "dead", "Dead"
     SKIPPED = "skipped", "Skipped"
     CANCELLED = "cancelled", "Cancelled"
+    # After `sent`, as the provider reported it: the address rejected the message (bounced),
+    # or the provider could not deliver it (failed: an SMS undelivered, an email dropped).
+    BOUNCED = "bounced", "Bounced"
+    FAILED = "failed", "Failed"
 
 
 # A web delivery is in the recipient's inbox from acceptance on, whether or not the worker
@@ -61,7 +65,29 @@ FINAL_STATUSES = (
     DeliveryStatus.DEAD,
     DeliveryStatus.SKIPPED,
     DeliveryStatus.CANCELLED,
+    DeliveryStatus.BOUNCED,
+    DeliveryStatus.FAILED,
 )
+
+
+class ProviderEventKind(models.TextChoices):
+    """What a provider told us of a message after accepting it (workers/provider_events.py).
+    The first three are also delivery statuses; the others are events in the delivery log
+    only."""
+
+    DELIVERED = "delivered", "Delivered"
+    BOUNCED = "bounced", "Bounced"
+    FAILED = "failed", "Failed"
+    OPENED = "opened", "Opened"
+    CLICKED = "clicked", "Clicked"
+    COMPLAINED = "complained", "Complained"
+
+
+# What the delivery log records: a status entered, or a provider's event.
+DELIVERY_EVENT_CHOICES = [
+    *DeliveryStatus.choices,
+    *[(k.value, k.label) for k in ProviderEventKind if k.value not in DeliveryStatus.values],
+]
 
 
 class SkipReason(models.TextChoices):
@@ -75,6 +101,8 @@ class SkipReason(models.TextChoices):
     DIGEST = "digest", "Collected for a digest"
     # The event went out inside a digest notification (the status event names it).
     DIGESTED = "digested", "Sent in a digest"
+    # The address is on the owner's suppression list for the channel (Suppression).
+    SUPPRESSED = "suppressed", "Suppressed"
 
 
 class Owner(models.Model):
@@ -400,6 +428,13 @@ class Delivery(models.Model):
                 ),
                 name="delivery_outbox",
             ),
+            # A Twilio status callback names the message by its sid only; partial, so email,
+            # push and in-app rows (push ids can be long lists) stay out of it.
+            models.Index(
+                fields=["provider_message_id"],
+                condition=models.Q(channel="sms") & ~models.Q(provider_message_id=""),
+                name="delivery_sms_message_id",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -438,7 +473,7 @@ class DeliveryEvent(models.Model):
     """A delivery entering a status, as the SQL delivery log records it."""
 
     delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="events")
-    status = models.CharField(max_length=10, choices=DeliveryStatus.choices)
+    status = models.CharField(max_length=10, choices=DELIVERY_EVENT_CHOICES)
     detail = models.TextField(blank=True)
     at = models.DateTimeField(db_index=True)
 
@@ -500,3 +535,39 @@ class TopicSubscription(models.Model):
 
     def __str__(self) -> str:
         return f"{self.recipient_id} → {self.topic_id}"
+
+
+class SuppressionReason(models.TextChoices):
+    BOUNCED = "bounced", "Hard bounce"
+    COMPLAINED = "complained", "Spam complaint"
+    STOPPED = "stopped", "SMS STOP"
+
+
+class Suppression(models.Model):
+    """An address that is not sent to again on a channel, for one owner: it bounced hard,
+    its owner reported spam, or it replied STOP. Lifted by an operator or the API."""
+
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="suppressions")
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    # An email address (lower case) or an E.164 phone number.
+    address = models.CharField(max_length=254)
+    reason = models.CharField(max_length=12, choices=SuppressionReason.choices)
+    # Who said so ("sendgrid", "twilio", "smtp") and in their own words.
+    source = models.CharField(max_length=30)
+    detail = models.TextField(blank=True)
+    # The delivery that brought it, when there was one.
+    delivery = models.ForeignKey(
+        Delivery, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "channel", "address"], name="suppression_unique"
+            )
+        ]
+        indexes = [models.Index(fields=["owner", "-created_at"], name="suppression_owner_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.channel}:{self.address} ({self.reason})"

@@ -57,6 +57,8 @@ class RecipientContext:
     # (category, channel) -> enabled; category "" is the channel-wide switch.
     preferences: dict[tuple[str, str], bool]
     quiet_hours: QuietHours | None = None
+    # channel -> why its address is on the owner's suppression list (SuppressionReason).
+    suppressed: dict[str, str] = field(default_factory=dict)
 
     def allows(self, *, channel: str, category: str) -> bool:
         if category and (category, channel) in self.preferences:
@@ -65,6 +67,8 @@ class RecipientContext:
 
 
 def _recipient_context(recipient: Recipient, preferences: list[Preference]) -> RecipientContext:
+    from notifications.suppressions import recipient_suppressions
+
     return RecipientContext(
         id=recipient.pk,
         external_id=recipient.external_id,
@@ -74,6 +78,7 @@ def _recipient_context(recipient: Recipient, preferences: list[Preference]) -> R
         timezone=recipient.timezone,
         preferences={(p.category, p.channel): p.enabled for p in preferences},
         quiet_hours=_quiet_hours_or_none(recipient.quiet_hours),
+        suppressed=recipient_suppressions(recipient),
     )
 
 
@@ -259,6 +264,8 @@ def notifications_by_key(
 
 _IN_PROGRESS = {DeliveryStatus.QUEUED, DeliveryStatus.RETRYING}
 _DONE = {DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.READ}
+# Did not reach the recipient: given up on by us (dead), or reported by the provider.
+_FAILED = {DeliveryStatus.DEAD, DeliveryStatus.BOUNCED, DeliveryStatus.FAILED}
 
 
 def notification_summary_status(statuses: list[str]) -> str:
@@ -274,7 +281,7 @@ def notification_summary_status(statuses: list[str]) -> str:
         return "in_progress"
     if any(s == DeliveryStatus.SCHEDULED for s in active):
         return "scheduled"
-    dead = sum(1 for s in active if s == DeliveryStatus.DEAD)
+    dead = sum(1 for s in active if s in _FAILED)
     if dead == len(active):
         return "failed"
     if dead:

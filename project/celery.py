@@ -71,6 +71,14 @@ app.conf.update(
             "schedule": settings.SWEEPER_INTERVAL_SECONDS,
             "options": {"queue": "maintenance", "expires": settings.SWEEPER_INTERVAL_SECONDS},
         },
+        "apply-provider-events": {
+            "task": "clarion.provider_events_apply",
+            "schedule": settings.PROVIDER_EVENTS_INTERVAL_SECONDS,
+            "options": {
+                "queue": "maintenance",
+                "expires": settings.PROVIDER_EVENTS_INTERVAL_SECONDS,
+            },
+        },
         "purge-idempotency-records": {
             "task": "clarion.purge_idempotency_records",
             "schedule": 3600.0,

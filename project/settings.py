@@ -372,6 +372,27 @@ FCM_SERVICE_ACCOUNT_FILE = env.str("FCM_SERVICE_ACCOUNT_FILE", default="")
 FCM_PROJECT_ID = env.str("FCM_PROJECT_ID", default="")
 FCM_BASE_URL = env.str("FCM_BASE_URL", default="https://fcm.googleapis.com")
 
+# --- Provider events in (/hooks/sendgrid, /hooks/twilio) ------------------------------------
+# SendGrid's Event Webhook verification key (Mail Settings → Signed Event Webhook, base64);
+# without it /hooks/sendgrid refuses every post, as it cannot tell SendGrid's from a forgery.
+SENDGRID_WEBHOOK_PUBLIC_KEY = env.str("SENDGRID_WEBHOOK_PUBLIC_KEY", default="")
+# A signed post older (or newer) than this is refused as a replay: SendGrid signs each post
+# as it sends it, retries included.
+PROVIDER_HOOK_TOLERANCE_SECONDS = env.int("PROVIDER_HOOK_TOLERANCE_SECONDS", default=300)
+# The address the world reaches Clarion at (https://notify.example.com), when a proxy in
+# front changes scheme or host: Twilio signs the URL it posted to, so the check needs it.
+# Blank: the request's own URL.
+PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="").rstrip("/")
+# Events applied per transaction by the maintenance worker.
+PROVIDER_EVENTS_BATCH_SIZE = env.int("PROVIDER_EVENTS_BATCH_SIZE", default=500)
+# An event about a delivery the worker has not settled yet (Twilio may call back before our
+# own write commits) is tried again after this, and applied anyway after the wait.
+PROVIDER_EVENTS_RETRY_SECONDS = env.float("PROVIDER_EVENTS_RETRY_SECONDS", default=5.0)
+PROVIDER_EVENTS_WAIT_SECONDS = env.float("PROVIDER_EVENTS_WAIT_SECONDS", default=3600.0)
+# The schedule's backstop: events whose apply task was lost, or that wait, are applied
+# within this.
+PROVIDER_EVENTS_INTERVAL_SECONDS = env.float("PROVIDER_EVENTS_INTERVAL_SECONDS", default=10.0)
+
 # --- Dead letters ---------------------------------------------------------------------------
 # Dead letters per channel above this raise the alert (seed diagram 11: 10k).
 DEAD_LETTER_ALERT_THRESHOLD = env.int("DEAD_LETTER_ALERT_THRESHOLD", default=10_000)

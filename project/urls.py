@@ -7,13 +7,15 @@ from drf_spectacular.views import SpectacularAPIView
 
 from channels_app.views import inbox_page
 from notifications import metrics_scrape
-from notifications.api import docs, health
+from notifications.api import docs, health, hooks
 
 urlpatterns = [
     path("api/v1/", include("notifications.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", docs.SwaggerView.as_view(), name="swagger-ui"),
     path("api/redoc/", docs.RedocView.as_view(), name="redoc"),
+    path("hooks/sendgrid", hooks.SendGridHookView.as_view(), name="hooks-sendgrid"),
+    path("hooks/twilio", hooks.TwilioHookView.as_view(), name="hooks-twilio"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics_scrape.metrics_view, name="metrics"),

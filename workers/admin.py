@@ -13,7 +13,7 @@ from django.urls import reverse
 
 from notifications import admin_views
 from workers.dead_letters import dead_letter_groups, dead_letters_discard, dead_letters_replay
-from workers.models import DeadLetter, DeadLetterStatus, SandboxMessage
+from workers.models import DeadLetter, DeadLetterStatus, ProviderEvent, SandboxMessage
 
 # Groups shown above the dead-letter list; the rest stay reachable through the filters.
 DEAD_LETTER_SUMMARY_GROUPS = 20
@@ -132,3 +132,31 @@ class DeadLetterAdmin(admin.ModelAdmin):
     def discard(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
         count = dead_letters_discard(letters=queryset)
         self.message_user(request, f"Discarded {count} dead letter(s).", messages.SUCCESS)
+
+
+@admin.register(ProviderEvent)
+class ProviderEventAdmin(admin.ModelAdmin):
+    """What SendGrid and Twilio posted, as it came, and what applying it did."""
+
+    list_display = [
+        "id",
+        "provider",
+        "raw_status",
+        "kind",
+        "delivery_id",
+        "address",
+        "suppress",
+        "occurred_at",
+        "processed_at",
+        "result",
+    ]
+    list_filter = ["provider", "kind", "raw_status", "received_at"]
+    search_fields = ["=event_id", "=message_id", "=delivery_id", "address"]
+    search_help_text = "Event id, provider message id, delivery id, or address."
+    date_hierarchy = "received_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

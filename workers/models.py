@@ -57,3 +57,49 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"dead {self.channel} delivery {self.delivery_id}"
+
+
+class ProviderEvent(models.Model):
+    """One event a provider posted (SendGrid's event webhook, Twilio's status callbacks and
+    inbound messages), kept as it came and applied in the background. Unique per provider and
+    event id, so a post the provider repeats changes nothing."""
+
+    provider = models.CharField(max_length=20)
+    event_id = models.CharField(max_length=255)
+    # What it means for us: a ProviderEventKind, "stop" / "start" (an SMS opt-out or back in),
+    # or "ignored" (an event Clarion does not act on, kept for the record).
+    kind = models.CharField(max_length=12)
+    # The provider's own word for it ("bounce", "undelivered", "STOP") and its explanation.
+    raw_status = models.CharField(max_length=50)
+    detail = models.TextField(blank=True)
+    # The address must not be sent to again (a SuppressionReason: hard bounce, complaint,
+    # STOP), or blank.
+    suppress = models.CharField(max_length=12, blank=True)
+    delivery_id = models.BigIntegerField(null=True, blank=True)
+    message_id = models.CharField(max_length=255, blank=True)
+    # The address it concerns (an inbound STOP names no delivery, only the number).
+    address = models.CharField(max_length=254, blank=True)
+    payload = models.JSONField(default=dict)
+    occurred_at = models.DateTimeField()
+    received_at = models.DateTimeField(auto_now_add=True)
+    # Not applied yet while NULL; `result` says what applying it did.
+    processed_at = models.DateTimeField(null=True, blank=True)
+    result = models.CharField(max_length=200, blank=True)
+    # An event that came before its delivery was settled waits and is tried again.
+    tries = models.PositiveIntegerField(default=0)
+    not_before = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "event_id"], name="provider_event_unique")
+        ]
+        indexes = [
+            models.Index(
+                fields=["id"],
+                condition=models.Q(processed_at__isnull=True),
+                name="provider_event_pending",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.raw_status} ({self.event_id})"

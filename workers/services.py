@@ -25,6 +25,12 @@ from django.utils import timezone
 from notifications import metrics
 from notifications.logs import scoped_log_context
 from notifications.models import PENDING_STATUSES, Channel, Delivery, Device
+from notifications.suppressions import (
+    SUPPRESSIBLE_CHANNELS,
+    address_normalize,
+    suppressed_reasons,
+    suppression_binds,
+)
 from workers import retry
 from workers.circuit_breaker import CircuitState, circuit_allow, circuit_record
 from workers.providers import (
@@ -60,6 +66,7 @@ class ProcessOutcome(enum.StrEnum):
     DEAD = "dead"
     NOT_CLAIMED = "not_claimed"
     DEFERRED = "deferred"
+    SKIPPED = "skipped"
 
 
 _OUTCOME_OF = {
@@ -67,13 +74,37 @@ _OUTCOME_OF = {
     Settle.RETRY: ProcessOutcome.RETRY,
     Settle.DEFER: ProcessOutcome.DEFERRED,
     Settle.DEAD: ProcessOutcome.DEAD,
+    Settle.SKIP: ProcessOutcome.SKIPPED,
 }
 _METRIC_OF = {
     Settle.SENT: metrics.OUTCOME_SENT,
     Settle.RETRY: metrics.OUTCOME_RETRIED,
     Settle.DEFER: metrics.OUTCOME_DEFERRED,
     Settle.DEAD: metrics.OUTCOME_DEAD,
+    Settle.SKIP: metrics.OUTCOME_SKIPPED,
 }
+
+
+def _not_suppressed(
+    sendable: list[tuple[Delivery, OutboundMessage]], settled: list[Settlement]
+) -> list[tuple[Delivery, OutboundMessage]]:
+    """What may still be sent: a delivery whose address was suppressed since it was accepted
+    is settled `skipped` instead (one query per batch, email and SMS only)."""
+    if not sendable or sendable[0][0].channel not in SUPPRESSIBLE_CHANNELS:
+        return sendable
+    reasons = suppressed_reasons((m.owner_id, m.channel, str(m.to)) for _, m in sendable)
+    if not reasons:
+        return sendable
+    kept = []
+    for delivery, message in sendable:
+        address = address_normalize(channel=message.channel, address=str(message.to))
+        reason = reasons.get((message.owner_id, message.channel, address))
+        if reason and suppression_binds(reason=reason, priority=delivery.notification.priority):
+            result = SendResult(Outcome.PERMANENT, error=f"suppressed: {reason}")
+            settled.append(Settlement(delivery, Settle.SKIP, result, record_attempt=False))
+        else:
+            kept.append((delivery, message))
+    return kept
 
 
 def _max_attempts() -> int:
@@ -262,6 +293,7 @@ def deliveries_process(*, delivery_ids: list[int]) -> dict[int, ProcessOutcome]:
             settled.append(Settlement(delivery, Settle.DEAD, message))
         else:
             sendable.append((delivery, message))
+    sendable = _not_suppressed(sendable, settled)
     if not sendable:
         return _settle(outcomes, settled, started_at=now)
 
@@ -377,6 +409,8 @@ def _settle(
                 result.error,
                 extra=context,
             )
+        elif settlement.kind is Settle.SKIP:
+            log.info("delivery %s skipped: %s", delivery.pk, result.error, extra=context)
         else:
             log.warning(
                 "delivery %s dead after %s attempts: %s",

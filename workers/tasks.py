@@ -39,3 +39,10 @@ def purge_idempotency_records() -> int:
     from notifications.accepting import idempotency_records_purge
 
     return idempotency_records_purge()
+
+
+@app.task(name="clarion.provider_events_apply", ignore_result=True)
+def provider_events_apply() -> int:
+    from workers.provider_events import provider_events_apply as apply
+
+    return apply()

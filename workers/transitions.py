@@ -29,6 +29,7 @@ from notifications.models import (
     DeliveryStatus,
     Device,
     Notification,
+    ProviderEventKind,
     SkipReason,
     Template,
 )
@@ -43,6 +44,7 @@ class Settle(enum.StrEnum):
     RETRY = "retry"
     DEFER = "deferred"  # back to the outbox for later; the attempt is not spent
     DEAD = "dead"
+    SKIP = "skipped"  # not sent and never will be (the address is suppressed)
 
 
 @dataclass
@@ -133,8 +135,11 @@ def deliveries_settle(
         for settlement in settlements:
             if settlement.result.invalid_tokens:
                 _devices_deactivate(settlement.delivery, settlement.result.invalid_tokens)
+            if settlement.result.suppress:
+                _address_suppress(settlement)
         applied += _settle_sent(by_kind[Settle.SENT], now)
         applied += _settle_deferred(by_kind[Settle.DEFER], now)
+        applied += _settle_skipped(by_kind[Settle.SKIP], now)
         for settlement in by_kind[Settle.RETRY]:
             if _settle_retry(settlement, now):
                 applied.append(settlement)
@@ -228,6 +233,50 @@ def _settle_deferred(settlements: list[Settlement], now: datetime) -> list[Settl
             updated_at=now,
         )
     return [by_id[pk] for pk in ours]
+
+
+def _settle_skipped(settlements: list[Settlement], now: datetime) -> list[Settlement]:
+    """`skipped` with reason `suppressed`: the address went on the suppression list after the
+    delivery was accepted. No attempt is spent (no provider call was made)."""
+    if not settlements:
+        return []
+    ours, by_id = _ours(settlements)
+    if ours:
+        Delivery.objects.filter(pk__in=ours).update(
+            status=DeliveryStatus.SKIPPED,
+            skip_reason=SkipReason.SUPPRESSED,
+            attempts=F("attempts") - 1,
+            next_attempt_at=None,
+            lease_token=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        get_delivery_log().record_statuses(
+            [
+                event
+                for pk in ours
+                for event in delivery_status_events(
+                    [by_id[pk].delivery], DeliveryStatus.SKIPPED, detail=by_id[pk].result.error
+                )
+            ]
+        )
+    return [by_id[pk] for pk in ours]
+
+
+def _address_suppress(settlement: Settlement) -> None:
+    """The provider refused the address for good (hard bounce, STOP): suppress it."""
+    from notifications.suppressions import suppression_add
+
+    delivery = settlement.delivery
+    suppression_add(
+        owner_id=delivery.notification.owner_id,
+        channel=delivery.channel,
+        address=delivery.address,
+        reason=settlement.result.suppress,
+        source=settlement.provider or "-",
+        detail=settlement.result.error,
+        delivery_id=delivery.pk,
+    )
 
 
 def _settle_retry(settlement: Settlement, now: datetime) -> bool:
@@ -576,6 +625,54 @@ def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[i
             ]
         )
     return published
+
+
+# --- What providers report after sending (workers/provider_events.py) -----------------------
+
+# How far a sent delivery has got: a provider's report moves it only forward, so a late
+# `delivered` does not undo a bounce (an asynchronous bounce after `delivered` does win).
+_PROVIDER_RANK: dict[str, int] = {
+    DeliveryStatus.SENT: 1,
+    DeliveryStatus.DELIVERED: 2,
+    DeliveryStatus.READ: 3,
+    DeliveryStatus.BOUNCED: 4,
+    DeliveryStatus.FAILED: 4,
+}
+_STATUS_OF_EVENT = {
+    ProviderEventKind.DELIVERED: DeliveryStatus.DELIVERED,
+    ProviderEventKind.BOUNCED: DeliveryStatus.BOUNCED,
+    ProviderEventKind.FAILED: DeliveryStatus.FAILED,
+}
+
+
+def delivery_provider_event(*, delivery: Delivery, kind: str, detail: str, at: datetime) -> str:
+    """Record what the provider said of a delivery it accepted (the caller holds its row
+    locked; loaded with notification__recipient): always an event in the delivery log, with
+    the provider's words in its detail; the status too when the report moves it forward.
+    Returns what it did."""
+    now = timezone.now()
+    status = _STATUS_OF_EVENT.get(ProviderEventKind(kind))
+    current = delivery.status
+    moves = status is not None and _PROVIDER_RANK.get(status, 0) > _PROVIDER_RANK.get(current, 99)
+    if status is not None and moves:
+        changes: dict[str, Any] = {"status": status, "updated_at": now}
+        if status == DeliveryStatus.DELIVERED:
+            changes["delivered_at"] = at
+        Delivery.objects.filter(pk=delivery.pk).update(**changes)
+        get_delivery_log().record_statuses(
+            delivery_status_events([delivery], status, detail=detail)
+        )
+        if status == DeliveryStatus.DELIVERED:
+            escalations_cancel(
+                notification_ids=[delivery.notification_id],
+                reached=DeliveryStatus.DELIVERED,
+                channel=delivery.channel,
+            )
+        return f"{current} -> {status}"
+    if status is not None:
+        detail = f"{detail} (late: the delivery stays {current})"
+    get_delivery_log().record_statuses(delivery_status_events([delivery], kind, detail=detail))
+    return f"{kind} recorded, stays {current}"
 
 
 # --- The in-app inbox -----------------------------------------------------------------------

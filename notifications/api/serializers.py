@@ -7,11 +7,14 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from notifications.models import CHANNEL_ORDER, DevicePlatform, Priority
+from notifications.models import CHANNEL_ORDER, DevicePlatform, Priority, SuppressionReason
 from notifications.schedules import EscalationStep, RuleError, escalation_parse
 from notifications.services import RECIPIENT_FIELDS
+from notifications.suppressions import SUPPRESSIBLE_CHANNELS
 
 CHANNEL_CHOICES = [(c, c) for c in CHANNEL_ORDER]
+# The channels whose addresses can be suppressed (notifications.suppressions).
+SUPPRESSIBLE_CHOICES = [(c.value, c.value) for c in SUPPRESSIBLE_CHANNELS]
 
 
 class RecipientContactSerializer(serializers.Serializer):
@@ -182,8 +185,8 @@ class DeliveryAcceptedSerializer(serializers.Serializer):
     status = serializers.CharField()
     reason = serializers.CharField(
         required=False,
-        help_text="Why it was skipped (opted_out, no_address, not_in_template, frequency_capped)"
-        " or held (quiet_hours).",
+        help_text="Why it was skipped (opted_out, no_address, not_in_template, frequency_capped,"
+        " suppressed) or held (quiet_hours).",
     )
     scheduled_for = serializers.DateTimeField(
         required=False,
@@ -499,6 +502,32 @@ class DeadLetterCountsSerializer(serializers.Serializer):
 
 class CountSerializer(serializers.Serializer):
     count = serializers.IntegerField()
+
+
+class SuppressionSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    channel = serializers.ChoiceField(choices=SUPPRESSIBLE_CHOICES)
+    address = serializers.CharField()
+    reason = serializers.ChoiceField(
+        choices=SuppressionReason.values,
+        help_text="bounced: a hard bounce (the address does not exist); complained: a spam "
+        "report; stopped: the number replied STOP.",
+    )
+    # DRF's metaclass takes declared fields off the class, so this does not shadow Field.source.
+    source = serializers.CharField(help_text="Who said so: sendgrid, twilio, smtp.")  # type: ignore[assignment]
+    detail = serializers.CharField(help_text="The provider's own words.")
+    delivery_id = serializers.IntegerField(allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
+class SuppressionFilterSerializer(serializers.Serializer):
+    channel = serializers.ChoiceField(choices=SUPPRESSIBLE_CHOICES, required=False)
+    address = serializers.CharField(required=False, max_length=254, help_text="Substring")
+    reason = serializers.ChoiceField(choices=SuppressionReason.values, required=False)
+
+
+class HookReceivedSerializer(serializers.Serializer):
+    received = serializers.IntegerField(help_text="Events in the post (repeats included).")
 
 
 class RecipientTokenSerializer(serializers.Serializer):

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from notifications.api import dead_letters, inbox, topics, views
+from notifications.api import dead_letters, inbox, suppressions, topics, views
 
 urlpatterns = [
     path("notifications", views.NotificationCreateView.as_view(), name="notification-create"),
@@ -49,6 +49,12 @@ urlpatterns = [
         name="topic-subscribers",
     ),
     path("sandbox/messages", views.SandboxMessagesView.as_view(), name="sandbox-messages"),
+    path("suppressions", suppressions.SuppressionListView.as_view(), name="suppressions"),
+    path(
+        "suppressions/<int:suppression_id>",
+        suppressions.SuppressionDetailView.as_view(),
+        name="suppression",
+    ),
     path("dead-letters", dead_letters.DeadLetterListView.as_view(), name="dead-letters"),
     path(
         "dead-letters/replay",

@@ -17,9 +17,11 @@ from notifications.models import (
     Device,
     Preference,
     Recipient,
+    Suppression,
     Template,
     TopicSubscription,
 )
+from notifications.suppressions import suppression_add
 from tests.factories import RecipientFactory
 from workers.models import DeadLetter, DeadLetterStatus
 from workers.transitions import dead_letter_create
@@ -92,11 +94,20 @@ def acme(owner: Any, api: APIClient) -> dict[str, Any]:
     response = api.post(f"/api/v1/topics/{key}/subscribers", {"recipients": [rid]}, format="json")
     assert response.json()["added"] == 1, response.content
     recipient = Recipient.objects.get(owner=owner, external_id=rid)
+    suppression_add(
+        owner_id=owner.pk,
+        channel="email",
+        address=SECRETS[1],
+        reason="bounced",
+        source="sendgrid",
+        detail=f"{SECRETS[1]} does not exist",
+    )
     return {
         "rid": rid,
         "key": key,
         "notification_id": notification_id,
         "dead_letter_id": letter.pk,
+        "suppression_id": Suppression.objects.get(owner=owner).pk,
         "recipient": recipient,
     }
 
@@ -132,6 +143,9 @@ def _snapshot(acme: dict[str, Any]) -> dict[str, Any]:
             )
         ),
         "dead_letter": DeadLetter.objects.get(pk=acme["dead_letter_id"]).status,
+        "suppressions": sorted(
+            Suppression.objects.filter(owner=recipient.owner).values_list("address", "reason")
+        ),
         "topics": sorted(
             TopicSubscription.objects.filter(topic__owner=recipient.owner).values_list(
                 "topic__key", "topic__name", "recipient__external_id"
@@ -155,6 +169,7 @@ def _object_calls(ids: dict[str, Any]) -> list[tuple[str, str, Any]]:
         ("delete", f"/api/v1/templates/{key}", None),
         ("post", f"/api/v1/dead-letters/{dl}/replay", None),
         ("post", f"/api/v1/dead-letters/{dl}/discard", None),
+        ("delete", f"/api/v1/suppressions/{ids['suppression_id']}", None),
         ("get", f"/api/v1/topics/{key}", None),
         ("post", f"/api/v1/topics/{key}/subscribers", {"recipients": [rid]}),
         ("delete", f"/api/v1/topics/{key}/subscribers", {"recipients": [rid]}),
@@ -174,6 +189,7 @@ def _random_ids() -> dict[str, Any]:
         "key": f"tpl-{uuid.uuid4().hex}",
         "notification_id": str(uuid.uuid4()),
         "dead_letter_id": 2_000_000_000,
+        "suppression_id": 2_000_000_000,
     }
 
 
@@ -201,7 +217,7 @@ def test_another_owner_gets_404_for_every_object_and_changes_nothing(
             _assert_no_secret(response)
             answers.append((method, path, response.status_code, response.json()))
     assert answers == [(m, p, 404, NOT_FOUND) for m, p, _, _ in answers]
-    assert len(answers) == 26
+    assert len(answers) == 28
     assert _snapshot(acme) == before
 
 
@@ -266,6 +282,8 @@ def test_lists_and_filters_of_another_owner_show_none_of_the_first_owners_object
         "/api/v1/templates",
         "/api/v1/dead-letters?status=any",
         f"/api/v1/sandbox/messages?notification={nid}",
+        "/api/v1/suppressions",
+        "/api/v1/suppressions?address=secret-acme",
     ):
         response = other_api.get(path)
         _assert_no_secret(response)
@@ -276,6 +294,11 @@ def test_lists_and_filters_of_another_owner_show_none_of_the_first_owners_object
         "/api/v1/templates": (200, []),
         "/api/v1/dead-letters?status=any": (200, []),
         f"/api/v1/sandbox/messages?notification={nid}": (200, []),
+        "/api/v1/suppressions": (200, {"next": None, "previous": None, "results": []}),
+        "/api/v1/suppressions?address=secret-acme": (
+            200,
+            {"next": None, "previous": None, "results": []},
+        ),
     }
     assert sum(counts["channels"].values()) == 0
     assert (bulk.status_code, bulk.json()) == (202, {"count": 0})

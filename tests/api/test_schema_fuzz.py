@@ -30,7 +30,8 @@ from schemathesis.specs.openapi.checks import (
 
 from channels_app.tokens import recipient_token_issue
 from notifications.accepting import notification_create
-from notifications.models import Delivery, DeliveryStatus, Topic, TopicSubscription
+from notifications.models import Delivery, DeliveryStatus, Suppression, Topic, TopicSubscription
+from notifications.suppressions import suppression_add
 from tests.factories import DeviceFactory, RecipientFactory, TemplateFactory, api_key_for
 from workers.transitions import dead_letter_create
 
@@ -92,6 +93,9 @@ def known(owner: Any) -> dict[str, Any]:
     Delivery.objects.filter(pk=delivery.pk).update(status=DeliveryStatus.DEAD)
     delivery.refresh_from_db()
     letter = dead_letter_create(delivery=delivery, provider="twilio", error="21211 bad number")
+    suppression_add(
+        owner_id=owner.pk, channel="sms", address="+14155550100", reason="stopped", source="twilio"
+    )
     topic = Topic.objects.create(owner=owner, key="order_shipped")
     TopicSubscription.objects.create(topic=topic, recipient=recipient)
     return {
@@ -104,6 +108,7 @@ def known(owner: Any) -> dict[str, Any]:
             "key": "order_shipped",
             "notification_id": body["id"],
             "dead_letter_id": letter.pk,
+            "suppression_id": Suppression.objects.get(owner=owner).pk,
         },
     }
 

@@ -1,12 +1,21 @@
 """SendGrid's v3 Mail Send API (`POST /v3/mail/send`) as far as Clarion uses it: bearer-key
-auth, SendGrid's validation and error bodies, 202 with `X-Message-Id`, plus its fault formats."""
+auth, SendGrid's validation and error bodies, 202 with `X-Message-Id`, plus its fault formats;
+and its signed Event Webhook: events about the messages it accepted, posted as SendGrid posts
+them, signed with an ECDSA key of its own."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import secrets
+import time
+import urllib.error
+import urllib.request
 from typing import Any
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.emulators.base import Emulator, Request, Response
 
@@ -29,6 +38,14 @@ class SendGridEmulator(Emulator):
         self.api_key = f"SG.{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(32)}"
         self.from_email = "clarion@example.com"
         self._accepted_ids: list[str] = []
+        # The Event Webhook's signing key; Clarion is given the public half, as SendGrid's
+        # Mail Settings show it (base64 of the DER SubjectPublicKeyInfo).
+        self.event_key = ec.generate_private_key(ec.SECP256R1())
+        self.event_public_key = base64.b64encode(
+            self.event_key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        ).decode()
 
     # --- what Clarion needs to point at it -----------------------------------------------
 
@@ -38,6 +55,7 @@ class SendGridEmulator(Emulator):
             "SENDGRID_API_KEY": self.api_key,
             "SENDGRID_BASE_URL": self.url,
             "EMAIL_FROM": self.from_email,
+            "SENDGRID_WEBHOOK_PUBLIC_KEY": self.event_public_key,
         }
 
     def settings_overrides(self) -> dict[str, Any]:
@@ -74,6 +92,55 @@ class SendGridEmulator(Emulator):
             for p in body.get("personalizations") or []
             if isinstance(p, dict)
         ]
+
+    # --- the Event Webhook -------------------------------------------------------------
+
+    def events_for(self, request: Request, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """One event of this kind per personalization of an accepted request, shaped as
+        SendGrid's: its custom args at the top level, `sg_message_id` the request's
+        X-Message-Id and a suffix of SendGrid's own."""
+        body = request.json()
+        message_id = self._message_id_of(request)
+        shared = dict(body.get("custom_args") or {})
+        return [
+            {
+                "email": p["to"][0]["email"],
+                "timestamp": int(time.time()),
+                "event": event,
+                "sg_event_id": base64.urlsafe_b64encode(secrets.token_bytes(16)).decode(),
+                "sg_message_id": f"{message_id}.recvd-{secrets.token_hex(4)}-{i}",
+                "smtp-id": f"<{message_id}@ismtpd0001p1las1.sendgrid.net>",
+                **shared,
+                **(p.get("custom_args") or {}),
+                **fields,
+            }
+            for i, p in enumerate(body["personalizations"])
+        ]
+
+    def _message_id_of(self, request: Request) -> str:
+        index = self.accepted_requests().index(request)
+        return self.accepted_ids()[index]
+
+    def sign(self, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+        """The headers SendGrid signs a post with: ECDSA P-256 / SHA-256 over the timestamp
+        and the body, base64 DER."""
+        stamp = str(int(time.time()) if timestamp is None else timestamp)
+        signature = self.event_key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+        return {
+            "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode(),
+            "X-Twilio-Email-Event-Webhook-Timestamp": stamp,
+        }
+
+    def post_events(self, url: str, events: list[dict[str, Any]]) -> tuple[int, bytes]:
+        """POST the events to a hook as SendGrid does (a JSON array, signed)."""
+        body = json.dumps(events).encode()
+        headers = {"Content-Type": "application/json", **self.sign(body)}
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=15) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
 
     # --- faults in SendGrid's formats ----------------------------------------------------
 

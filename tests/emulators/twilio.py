@@ -1,13 +1,19 @@
 """Twilio's Messages API (`POST /2010-04-01/Accounts/{AccountSid}/Messages.json`) as far as
-Clarion uses it: Basic auth, form fields, Twilio's error codes and Message resource, faults."""
+Clarion uses it: Basic auth, form fields, Twilio's error codes and Message resource, faults;
+and its signed status callbacks and inbound messages, posted to a URL as Twilio posts them."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import math
 import re
 import secrets
+import urllib.error
+import urllib.parse
+import urllib.request
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -93,6 +99,70 @@ class TwilioEmulator(Emulator):
     @staticmethod
     def bad_number(to: str = INVALID_TO_NUMBER) -> Response:
         return Response(400, _invalid_to(to))
+
+    @staticmethod
+    def unsubscribed() -> Response:
+        """The number replied STOP to ours: Twilio refuses every message to it."""
+        return Response(400, twilio_error(400, 21610, "Attempt to send to unsubscribed recipient"))
+
+    # --- callbacks -----------------------------------------------------------------------
+
+    def sign(self, url: str, params: dict[str, str]) -> str:
+        """X-Twilio-Signature as Twilio computes it: base64 HMAC-SHA1, keyed by the auth
+        token, over the URL followed by each form field's name and value, sorted by name."""
+        data = url + "".join(f"{name}{params[name]}" for name in sorted(params))
+        digest = hmac.new(self.auth_token.encode(), data.encode(), hashlib.sha1).digest()
+        return base64.b64encode(digest).decode()
+
+    def post(self, url: str, params: dict[str, str]) -> tuple[int, bytes]:
+        body = urllib.parse.urlencode(params).encode()
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": self.sign(url, params),
+        }
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=15) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def status_params(
+        self, sid: str, status: str, *, to: str, error_code: str = ""
+    ) -> dict[str, str]:
+        """A status callback's form fields, as Twilio sends them."""
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": "2010-04-01",
+            "From": self.from_number,
+            "MessageSid": sid,
+            "MessageStatus": status,
+            "SmsSid": sid,
+            "SmsStatus": status,
+            "To": to,
+        }
+        if error_code:
+            params["ErrorCode"] = error_code
+        return params
+
+    def inbound_params(self, *, from_: str, body: str) -> dict[str, str]:
+        """An inbound message's form fields (with Advanced Opt-Out's OptOutType on STOP)."""
+        sid = "SM" + secrets.token_hex(16)
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": "2010-04-01",
+            "Body": body,
+            "From": from_,
+            "MessageSid": sid,
+            "NumMedia": "0",
+            "SmsMessageSid": sid,
+            "SmsSid": sid,
+            "SmsStatus": "received",
+            "To": self.from_number,
+        }
+        if body.strip().upper() == "STOP":
+            params["OptOutType"] = "STOP"
+        return params
 
     # --- the API -------------------------------------------------------------------------
 

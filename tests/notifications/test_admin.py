@@ -33,13 +33,15 @@ from notifications.models import (
     Notification,
     Preference,
     Recipient,
+    Suppression,
     Template,
     Topic,
     TopicSubscription,
 )
+from notifications.suppressions import suppression_add
 from tests.factories import ORDER_SHIPPED, DeviceFactory, OwnerFactory, RecipientFactory
 from workers.delivery_log import AttemptRecord, StatusEvent
-from workers.models import DeadLetter
+from workers.models import DeadLetter, ProviderEvent
 from workers.transitions import dead_letter_create
 
 pytestmark = pytest.mark.django_db
@@ -315,6 +317,23 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
         format="json",
     )
     assert topic_send.status_code == 202, topic_send.content
+    suppression_add(
+        owner_id=owner.pk,
+        channel="email",
+        address="user-42@example.com",
+        reason="bounced",
+        source="sendgrid",
+        detail="sendgrid bounce: hard: 550 5.1.1 unknown user",
+    )
+    ProviderEvent.objects.create(
+        provider="twilio",
+        event_id="SM1:delivered:",
+        kind="delivered",
+        raw_status="delivered",
+        message_id="SM1",
+        payload={"MessageSid": "SM1", "MessageStatus": "delivered"},
+        occurred_at=datetime.now(UTC),
+    )
     request = RequestFactory().get("/")
     request.user = get_user_model().objects.get(username="ops")
 
@@ -334,10 +353,10 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
             urls.append(reverse(f"{prefix}_add"))
         for url in urls:
             ok(url, staff.get(url))
-    # 13 models (11 of Clarion's, users and groups): every changelist; a change page for the 12
-    # with a row (no group); an add page for the 9 that allow adding (notifications,
-    # deliveries, sandbox messages and dead letters do not).
-    assert len(rendered) == 13 + 12 + 9
+    # 15 models (13 of Clarion's, users and groups): every changelist; a change page for the
+    # 14 with a row (no group); an add page for the 9 that allow adding (notifications,
+    # deliveries, sandbox messages, dead letters, suppressions and provider events do not).
+    assert len(rendered) == 15 + 14 + 9
 
     # The filters and searches an operator uses, on every list that has them.
     notifications = reverse("admin:notifications_notification_changelist")
@@ -381,7 +400,17 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
     )
     created = ApiKey.objects.get(name="k")
     ok(keys, staff.post(keys, {"action": "revoke", "_selected_action": [created.pk]}), 302)
-    assert len(rendered) == 34 + 9 + 3 + 3 + 2
+    # The suppression list searched by address, and a suppression lifted.
+    suppressions = reverse("admin:notifications_suppression_changelist")
+    found = staff.get(suppressions + "?q=user-42@")
+    ok(suppressions, found)
+    assert "user-42@example.com" in found.content.decode()
+    assert "user-42@example.com" not in staff.get(suppressions + "?q=nobody").content.decode()
+    [suppression] = Suppression.objects.all()
+    lift = {"action": "lift", "_selected_action": [suppression.pk]}
+    ok(suppressions, staff.post(suppressions, lift), 302)
+    assert not Suppression.objects.exists()
+    assert len(rendered) == 38 + 9 + 3 + 3 + 2 + 2
     assert dict(DeadLetter.objects.values_list("pk", "status")) == {
         first_letter.pk: "replayed",
         second_letter.pk: "discarded",

@@ -91,6 +91,10 @@ def test_replay_through_the_api_sends_once_the_address_works(
     api: Any, template: Any, smtp: SmtpSink, django_capture_on_commit_callbacks: Any
 ) -> None:
     [letter_id] = bounce(api, smtp, 1)
+    # The 550 5.1.1 put the address on the suppression list; the operator lifts it first.
+    [suppression] = api.get("/api/v1/suppressions").json()["results"]
+    assert (suppression["address"], suppression["reason"]) == ("user-0@example.com", "bounced")
+    assert api.delete(f"/api/v1/suppressions/{suppression['id']}").status_code == 204
     with django_capture_on_commit_callbacks(execute=False):
         response = api.post(f"/api/v1/dead-letters/{letter_id}/replay")
     assert response.status_code == 202
@@ -106,6 +110,22 @@ def test_replay_through_the_api_sends_once_the_address_works(
     assert again.json() == {"error": "conflict", "detail": "This dead letter is already replayed."}
     status = api.get(f"/api/v1/notifications/{delivery.notification_id}").json()
     assert status["deliveries"][0]["status"] == "sent"
+
+
+def test_a_replay_to_a_hard_bounced_address_is_skipped_until_the_suppression_is_lifted(
+    api: Any, template: Any, smtp: SmtpSink
+) -> None:
+    [letter_id] = bounce(api, smtp, 1)
+    assert api.post(f"/api/v1/dead-letters/{letter_id}/replay").status_code == 202
+    delivery = Delivery.objects.get()
+    assert delivery_process(delivery_id=delivery.pk) == ProcessOutcome.SKIPPED
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.skip_reason, delivery.attempts) == (
+        DeliveryStatus.SKIPPED,
+        "suppressed",
+        0,
+    )
+    assert smtp.received() == []
 
 
 def test_discard_and_filters(api: Any, template: Any, smtp: SmtpSink) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -35,6 +36,9 @@ class SendResult:
     retry_after: float | None = None
     # Push tokens the provider reported as no longer registered.
     invalid_tokens: tuple[str, ...] = ()
+    # The provider said the address must not be sent to again (a SuppressionReason: a hard
+    # bounce at the SMTP server, Twilio's 21610 for a number that replied STOP).
+    suppress: str = ""
 
     @property
     def ok(self) -> bool:
@@ -64,3 +68,32 @@ class BatchProvider(Protocol):
     def send_batch(self, messages: list[OutboundMessage]) -> list[SendResult]:
         """One result per message, in order."""
         ...
+
+
+class HookRefused(Exception):
+    """A post to a provider hook that is not the provider's: unsigned, badly signed (`status`
+    401) or stale (400)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ProviderEventIn:
+    """One event a provider posted about a message it accepted (or an inbound message), in
+    our terms; `kind` is a ProviderEventKind, "stop", "start" or "ignored"."""
+
+    provider: str
+    event_id: str
+    kind: str
+    raw_status: str
+    occurred_at: datetime
+    payload: dict[str, Any]
+    detail: str = ""
+    # The address must not be sent to again: a SuppressionReason, or "".
+    suppress: str = ""
+    delivery_id: int | None = None
+    message_id: str = ""
+    address: str = ""

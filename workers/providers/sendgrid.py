@@ -3,15 +3,30 @@ an explicit timeout, and the HTTP status classified into ok, transient or perman
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import json
+import time
+from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Content, CustomArg, From, Mail, Personalization, Substitution, To
 
-from workers.providers.base import OutboundMessage, Outcome, SendResult
+from notifications.models import ProviderEventKind, SuppressionReason
+from workers.providers.base import (
+    HookRefused,
+    OutboundMessage,
+    Outcome,
+    ProviderEventIn,
+    SendResult,
+)
 from workers.retry import classify_http_status, retry_after_seconds
 
 # SendGrid's own limits: personalizations per request, and bytes of substitutions in one.
@@ -164,3 +179,105 @@ def _error_text(body: bytes | str | None) -> str:
     except (ValueError, KeyError, TypeError, AttributeError):
         return body[:500]
     return "; ".join(messages) or body[:500]
+
+
+# --- The Event Webhook: what SendGrid says of the messages afterwards -------------------------
+
+SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
+TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
+
+# SendGrid's event → ours. Events not named here (processed, deferred, unsubscribes) are
+# kept for the record and change nothing.
+_EVENT_KIND = {
+    "delivered": ProviderEventKind.DELIVERED,
+    "bounce": ProviderEventKind.BOUNCED,
+    "dropped": ProviderEventKind.FAILED,
+    "open": ProviderEventKind.OPENED,
+    "click": ProviderEventKind.CLICKED,
+    "spamreport": ProviderEventKind.COMPLAINED,
+}
+# A drop for one of these reasons means SendGrid itself has the address on its bounce list.
+_DROPPED_AS_BOUNCED = ("Bounced Address", "Invalid")
+
+
+def events_verify(
+    *, public_key: str, body: bytes, signature: str, timestamp: str, tolerance: float
+) -> None:
+    """Check a post's ECDSA signature (over the timestamp header and the raw body) with the
+    verification key from SendGrid's Mail Settings (base64 DER, as SendGrid shows it), and
+    that it was signed within `tolerance` seconds. Raises HookRefused."""
+    if not signature or not timestamp:
+        raise HookRefused(401, f"{SIGNATURE_HEADER} and {TIMESTAMP_HEADER} are required.")
+    try:
+        signed_at = int(timestamp)
+    except ValueError:
+        raise HookRefused(400, f"{TIMESTAMP_HEADER} is not a Unix time.") from None
+    if abs(time.time() - signed_at) > tolerance:
+        raise HookRefused(400, f"The post was signed {int(time.time() - signed_at)} s ago.")
+    try:
+        key = load_der_public_key(base64.b64decode(public_key))
+        decoded = base64.b64decode(signature, validate=True)
+    except (ValueError, binascii.Error):
+        raise HookRefused(401, "The signature is not valid.") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise HookRefused(401, "SENDGRID_WEBHOOK_PUBLIC_KEY is not an ECDSA key.")
+    try:
+        key.verify(decoded, timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise HookRefused(401, "The signature is not valid.") from None
+
+
+def events_parse(body: bytes) -> list[ProviderEventIn]:
+    """The events of one (verified) post. Raises ValueError on a body that is not SendGrid's
+    list of events."""
+    events = json.loads(body)
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ValueError("expected a JSON array of event objects")
+    return [_event(event) for event in events]
+
+
+def _event(event: dict[str, Any]) -> ProviderEventIn:
+    name = str(event.get("event", ""))
+    event_id = str(event.get("sg_event_id") or "")
+    if not name or not event_id:
+        raise ValueError("every event needs `event` and `sg_event_id`")
+    kind = _EVENT_KIND.get(name, "ignored")
+    suppress = ""
+    reason = str(event.get("reason") or event.get("response") or "")
+    hard = False
+    detail = reason
+    if name == "bounce":
+        # `type`: "bounce" (the receiving server refused the address) or "blocked" (it
+        # refused this message, for now: a soft bounce).
+        hard = event.get("type", "bounce") == "bounce"
+        detail = f"{'hard' if hard else 'soft'}: {reason}"
+    elif name == "dropped":
+        hard = any(word in reason for word in _DROPPED_AS_BOUNCED)
+    elif name == "spamreport":
+        suppress = SuppressionReason.COMPLAINED.value
+    elif name == "click":
+        detail = str(event.get("url") or "")
+    if hard:
+        suppress = SuppressionReason.BOUNCED.value
+    try:
+        delivery_id: int | None = int(event["delivery_id"])
+    except (KeyError, TypeError, ValueError):
+        delivery_id = None
+    try:
+        occurred_at = datetime.fromtimestamp(int(event["timestamp"]), tz=UTC)
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        occurred_at = datetime.now(tz=UTC)
+    return ProviderEventIn(
+        provider="sendgrid",
+        event_id=event_id[:255],
+        kind=kind,
+        raw_status=name[:50],
+        occurred_at=occurred_at,
+        payload=event,
+        detail=detail[:2000],
+        suppress=suppress,
+        delivery_id=delivery_id,
+        # SendGrid's sg_message_id is the X-Message-Id we kept, then a dot and its own suffix.
+        message_id=str(event.get("sg_message_id") or "").partition(".")[0][:255],
+        address=str(event.get("email") or "")[:254],
+    )

@@ -3,12 +3,14 @@ timeouts; the server's reply code decides transient or permanent."""
 
 from __future__ import annotations
 
+import re
 import smtplib
 from email.utils import make_msgid
 
 from django.core.mail import EmailMultiAlternatives
 from django.core.mail.backends.smtp import EmailBackend
 
+from notifications.models import SuppressionReason
 from workers.providers.base import OutboundMessage, Outcome, SendResult
 from workers.retry import classify_smtp_code
 
@@ -64,7 +66,12 @@ class SmtpProvider:
             connection.send_messages([email])
         except smtplib.SMTPRecipientsRefused as exc:
             code, reply = next(iter(exc.recipients.values()))
-            return SendResult(classify_smtp_code(code), status_code=code, error=_text(code, reply))
+            return SendResult(
+                classify_smtp_code(code),
+                status_code=code,
+                error=_text(code, reply),
+                suppress=SuppressionReason.BOUNCED if hard_bounce(code, reply) else "",
+            )
         except smtplib.SMTPResponseException as exc:
             return SendResult(
                 classify_smtp_code(exc.smtp_code),
@@ -75,6 +82,18 @@ class SmtpProvider:
             # Connection refused or reset, timeouts, a server that hung up: try again later.
             return SendResult(Outcome.TRANSIENT, error=f"{exc.__class__.__name__}: {exc}")
         return SendResult(Outcome.OK, provider_message_id=message_id.strip("<>"), status_code=250)
+
+
+# RFC 3463 "5.1.x": the address itself is bad (no such mailbox, no such domain, bad syntax,
+# null MX). Other 5xx refusals (policy, spam, size: 5.7.x, 5.3.x) say nothing of the address.
+_BAD_ADDRESS = re.compile(r"^\s*5\.1\.\d{1,3}\b")
+
+
+def hard_bounce(code: int, reply: bytes | str) -> bool:
+    """A refusal of the recipient that means the address does not exist."""
+    if isinstance(reply, bytes):
+        reply = reply.decode("utf-8", "replace")
+    return 500 <= code < 600 and bool(_BAD_ADDRESS.match(reply))
 
 
 def _text(code: int, reply: bytes | str) -> str:

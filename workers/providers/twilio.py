@@ -5,18 +5,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
+from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from workers.providers.base import OutboundMessage, Outcome, SendResult
+from notifications.models import ProviderEventKind, SuppressionReason
+from workers.providers.base import (
+    HookRefused,
+    OutboundMessage,
+    Outcome,
+    ProviderEventIn,
+    SendResult,
+)
 from workers.retry import classify_http_status, retry_after_seconds
 
 _SDK_PREFIX = "Unable to create record"
+# Twilio error codes that mean the number must not be texted again: 21610, the number
+# replied STOP to ours (Twilio refuses every message until it replies START).
+SUPPRESS_ON_ERROR = {"21610": SuppressionReason.STOPPED.value}
 
 
 class _HeaderKeepingHttpClient(TwilioHttpClient):
@@ -70,10 +82,14 @@ class TwilioProvider:
         except TwilioRestException as exc:
             # The SDK prefixes Twilio's own message with its own words; keep only Twilio's.
             said = str(exc.msg).removeprefix(f"{_SDK_PREFIX}: ")
-            return self._failure(exc.status, f"Twilio {exc.status} (code {exc.code}): {said}")
+            return self._failure(
+                exc.status, f"Twilio {exc.status} (code {exc.code}): {said}", code=exc.code
+            )
         except TwilioServiceException as exc:
             detail = f"{exc.title}: {exc.detail}" if exc.detail else exc.title
-            return self._failure(exc.status, f"Twilio {exc.status} (code {exc.code}): {detail}")
+            return self._failure(
+                exc.status, f"Twilio {exc.status} (code {exc.code}): {detail}", code=exc.code
+            )
         except requests.RequestException as exc:
             # Connection refused, read and connect timeouts, resets: all worth another try.
             return SendResult(Outcome.TRANSIENT, error=f"{exc.__class__.__name__}: {exc}")
@@ -84,11 +100,88 @@ class TwilioProvider:
             status_code=status,
         )
 
-    def _failure(self, status: int, error: str) -> SendResult:
+    def _failure(self, status: int, error: str, *, code: object) -> SendResult:
         status = int(status)
         return SendResult(
             classify_http_status(status),
             status_code=status,
             error=error,
             retry_after=retry_after_seconds(self.http_client.last_headers().get("Retry-After")),
+            suppress=SUPPRESS_ON_ERROR.get(str(code), ""),
         )
+
+
+# --- Status callbacks and inbound messages ---------------------------------------------------
+
+SIGNATURE_HEADER = "X-Twilio-Signature"
+# Twilio's default opt-out and opt-in keywords (Advanced Opt-Out names them in OptOutType).
+STOP_WORDS = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+)
+START_WORDS = frozenset({"START", "UNSTOP", "YES", "OPTIN"})
+# Carrier errors that say the number cannot receive texts at all: as good as a hard bounce.
+# 30005 unknown destination handset, 30006 landline or unreachable carrier.
+_NUMBER_DOES_NOT_EXIST = frozenset({"30005", "30006"})
+_STATUS_KIND = {
+    "delivered": ProviderEventKind.DELIVERED,
+    "undelivered": ProviderEventKind.FAILED,
+    "failed": ProviderEventKind.FAILED,
+    "read": ProviderEventKind.OPENED,
+}
+
+
+def callback_verify(
+    *, auth_token: str, url: str, params: Mapping[str, str], signature: str
+) -> None:
+    """Check `X-Twilio-Signature` with the SDK's validator: HMAC-SHA1, keyed by the auth
+    token, over the URL Twilio posted to and the form fields. Raises HookRefused."""
+    if not signature:
+        raise HookRefused(401, f"{SIGNATURE_HEADER} is required.")
+    if not RequestValidator(auth_token).validate(url, dict(params), signature):
+        raise HookRefused(401, "The signature is not valid.")
+
+
+def callback_parse(params: Mapping[str, str]) -> ProviderEventIn:
+    """A status callback (MessageStatus) or an inbound message (Body), in our terms. Raises
+    ValueError when it is neither."""
+    sid = params.get("MessageSid") or params.get("SmsSid") or ""
+    if not sid:
+        raise ValueError("MessageSid is required")
+    now = datetime.now(tz=UTC)
+    payload = dict(params)
+    status = params.get("MessageStatus") or params.get("SmsStatus") or ""
+    if "Body" in params and status in ("", "received", "receiving"):
+        word = (params.get("OptOutType") or params.get("Body", "")).strip().upper()
+        kind = "stop" if word in STOP_WORDS else "start" if word in START_WORDS else "ignored"
+        return ProviderEventIn(
+            provider="twilio",
+            event_id=f"inbound:{sid}"[:255],
+            kind=kind,
+            raw_status=(word or "received")[:50],
+            occurred_at=now,
+            payload=payload,
+            suppress=SuppressionReason.STOPPED.value if kind == "stop" else "",
+            address=params.get("From", "")[:254],
+        )
+    if not status:
+        raise ValueError("MessageStatus is required")
+    code = params.get("ErrorCode") or ""
+    kind = _STATUS_KIND.get(status, "ignored")
+    hard = code in _NUMBER_DOES_NOT_EXIST
+    if kind == ProviderEventKind.FAILED and hard:
+        kind = ProviderEventKind.BOUNCED
+    detail = f"error {code}" if code else ""
+    suppress = SUPPRESS_ON_ERROR.get(code, SuppressionReason.BOUNCED.value if hard else "")
+    return ProviderEventIn(
+        provider="twilio",
+        # Twilio numbers no callback: a status is said once per message (and code).
+        event_id=f"{sid}:{status}:{code}"[:255],
+        kind=kind,
+        raw_status=status[:50],
+        occurred_at=now,
+        payload=payload,
+        detail=detail,
+        suppress=suppress,
+        message_id=sid[:255],
+        address=params.get("To", "")[:254],
+    )
