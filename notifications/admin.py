@@ -17,7 +17,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from notifications import admin_views, services, templating
+from notifications import admin_views, erasure, services, templating
 from notifications import cache as keys
 from notifications.fanout import topic_notification_status
 from notifications.models import (
@@ -176,10 +176,20 @@ class RecipientAdmin(admin.ModelAdmin):
         "quiet",
         "updated_at",
     ]
-    list_filter = ["owner", "locale"]
+    list_filter = ["owner", "locale", ("erased_at", admin.EmptyFieldListFilter)]
     search_fields = ["external_id", "email", "phone"]
     list_select_related = ["owner"]
     inlines = [PreferenceInline, DeviceInline]
+    actions = ["erase"]
+
+    @admin.action(description="Erase the selected recipients (keeps anonymous counts only)")
+    def erase(self, request: HttpRequest, queryset: QuerySet[Recipient]) -> None:
+        count = 0
+        for recipient in queryset.filter(erased_at__isnull=True):
+            actor = f"admin user {request.user.get_username()}"
+            if erasure.recipient_erase(recipient=recipient, actor=actor, user_id=request.user.pk):
+                count += 1
+        self.message_user(request, f"Erased {count} recipient(s).", messages.SUCCESS)
 
     @admin.display(description="quiet hours")
     def quiet(self, obj: Recipient) -> str:

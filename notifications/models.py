@@ -149,6 +149,9 @@ class Recipient(models.Model):
     quiet_hours = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Erased (notifications.erasure): no contact data left, `external_id` replaced by an
+    # anonymous one; the row stays so that its notifications remain as anonymous counts.
+    erased_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

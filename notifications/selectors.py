@@ -95,7 +95,9 @@ def _quiet_hours_or_none(document: Any) -> QuietHours | None:
 def recipient_context_get(*, owner_id: int, external_id: str) -> RecipientContext | None:
     def load() -> RecipientContext | None:
         recipient = (
-            Recipient.objects.filter(owner_id=owner_id, external_id=external_id)
+            Recipient.objects.filter(
+                owner_id=owner_id, external_id=external_id, erased_at__isnull=True
+            )
             .prefetch_related("preferences")
             .first()
         )
@@ -200,7 +202,9 @@ def _rule_or_default(parse: Any, stored: Any, default: Any) -> Any:
 
 
 def recipient_get(*, owner: Owner, external_id: str) -> Recipient | None:
-    return Recipient.objects.filter(owner=owner, external_id=external_id).first()
+    return Recipient.objects.filter(
+        owner=owner, external_id=external_id, erased_at__isnull=True
+    ).first()
 
 
 def preferences_document(*, recipient: Recipient) -> dict[str, Any]:
@@ -367,7 +371,9 @@ def recipient_for_token(*, token: str) -> InboxRecipient | None:
     if claims is None:
         return None
     external_id = (
-        Recipient.objects.filter(pk=claims.recipient_id, owner_id=claims.owner_id)
+        Recipient.objects.filter(
+            pk=claims.recipient_id, owner_id=claims.owner_id, erased_at__isnull=True
+        )
         .values_list("external_id", flat=True)
         .first()
     )

@@ -86,6 +86,9 @@ def api_key_revoke(*, api_key: ApiKey) -> None:
 # --- Recipients, preferences, devices -------------------------------------------------------
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone")
+# An erased recipient is renamed to this prefix and a random suffix (notifications.erasure);
+# no live recipient may take such an id.
+ERASED_PREFIX = "erased-"
 
 
 def _normalise_contact(values: dict[str, Any]) -> dict[str, str]:
@@ -135,6 +138,10 @@ def recipient_invalidate(*, recipient: Recipient) -> None:
 
 def recipient_upsert(*, owner: Owner, external_id: str, **contact: Any) -> tuple[Recipient, bool]:
     """Create or update a recipient; only the contact fields given are changed."""
+    if external_id.startswith(ERASED_PREFIX):
+        raise ValidationFailed(
+            {"id": [f"Recipient ids starting with {ERASED_PREFIX!r} name erased recipients."]}
+        )
     clean = _normalise_contact(contact)
     with transaction.atomic():
         recipient, created = Recipient.objects.get_or_create(

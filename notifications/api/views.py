@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from notifications import accepting, idempotency, selectors, services
+from notifications import accepting, erasure, idempotency, selectors, services
 from notifications.api import serializers as s
 from notifications.api import throttling
 from notifications.api.errors import (
@@ -290,6 +290,24 @@ class RecipientView(APIView):
         except services.ValidationFailed as exc:
             raise FieldErrors(exc.fields) from exc
         return Response(_recipient_body(recipient), status=201 if created else 200)
+
+    @extend_schema(
+        operation_id="recipients_erase",
+        responses={204: OpenApiResponse(description="Erased"), **ERRORS},
+        description="Erase the recipient: contact data, preferences, devices, topic "
+        "subscriptions, the suppressions of its addresses, its inbox content and dead letters "
+        "go; deliveries not yet handed to a provider are cancelled. Its notifications and "
+        "deliveries remain only as anonymous counts (channel, status, template, times), in the "
+        "delivery log too. The id may then be used for a new recipient; a second DELETE is a "
+        "404. Recorded in the admin log.",
+    )
+    def delete(self, request: Request, rid: str) -> Response:
+        recipient = _recipient_or_404(_owner(request), rid)
+        principal = request.user
+        actor = f"API key #{getattr(principal, 'api_key_id', '?')}"
+        if erasure.recipient_erase(recipient=recipient, actor=actor) is None:
+            raise Http404
+        return Response(status=204)
 
 
 class PreferencesView(APIView):

@@ -161,6 +161,7 @@ def _object_calls(ids: dict[str, Any]) -> list[tuple[str, str, Any]]:
     return [
         ("get", f"/api/v1/notifications/{nid}", None),
         ("get", f"/api/v1/recipients/{rid}", None),
+        ("delete", f"/api/v1/recipients/{rid}", None),
         ("get", f"/api/v1/recipients/{rid}/preferences", None),
         ("put", f"/api/v1/recipients/{rid}/preferences", {"channels": {"email": True}}),
         ("post", f"/api/v1/recipients/{rid}/devices", {"platform": "fcm", "token": "t-globex"}),
@@ -217,7 +218,7 @@ def test_another_owner_gets_404_for_every_object_and_changes_nothing(
             _assert_no_secret(response)
             answers.append((method, path, response.status_code, response.json()))
     assert answers == [(m, p, 404, NOT_FOUND) for m, p, _, _ in answers]
-    assert len(answers) == 28
+    assert len(answers) == 30
     assert _snapshot(acme) == before
 
 

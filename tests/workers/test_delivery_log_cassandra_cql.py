@@ -831,3 +831,68 @@ class SimulatedCassandra(FakeSession):
 @pytest.mark.parametrize("check", [check_delivery_log_contract, check_records_come_back_in_utc])
 def test_contract_holds_on_a_simulated_cassandra(db: None, check: Any) -> None:
     check(CassandraDeliveryLog(hosts=["db1"], keyspace=KS, session=SimulatedCassandra(KS)))
+
+
+DELETE_ATTEMPTS = "DELETE FROM clarion.attempts_by_notification WHERE notification_id = ?"
+DELETE_BY_NOTIFICATION = "DELETE FROM clarion.events_by_notification WHERE notification_id = ?"
+DELETE_BY_RECIPIENT_DAYS = (
+    "DELETE FROM clarion.events_by_recipient_day"
+    " WHERE owner_id = ? AND recipient_id = ? AND day IN ?"
+)
+
+
+def test_recipient_anonymise_rewrites_the_partitions_without_the_person(
+    log: CassandraDeliveryLog, session: FakeSession, timeuuids: list[UUID]
+) -> None:
+    """Erasure: each notification's partitions are read, dropped and written again under the
+    anonymous id with the free text emptied; the recipient's day partitions are dropped; the
+    statements restrict whole partition keys only."""
+    session.rows[SELECT_ATTEMPTS] = [
+        {
+            "notification_id": UUID(NOTIFICATION),
+            "delivery_id": 41,
+            "number": 1,
+            "owner_id": 7,
+            "recipient_id": "user-1",
+            "channel": "sms",
+            "provider": "twilio",
+            "outcome": "permanent",
+            "status_code": 400,
+            "provider_message_id": "SM1",
+            "error": "+14155550100 is not a valid number",
+            "started_at": datetime(2024, 5, 1, 9, 15, 0, 250000),
+            "latency_ms": 120.5,
+        }
+    ]
+    session.rows[SELECT_BY_NOTIFICATION] = [
+        _event_row(),
+        _event_row(status="dead", at=datetime(2024, 5, 2, 0, 0, 1), detail="+14155550100 bad"),
+    ]
+
+    log.recipient_anonymise(
+        owner_id=7,
+        recipient_id="user-1",
+        anonymous_id="erased-ab12",
+        deliveries={NOTIFICATION: [41]},
+    )
+
+    assert session.executed[:5] == [
+        (SELECT_ATTEMPTS, (UUID(NOTIFICATION), [41])),
+        (SELECT_BY_NOTIFICATION, (UUID(NOTIFICATION),)),
+        (DELETE_ATTEMPTS, (UUID(NOTIFICATION),)),
+        (DELETE_BY_NOTIFICATION, (UUID(NOTIFICATION),)),
+        (DELETE_BY_RECIPIENT_DAYS, (7, "user-1", [date(2024, 5, 1), date(2024, 5, 2)])),
+    ]
+    [(insert, attempt)] = session.executed[5:]
+    assert insert == INSERT_ATTEMPT
+    assert attempt[4:12] == (7, "erased-ab12", "sms", "twilio", "permanent", 400, "", "")
+    written = [params for _, params in session.executed_async]
+    assert [(p[5], p[7], p[8]) for p in written if len(p) == 9] == [
+        ("erased-ab12", "queued", ""),
+        ("erased-ab12", "dead", ""),
+    ]
+    assert [(p[1], p[2], p[8], p[9]) for p in written if len(p) == 10] == [
+        ("erased-ab12", date(2024, 5, 1), "queued", ""),
+        ("erased-ab12", date(2024, 5, 2), "dead", ""),
+    ]
+    assert "user-1" not in repr(written) and "+1415" not in repr(written)

@@ -108,6 +108,20 @@ class DeliveryLog(Protocol):
         """Every status event of one recipient's deliveries on one UTC day, oldest first."""
         ...
 
+    def recipient_anonymise(
+        self,
+        *,
+        owner_id: int,
+        recipient_id: str,
+        anonymous_id: str,
+        deliveries: dict[str, list[int]],
+    ) -> None:
+        """Erasure: the log of one recipient's deliveries (delivery ids by notification id)
+        keeps every attempt and event as a count (channel, status, outcome, provider, times)
+        under `anonymous_id`, with the free text that may name the person (errors, details,
+        provider message ids) emptied."""
+        ...
+
 
 @cache
 def get_delivery_log() -> DeliveryLog:

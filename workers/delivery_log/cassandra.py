@@ -8,6 +8,7 @@ import re
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID, uuid1
@@ -104,6 +105,15 @@ SELECT_EVENTS_BY_NOTIFICATION_CQL = (
 SELECT_EVENTS_BY_RECIPIENT_DAY_CQL = (
     "SELECT owner_id, recipient_id, at, notification_id, delivery_id, channel, status, detail"
     " FROM {keyspace}.events_by_recipient_day WHERE owner_id = ? AND recipient_id = ? AND day = ?"
+)
+# Erasure (recipient_anonymise): whole partitions go; `day IN ?` names the recipient's days.
+DELETE_ATTEMPTS_CQL = "DELETE FROM {keyspace}.attempts_by_notification WHERE notification_id = ?"
+DELETE_EVENTS_BY_NOTIFICATION_CQL = (
+    "DELETE FROM {keyspace}.events_by_notification WHERE notification_id = ?"
+)
+DELETE_EVENTS_BY_RECIPIENT_DAYS_CQL = (
+    "DELETE FROM {keyspace}.events_by_recipient_day"
+    " WHERE owner_id = ? AND recipient_id = ? AND day IN ?"
 )
 
 _IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
@@ -405,6 +415,42 @@ class CassandraDeliveryLog:
             self._statement(SELECT_EVENTS_BY_RECIPIENT_DAY_CQL), (owner_id, recipient_id, day)
         )
         return [self._event(row) for row in rows]
+
+    def recipient_anonymise(
+        self,
+        *,
+        owner_id: int,
+        recipient_id: str,
+        anonymous_id: str,
+        deliveries: dict[str, list[int]],
+    ) -> None:
+        # Rows cannot be re-keyed in place: each notification's partitions are read, dropped,
+        # and written again anonymised (new row ids, same times, so the same order); the
+        # recipient's day partitions for the days they touched are dropped the same way.
+        attempts: list[AttemptRecord] = []
+        events: list[StatusEvent] = []
+        for notification_id, delivery_ids in deliveries.items():
+            for records in self.attempts_for_deliveries(
+                notification_id=notification_id, delivery_ids=delivery_ids
+            ).values():
+                attempts += records
+            events += self.events_for_notification(notification_id=notification_id)
+        session = self._session()
+        for notification_id in deliveries:
+            for cql in (DELETE_ATTEMPTS_CQL, DELETE_EVENTS_BY_NOTIFICATION_CQL):
+                session.execute(self._statement(cql), (UUID(notification_id),))
+        days = sorted({_utc_day(event.at) for event in events})
+        if days:
+            session.execute(
+                self._statement(DELETE_EVENTS_BY_RECIPIENT_DAYS_CQL), (owner_id, recipient_id, days)
+            )
+        self.record_attempts(
+            [
+                replace(a, recipient_id=anonymous_id, error="", provider_message_id="")
+                for a in attempts
+            ]
+        )
+        self.record_statuses([replace(e, recipient_id=anonymous_id, detail="") for e in events])
 
     @staticmethod
     def _event(row: Any) -> StatusEvent:

@@ -40,6 +40,20 @@ class SqlDeliveryLog:
             ]
         )
 
+    def recipient_anonymise(
+        self,
+        *,
+        owner_id: int,
+        recipient_id: str,
+        anonymous_id: str,
+        deliveries: dict[str, list[int]],
+    ) -> None:
+        # The recipient's id is not in these rows (it is read through the Recipient, which the
+        # caller renames): only the free text goes.
+        ids = [pk for pks in deliveries.values() for pk in pks]
+        DeliveryAttempt.objects.filter(delivery_id__in=ids).update(error="", provider_message_id="")
+        DeliveryEvent.objects.filter(delivery_id__in=ids).update(detail="")
+
     def record_statuses(self, events: list[StatusEvent]) -> None:
         DeliveryEvent.objects.bulk_create(
             [
