@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, connections, models, transaction
 from django.utils import timezone
 
-from notifications import idempotency, metrics, templating
+from notifications import idempotency, metrics, templating, unsubscribe
 from notifications.frequency_caps import CapCheck, caps_give_back, caps_take
 from notifications.logs import scoped_log_context
 from notifications.models import (
@@ -291,17 +291,29 @@ def _notification_prepare(
     # missing variable fails the request the same way whoever the recipient is.
     for channel in CHANNEL_ORDER:
         if channel in content:
-            memo = renders.get((locale, channel)) if renders is not None else None
+            # An email that places the recipient's unsubscribe link is rendered for each.
+            shared = renders is not None and not unsubscribe.personal(
+                channel=channel, fields=content[channel]
+            )
+            memo = renders.get((locale, channel)) if renders is not None and shared else None
             try:
                 if isinstance(memo, templating.TemplateError):
                     raise memo
                 if memo is None:
-                    memo = templating.render_channel(channel, content[channel], data)
+                    channel_data = unsubscribe.render_data(
+                        channel=channel,
+                        fields=content[channel],
+                        data=data,
+                        owner_id=owner.pk,
+                        recipient_id=context.id,
+                        category=template.category,
+                    )
+                    memo = templating.render_channel(channel, content[channel], channel_data)
                 rendered[channel] = memo
             except templating.TemplateError as exc:
                 memo = exc
                 errors.update(exc.fields)
-            if renders is not None:
+            if renders is not None and shared:
                 renders[(locale, channel)] = memo
     digest_key = ""
     if template.digest is not None:

@@ -19,7 +19,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from notifications import accepting, services, templating
+from notifications import accepting, services, templating, unsubscribe
 from notifications.models import CHANNEL_ORDER, ApiKey, Channel, Delivery, Recipient, Template
 
 if TYPE_CHECKING:
@@ -164,7 +164,18 @@ def template_preview_render(
 def _render_one(channel: str, fields: Any, data: dict[str, Any], path: str) -> dict[str, Any]:
     try:
         templating.validate_content({channel: fields}, path=path)
-        rendered = templating.render_channel(channel, fields, data)
+        rendered = templating.render_channel(
+            channel,
+            fields,
+            unsubscribe.render_data(
+                channel=channel,
+                fields=fields,
+                data=data,
+                owner_id=0,
+                recipient_id=None,
+                category="",
+            ),
+        )
     except templating.TemplateError as exc:
         return {"ok": False, "errors": exc.fields}
     except jinja2.TemplateError as exc:

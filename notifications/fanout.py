@@ -28,7 +28,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Max
 from django.utils import timezone
 
-from notifications import templating
+from notifications import templating, unsubscribe
 from notifications.accepting import (
     IdempotencyRecordExists,
     NotificationRequest,
@@ -102,7 +102,18 @@ def _template_check(template: TemplateSnapshot, data: dict[str, Any]) -> None:
         for channel in CHANNEL_ORDER:
             if channel in content:
                 try:
-                    templating.render_channel(channel, content[channel], data)
+                    templating.render_channel(
+                        channel,
+                        content[channel],
+                        unsubscribe.render_data(
+                            channel=channel,
+                            fields=content[channel],
+                            data=data,
+                            owner_id=0,
+                            recipient_id=None,
+                            category=template.category,
+                        ),
+                    )
                 except templating.TemplateError as exc:
                     errors.update(exc.fields)
     if errors:

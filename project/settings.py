@@ -379,10 +379,13 @@ SENDGRID_WEBHOOK_PUBLIC_KEY = env.str("SENDGRID_WEBHOOK_PUBLIC_KEY", default="")
 # A signed post older (or newer) than this is refused as a replay: SendGrid signs each post
 # as it sends it, retries included.
 PROVIDER_HOOK_TOLERANCE_SECONDS = env.int("PROVIDER_HOOK_TOLERANCE_SECONDS", default=300)
-# The address the world reaches Clarion at (https://notify.example.com), when a proxy in
-# front changes scheme or host: Twilio signs the URL it posted to, so the check needs it.
-# Blank: the request's own URL.
+# The address the world reaches Clarion at (https://notify.example.com): unsubscribe links in
+# emails are made from it, and Twilio signs the URL it posted to, so the check needs it
+# behind a proxy. Blank: http://localhost:$PORT in links, the request's own URL for Twilio.
 PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="").rstrip("/")
+# Email of these template categories is mail a person asked for (a password reset, a
+# receipt): it carries no List-Unsubscribe. Every other non-blank category does (RFC 8058).
+TRANSACTIONAL_CATEGORIES = env.list("TRANSACTIONAL_CATEGORIES", default=["transactional"])
 # Events applied per transaction by the maintenance worker.
 PROVIDER_EVENTS_BATCH_SIZE = env.int("PROVIDER_EVENTS_BATCH_SIZE", default=500)
 # An event about a delivery the worker has not settled yet (Twilio may call back before our

@@ -8,6 +8,7 @@ from drf_spectacular.views import SpectacularAPIView
 from channels_app.views import inbox_page
 from notifications import metrics_scrape
 from notifications.api import docs, health, hooks
+from notifications.api.unsubscribe import UnsubscribeView
 
 urlpatterns = [
     path("api/v1/", include("notifications.api.urls")),
@@ -16,6 +17,7 @@ urlpatterns = [
     path("api/redoc/", docs.RedocView.as_view(), name="redoc"),
     path("hooks/sendgrid", hooks.SendGridHookView.as_view(), name="hooks-sendgrid"),
     path("hooks/twilio", hooks.TwilioHookView.as_view(), name="hooks-twilio"),
+    path("unsubscribe/<str:token>", UnsubscribeView.as_view(), name="unsubscribe"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics_scrape.metrics_view, name="metrics"),

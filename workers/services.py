@@ -31,6 +31,7 @@ from notifications.suppressions import (
     suppressed_reasons,
     suppression_binds,
 )
+from notifications.unsubscribe import unsubscribe_headers
 from workers import retry
 from workers.circuit_breaker import CircuitState, circuit_allow, circuit_record
 from workers.providers import (
@@ -134,6 +135,15 @@ def _outbound_messages(deliveries: list[Delivery]) -> list[OutboundMessage | Sen
                     SendResult(Outcome.PERMANENT, error="no active device for this recipient")
                 )
                 continue
+        headers = (
+            unsubscribe_headers(
+                owner_id=notification.owner_id,
+                recipient_id=notification.addressee_id,
+                category=notification.category,
+            )
+            if delivery.channel == Channel.EMAIL
+            else {}
+        )
         out.append(
             OutboundMessage(
                 delivery_id=delivery.pk,
@@ -143,6 +153,7 @@ def _outbound_messages(deliveries: list[Delivery]) -> list[OutboundMessage | Sen
                 to=to,
                 content=delivery.content,
                 data=notification.data,
+                headers=headers,
             )
         )
     return out

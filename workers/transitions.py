@@ -522,7 +522,7 @@ def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[i
     relay's transaction: a crash before it commits leaves every member waiting, so an event
     is neither lost nor sent twice. Returns the new deliveries' ids by channel, for the relay
     to publish in the same round."""
-    from notifications import templating
+    from notifications import templating, unsubscribe
 
     if not delivery_ids:
         return {}
@@ -572,7 +572,16 @@ def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[i
                 events = [r.notification.data for r in rows]
                 try:
                     rendered[channel] = templating.render_channel(
-                        channel, content[channel], templating.digest_data(events, key)
+                        channel,
+                        content[channel],
+                        unsubscribe.render_data(
+                            channel=channel,
+                            fields=content[channel],
+                            data=templating.digest_data(events, key),
+                            owner_id=newest.owner_id,
+                            recipient_id=recipient_id,
+                            category=newest.category,
+                        ),
                     )
                 except (templating.TemplateError, KeyError) as exc:
                     problem = f"the digest could not be rendered: {exc}"

@@ -24,6 +24,8 @@ class OutboundMessage:
     to: str | list[str]
     content: dict[str, str]
     data: dict[str, Any] = field(default_factory=dict)
+    # Extra email headers (List-Unsubscribe and List-Unsubscribe-Post, RFC 8058).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

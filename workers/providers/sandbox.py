@@ -29,7 +29,7 @@ class SandboxProvider:
                     delivery_id=m.delivery_id,
                     channel=m.channel,
                     to=m.to,
-                    content=m.content,
+                    content={**m.content, "headers": m.headers} if m.headers else m.content,
                 )
                 for m in messages
             ]

@@ -17,7 +17,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
-from sendgrid.helpers.mail import Content, CustomArg, From, Mail, Personalization, Substitution, To
+from sendgrid.helpers.mail import (
+    Content,
+    CustomArg,
+    From,
+    Header,
+    Mail,
+    Personalization,
+    Substitution,
+    To,
+)
 
 from notifications.models import ProviderEventKind, SuppressionReason
 from workers.providers.base import (
@@ -124,6 +133,8 @@ class SendGridProvider:
         if message.content.get("html"):
             mail.add_content(Content("text/html", message.content["html"]))
         mail.custom_arg = _trace_args(message)
+        if message.headers:
+            mail.header = [Header(name, value) for name, value in message.headers.items()]
         return mail
 
     def _batch_mail(self, messages: list[OutboundMessage], with_html: bool) -> Mail:
@@ -145,6 +156,8 @@ class SendGridProvider:
                 personalization.add_substitution(Substitution(HTML_TAG, message.content["html"]))
             for arg in _trace_args(message):
                 personalization.add_custom_arg(arg)
+            for name, value in message.headers.items():
+                personalization.add_header(Header(name, value))
             # The SDK inserts at the front unless told where: keep the callers' order.
             mail.add_personalization(personalization, index=len(mail.personalizations or []))
         return mail

@@ -49,6 +49,7 @@ class SmtpProvider:
                 "Message-ID": message_id,
                 "X-Clarion-Notification-Id": message.notification_id,
                 "X-Clarion-Delivery-Id": str(message.delivery_id),
+                **message.headers,
             },
         )
         if message.content.get("html"):

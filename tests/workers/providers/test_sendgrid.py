@@ -194,6 +194,8 @@ def test_registry_builds_it_from_the_emulators_settings(
         "SENDGRID_API_KEY": emulator.api_key,
         "SENDGRID_BASE_URL": emulator.url,
         "EMAIL_FROM": "clarion@example.com",
+        # The Event Webhook's verification key, for /hooks/sendgrid.
+        "SENDGRID_WEBHOOK_PUBLIC_KEY": emulator.event_public_key,
     }
 
 
