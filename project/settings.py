@@ -343,6 +343,11 @@ CASSANDRA_REQUEST_TIMEOUT_SECONDS = env.float("CASSANDRA_REQUEST_TIMEOUT_SECONDS
 EMAIL_PROVIDER = env.str("EMAIL_PROVIDER", default="sandbox")
 SMS_PROVIDER = env.str("SMS_PROVIDER", default="sandbox")
 PUSH_PROVIDER = env.str("PUSH_PROVIDER", default="sandbox")
+# Failover: an ordered list (EMAIL_PROVIDERS=sendgrid,smtp). While the first one's breaker is
+# open, or after a transient failure, a delivery goes to the next. Empty: the single one above.
+EMAIL_PROVIDERS = env.list("EMAIL_PROVIDERS", default=[])
+SMS_PROVIDERS = env.list("SMS_PROVIDERS", default=[])
+PUSH_PROVIDERS = env.list("PUSH_PROVIDERS", default=[])
 # The in-app channel is delivered over WebSocket; `sandbox` only records.
 WEB_PROVIDER = env.str("WEB_PROVIDER", default="websocket")
 

@@ -40,7 +40,7 @@ from workers.providers import (
     Outcome,
     Provider,
     SendResult,
-    provider_for,
+    providers_for,
 )
 from workers.rate_limiter import (
     rate_limit_offsets,
@@ -308,7 +308,41 @@ def deliveries_process(*, delivery_ids: list[int]) -> dict[int, ProcessOutcome]:
     if not sendable:
         return _settle(outcomes, settled, started_at=now)
 
-    provider = provider_for(channel)
+    started_at = timezone.now()
+    latency_ms = 0.0
+    # Failover: what one provider could not take (its breaker open, a transient failure, the
+    # breaker opening mid-round) goes to the next in the list; the last one's answer stands.
+    failed_over: list[Settlement] = []
+    providers = providers_for(channel)
+    for index, provider in enumerate(providers):
+        if not sendable:
+            break
+        sendable, spent_ms = _through(
+            provider,
+            sendable,
+            channel=channel,
+            last=index == len(providers) - 1,
+            settled=settled,
+            failed_over=failed_over,
+        )
+        latency_ms += spent_ms
+    return _settle(
+        outcomes, settled, started_at=started_at, latency_ms=latency_ms, failed_over=failed_over
+    )
+
+
+def _through(
+    provider: Provider,
+    sendable: list[tuple[Delivery, OutboundMessage]],
+    *,
+    channel: str,
+    last: bool,
+    settled: list[Settlement],
+    failed_over: list[Settlement],
+) -> tuple[list[tuple[Delivery, OutboundMessage]], float]:
+    """Send what it can of `sendable` through one provider: tokens from its bucket, its
+    breaker asked, the calls made. What is settled goes to `settled`; returns what the next
+    provider should take (nothing when this is the `last`) and the milliseconds spent."""
     name = provider.name
     granted, wait = rate_limit_take_many(
         channel=channel,
@@ -331,50 +365,65 @@ def deliveries_process(*, delivery_ids: list[int]) -> dict[int, ProcessOutcome]:
         )
         metrics.rate_limiter_waited(channel=channel, provider=name, count=len(rest))
         sendable = sendable[:granted]
+    if not sendable:
+        return [], 0.0
     offsets = rate_limit_offsets(channel=channel, granted=len(sendable), wait=wait)
-    if sendable and wait > 0:
+    if wait > 0:
         metrics.rate_limiter_waited(channel=channel, provider=name, count=len(sendable))
-    if sendable:
-        closed_in = circuit_allow(provider=name)
-        if closed_in > 0:
-            # The tokens were not used: give them back to the bucket.
-            rate_limit_refund(channel=channel, provider=name, count=len(sendable))
-            # Spread so the held deliveries do not all ask again at once.
-            settled += _held(
-                [delivery for delivery, _ in sendable],
-                delay=lambda i: closed_in + random.uniform(0, 1),
-                why="circuit open",
-                provider_name=name,
-            )
-            sendable = []
-    started_at = timezone.now()
-    latency_ms = 0.0
-    if sendable:
-        t0 = time.perf_counter()
-        attempted = _send(provider, [message for _, message in sendable], offsets)
-        latency_ms = (time.perf_counter() - t0) * 1000
-        results = [r for r in attempted if r is not None]
-        slow_for = max((r.retry_after or 0.0 for r in results if r.throttled), default=0.0)
-        if slow_for > 0:
-            rate_limit_slow(channel=channel, provider=name, seconds=slow_for)
-        settled += [
-            _judge(delivery, result, name)
-            for (delivery, _), result in zip(sendable, attempted, strict=True)
-            if result is not None
-        ]
-        unsent = [
-            delivery for (delivery, _), r in zip(sendable, attempted, strict=True) if r is None
-        ]
-        if unsent:
-            # The breaker opened during this round: the rest waits for it, costing no attempt.
-            rate_limit_refund(channel=channel, provider=name, count=len(unsent))
-            settled += _held(
-                unsent,
-                delay=lambda i: settings.CIRCUIT_OPEN_SECONDS + random.uniform(0, 1),
-                why="circuit open",
-                provider_name=name,
-            )
-    return _settle(outcomes, settled, started_at=started_at, latency_ms=latency_ms)
+    closed_in = circuit_allow(provider=name)
+    if closed_in > 0:
+        # The tokens were not used: give them back to the bucket.
+        rate_limit_refund(channel=channel, provider=name, count=len(sendable))
+        if not last:
+            return sendable, 0.0
+        # Spread so the held deliveries do not all ask again at once.
+        settled += _held(
+            [delivery for delivery, _ in sendable],
+            delay=lambda i: closed_in + random.uniform(0, 1),
+            why="circuit open",
+            provider_name=name,
+        )
+        return [], 0.0
+    t0 = time.perf_counter()
+    attempted = _send(provider, [message for _, message in sendable], offsets)
+    latency_ms = (time.perf_counter() - t0) * 1000
+    results = [r for r in attempted if r is not None]
+    slow_for = max((r.retry_after or 0.0 for r in results if r.throttled), default=0.0)
+    if slow_for > 0:
+        rate_limit_slow(channel=channel, provider=name, seconds=slow_for)
+    next_provider: list[tuple[Delivery, OutboundMessage]] = []
+    unsent: list[Delivery] = []
+    for (delivery, message), result in zip(sendable, attempted, strict=True):
+        if result is None:
+            if last:
+                unsent.append(delivery)
+            else:
+                next_provider.append((delivery, message))
+        elif not last and result.outcome is Outcome.TRANSIENT and not result.throttled:
+            failed_over.append(Settlement(delivery, Settle.RETRY, result, provider=name))
+            next_provider.append((delivery, message))
+        else:
+            settled.append(_judge(delivery, result, name))
+    not_called = len(unsent) + sum(1 for r in attempted if r is None and not last)
+    if not_called:
+        rate_limit_refund(channel=channel, provider=name, count=not_called)
+    if unsent:
+        # The breaker opened during this round: the rest waits for it, costing no attempt.
+        settled += _held(
+            unsent,
+            delay=lambda i: settings.CIRCUIT_OPEN_SECONDS + random.uniform(0, 1),
+            why="circuit open",
+            provider_name=name,
+        )
+    if next_provider:
+        log.info(
+            "%s of %s %s deliveries fail over from %s",
+            len(next_provider),
+            len(sendable),
+            channel,
+            name,
+        )
+    return next_provider, latency_ms
 
 
 def _settle(
@@ -383,8 +432,11 @@ def _settle(
     *,
     started_at: datetime,
     latency_ms: float = 0.0,
+    failed_over: list[Settlement] | None = None,
 ) -> dict[int, ProcessOutcome]:
-    applied = deliveries_settle(settled, started_at=started_at, latency_ms=latency_ms)
+    applied = deliveries_settle(
+        settled, started_at=started_at, latency_ms=latency_ms, failed_over=failed_over
+    )
     applied_ids = {s.delivery.pk for s in applied}
     for settlement in settled:
         delivery, result = settlement.delivery, settlement.result

@@ -111,12 +111,17 @@ def _attempt_record(
 
 
 def deliveries_settle(
-    settlements: list[Settlement], *, started_at: datetime, latency_ms: float = 0.0
+    settlements: list[Settlement],
+    *,
+    started_at: datetime,
+    latency_ms: float = 0.0,
+    failed_over: list[Settlement] | None = None,
 ) -> list[Settlement]:
-    """Write what became of a claimed batch in one transaction: the attempts made, each
-    delivery's new state and its status event, dead letters. Only rows still under their
-    lease change; returns the settlements that took effect (an in-app delivery the browser
-    acknowledged meanwhile keeps `delivered`/`read` and only gets its provider filled in)."""
+    """Write what became of a claimed batch in one transaction: the attempts made (those
+    that failed over to the next provider, `failed_over`, too), each delivery's new state
+    and its status event, dead letters. Only rows still under their lease change; returns
+    the settlements that took effect (an in-app delivery the browser acknowledged meanwhile
+    keeps `delivered`/`read` and only gets its provider filled in)."""
     if not settlements:
         return []
     now = timezone.now()
@@ -127,7 +132,7 @@ def deliveries_settle(
     with transaction.atomic():
         attempts = [
             _attempt_record(s, started_at=started_at, latency_ms=latency_ms)
-            for s in settlements
+            for s in [*(failed_over or []), *settlements]
             if s.record_attempt
         ]
         if attempts:
@@ -137,7 +142,11 @@ def deliveries_settle(
                 _devices_deactivate(settlement.delivery, settlement.result.invalid_tokens)
             if settlement.result.suppress:
                 _address_suppress(settlement)
-        applied += _settle_sent(by_kind[Settle.SENT], now)
+        by_provider: dict[str, list[Settlement]] = {}
+        for settlement in by_kind[Settle.SENT]:
+            by_provider.setdefault(settlement.provider, []).append(settlement)
+        for sent in by_provider.values():
+            applied += _settle_sent(sent, now)
         applied += _settle_deferred(by_kind[Settle.DEFER], now)
         applied += _settle_skipped(by_kind[Settle.SKIP], now)
         for settlement in by_kind[Settle.RETRY]:

@@ -1,6 +1,8 @@
-"""Provider registry: which adapter serves each channel, chosen by EMAIL_PROVIDER,
-SMS_PROVIDER, PUSH_PROVIDER and WEB_PROVIDER. A provider selected without its settings
-refuses to start and names what is missing."""
+"""Provider registry: which adapters serve each channel, in order, chosen by EMAIL_PROVIDERS,
+SMS_PROVIDERS and PUSH_PROVIDERS (an ordered list: the first is the primary, the others take
+over while it fails) or the single EMAIL_PROVIDER, SMS_PROVIDER, PUSH_PROVIDER and
+WEB_PROVIDER. A provider selected without its settings refuses to start and names what is
+missing."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ __all__ = [
     "SendResult",
     "check",
     "provider_for",
+    "providers_for",
 ]
 
 CHANNEL_SETTING = {
@@ -113,18 +116,44 @@ FACTORIES: dict[str, dict[str, Callable[[], Provider]]] = {
 
 
 @cache
-def provider_for(channel: str) -> Provider:
-    setting = CHANNEL_SETTING[channel]
-    name = getattr(settings, setting)
-    factory = FACTORIES[channel].get(name)
-    if factory is None:
-        choices = ", ".join(sorted(FACTORIES[channel]))
-        raise ImproperlyConfigured(f"{setting}={name!r} is not a provider; use one of {choices}")
-    return factory()
+def providers_for(channel: str) -> tuple[Provider, ...]:
+    """The channel's providers in failover order: `<CHANNEL>_PROVIDERS` when set, else the
+    single `<CHANNEL>_PROVIDER`."""
+    single = CHANNEL_SETTING[channel]
+    setting = f"{single}S"
+    names = [n.strip() for n in getattr(settings, setting, None) or [] if n.strip()]
+    if not names:
+        setting, names = single, [getattr(settings, single)]
+    if len(set(names)) != len(names):
+        raise ImproperlyConfigured(f"{setting} names a provider twice: {','.join(names)}")
+    built = []
+    for name in names:
+        factory = FACTORIES[channel].get(name)
+        if factory is None:
+            choices = ", ".join(sorted(FACTORIES[channel]))
+            raise ImproperlyConfigured(
+                f"{setting}={','.join(names)!r}: {name!r} is not a provider; use one of {choices}"
+            )
+        built.append(factory())
+    return tuple(built)
+
+
+class _Primary:
+    """provider_for(channel): the channel's primary provider; cache_clear() forgets every
+    provider built (a test that changes the settings calls it)."""
+
+    def __call__(self, channel: str) -> Provider:
+        return providers_for(channel)[0]
+
+    def cache_clear(self) -> None:
+        providers_for.cache_clear()
+
+
+provider_for = _Primary()
 
 
 def check() -> None:
     """Build every selected provider once, so a missing setting stops the process at start."""
-    provider_for.cache_clear()
+    providers_for.cache_clear()
     for channel in CHANNEL_SETTING:
-        provider_for(channel)
+        providers_for(channel)
