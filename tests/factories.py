@@ -32,7 +32,8 @@ class RecipientFactory(factory.django.DjangoModelFactory):
         model = Recipient
 
     owner = factory.SubFactory(OwnerFactory)
-    external_id = factory.Sequence(lambda n: f"user-{n}")
+    # Not "user-N": tests write such ids by hand, and a sequence that reaches one collides.
+    external_id = factory.Sequence(lambda n: f"recipient-{n}")
     email = factory.LazyAttribute(lambda r: f"{r.external_id}@example.com")
     phone = "+14155550100"
     locale = "en"
