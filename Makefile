@@ -21,8 +21,8 @@ venv: $(STAMP)
 migrate: venv
 	$(BIN)/python manage.py migrate --noinput
 
-# API + WebSocket server, one worker pool per channel queue, the maintenance pool (sweeper),
-# beat and Flower, from the Procfile. Honcho gives the first process (web) PORT.
+# API + WebSocket server, one worker pool per channel queue, the maintenance pool (sweeper,
+# provider events), the webhooks pool (status webhooks out), beat and Flower, from the Procfile. Honcho gives the first process (web) PORT.
 run: migrate
 	$(BIN)/python manage.py seed_demo
 	$(BIN)/python manage.py run_banner

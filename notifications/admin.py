@@ -17,7 +17,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from notifications import admin_views, erasure, services, templating
+from notifications import admin_views, erasure, services, templating, webhooks
 from notifications import cache as keys
 from notifications.fanout import topic_notification_status
 from notifications.models import (
@@ -34,6 +34,8 @@ from notifications.models import (
     Template,
     Topic,
     TopicSubscription,
+    Webhook,
+    WebhookMessage,
 )
 from notifications.schedules import RuleError, quiet_hours_parse
 from notifications.selectors import notification_summary_status
@@ -738,3 +740,68 @@ class SuppressionAdmin(admin.ModelAdmin):
             suppression_delete(suppression=suppression)
             count += 1
         self.message_user(request, f"Lifted {count} suppression(s).", messages.SUCCESS)
+
+
+@admin.register(Webhook)
+class WebhookAdmin(admin.ModelAdmin):
+    """Status webhook endpoints: which are failing, since when, and which were disabled."""
+
+    list_display = ["id", "url", "owner", "health", "failing_since", "disabled_at", "created_at"]
+    list_filter = [("disabled_at", admin.EmptyFieldListFilter), "owner"]
+    search_fields = ["url"]
+    list_select_related = ["owner"]
+    readonly_fields = [
+        "owner",
+        "url",
+        "event_types",
+        "created_at",
+        "failing_since",
+        "disabled_at",
+        "disabled_reason",
+    ]
+    exclude = ["secret", "previous_secret", "previous_secret_expires_at"]
+    actions = ["enable", "replay"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.display(description="health")
+    def health(self, obj: Webhook) -> str:
+        if obj.disabled_at is not None:
+            return f"disabled: {obj.disabled_reason}"
+        return "failing" if obj.failing_since is not None else "ok"
+
+    @admin.action(description="Switch the selected endpoints back on")
+    def enable(self, request: HttpRequest, queryset: QuerySet[Webhook]) -> None:
+        for webhook in queryset:
+            webhooks.webhook_enable(webhook=webhook)
+        self.message_user(request, f"Enabled {queryset.count()} endpoint(s).", messages.SUCCESS)
+
+    @admin.action(description="Replay the dead messages of the selected endpoints")
+    def replay(self, request: HttpRequest, queryset: QuerySet[Webhook]) -> None:
+        count = sum(webhooks.webhook_messages_replay(webhook=w) for w in queryset)
+        self.message_user(request, f"Replayed {count} message(s).", messages.SUCCESS)
+
+
+@admin.register(WebhookMessage)
+class WebhookMessageAdmin(admin.ModelAdmin):
+    list_display = [
+        "msg_id",
+        "event_type",
+        "webhook",
+        "status",
+        "attempts",
+        "last_status_code",
+        "next_attempt_at",
+        "created_at",
+        "sent_at",
+    ]
+    list_filter = ["status", "event_type", "created_at"]
+    search_fields = ["=msg_id", "webhook__url", "last_error"]
+    list_select_related = ["webhook"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

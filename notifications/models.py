@@ -574,3 +574,78 @@ class Suppression(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel}:{self.address} ({self.reason})"
+
+
+class WebhookEventType(models.TextChoices):
+    DELIVERY_SENT = "delivery.sent", "A delivery was handed to its provider"
+    DELIVERY_DELIVERED = "delivery.delivered", "A delivery was confirmed delivered"
+    DELIVERY_READ = "delivery.read", "An in-app delivery was read"
+    DELIVERY_FAILED = "delivery.failed", "The provider could not deliver"
+    DELIVERY_BOUNCED = "delivery.bounced", "The address bounced"
+    DELIVERY_DEAD = "delivery.dead", "A delivery failed for good (dead letter)"
+    NOTIFICATION_COMPLETED = "notification.completed", "Every delivery of a notification is final"
+
+
+class Webhook(models.Model):
+    """An owner's endpoint for status events, signed the Standard Webhooks way."""
+
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="webhooks")
+    url = models.URLField(max_length=2000)
+    event_types = models.JSONField(default=list)
+    # whsec_<base64 of 32 random bytes>. The previous one keeps signing until it expires, so
+    # a receiver can roll its secret over without missing a message.
+    secret = models.CharField(max_length=100)
+    previous_secret = models.CharField(max_length=100, blank=True)
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # The first failure of the current run of failures; cleared by a success.
+    failing_since = models.DateTimeField(null=True, blank=True)
+    disabled_at = models.DateTimeField(null=True, blank=True)
+    disabled_reason = models.CharField(max_length=200, blank=True)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class WebhookMessageStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    SENT = "sent", "Sent"
+    DEAD = "dead", "Dead"
+
+
+class WebhookMessage(models.Model):
+    """One event for one endpoint: the outbox row the webhooks worker sends, retries and, when
+    it fails for good, keeps as a dead letter to replay."""
+
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="messages")
+    # The `webhook-id` header: the same on every retry, so a receiver can drop repeats.
+    msg_id = models.CharField(max_length=40, unique=True)
+    event_type = models.CharField(max_length=40, choices=WebhookEventType.choices)
+    # What makes the event itself unique for the endpoint (one per delivery status change).
+    event_key = models.CharField(max_length=200)
+    payload = models.JSONField()
+    status = models.CharField(
+        max_length=10, choices=WebhookMessageStatus.choices, default=WebhookMessageStatus.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    # Due again then (a retry, a breaker wait); while a worker sends it, its lease's end.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.IntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["webhook", "event_key"], name="webhook_message_event")
+        ]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at", "id"],
+                condition=models.Q(status="pending"),
+                name="webhook_message_pending",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.msg_id} ({self.status})"

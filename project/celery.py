@@ -52,6 +52,7 @@ app.conf.update(
     # One delivery task per channel, each on its channel's queue; housekeeping on maintenance.
     task_routes={
         **{f"clarion.deliver.{name}": {"queue": name} for name in settings.CHANNEL_QUEUES},
+        "clarion.webhooks.*": {"queue": "webhooks"},
         "clarion.*": {"queue": DEFAULT_QUEUE},
     },
     task_create_missing_queues=False,
@@ -78,6 +79,11 @@ app.conf.update(
                 "queue": "maintenance",
                 "expires": settings.PROVIDER_EVENTS_INTERVAL_SECONDS,
             },
+        },
+        "send-webhooks": {
+            "task": "clarion.webhooks.send_due",
+            "schedule": settings.WEBHOOK_SWEEP_SECONDS,
+            "options": {"queue": "webhooks", "expires": settings.WEBHOOK_SWEEP_SECONDS},
         },
         "purge-idempotency-records": {
             "task": "clarion.purge_idempotency_records",

@@ -401,6 +401,27 @@ PROVIDER_EVENTS_WAIT_SECONDS = env.float("PROVIDER_EVENTS_WAIT_SECONDS", default
 # within this.
 PROVIDER_EVENTS_INTERVAL_SECONDS = env.float("PROVIDER_EVENTS_INTERVAL_SECONDS", default=10.0)
 
+# --- Status webhooks out (notifications/webhooks.py, workers/webhook_sender.py) -------------
+# false: endpoints must be https:// and resolve to public addresses only, checked when
+# registered and again at every send (no SSRF through DNS). true: http:// and private
+# addresses too (tests, an internal network).
+WEBHOOK_ALLOW_PRIVATE = env.bool("WEBHOOK_ALLOW_PRIVATE", default=False)
+WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
+# Calls at once per worker process, and messages claimed per round.
+WEBHOOK_CONCURRENCY = env.int("WEBHOOK_CONCURRENCY", default=8)
+WEBHOOK_BATCH_SIZE = env.int("WEBHOOK_BATCH_SIZE", default=100)
+# A failing message retries with exponential backoff (RETRY_BACKOFF_BASE_SECONDS, doubling,
+# at most the max delay) for this long, then is dead (replayable); a receiver down for hours
+# still gets everything.
+WEBHOOK_RETRY_FOR_SECONDS = env.int("WEBHOOK_RETRY_FOR_SECONDS", default=3 * 86400)
+WEBHOOK_RETRY_MAX_DELAY_SECONDS = env.float("WEBHOOK_RETRY_MAX_DELAY_SECONDS", default=3600.0)
+# An endpoint whose every call failed for this long is disabled (the admin says why).
+WEBHOOK_DISABLE_AFTER_SECONDS = env.int("WEBHOOK_DISABLE_AFTER_SECONDS", default=5 * 86400)
+# After a secret rotation the old secret signs too, for this long.
+WEBHOOK_SECRET_ROLLOVER_SECONDS = env.int("WEBHOOK_SECRET_ROLLOVER_SECONDS", default=86400)
+# The schedule's backstop: due messages (retries, lost wake-ups) are sent within this.
+WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=2.0)
+
 # --- Dead letters ---------------------------------------------------------------------------
 # Dead letters per channel above this raise the alert (seed diagram 11: 10k).
 DEAD_LETTER_ALERT_THRESHOLD = env.int("DEAD_LETTER_ALERT_THRESHOLD", default=10_000)
@@ -410,7 +431,7 @@ FLOWER_BASIC_AUTH = env.str("FLOWER_BASIC_AUTH", default="")
 
 # --- Celery ---------------------------------------------------------------------------------
 CHANNEL_QUEUES = ("email", "sms", "push", "web")
-CELERY_QUEUES = (*CHANNEL_QUEUES, "maintenance")
+CELERY_QUEUES = (*CHANNEL_QUEUES, "maintenance", "webhooks")
 
 # --- Static, i18n, logging ------------------------------------------------------------------
 STATIC_URL = "static/"

@@ -46,3 +46,10 @@ def provider_events_apply() -> int:
     from workers.provider_events import provider_events_apply as apply
 
     return apply()
+
+
+@app.task(name="clarion.webhooks.send_due", ignore_result=True)
+def webhooks_send_due() -> int:
+    from workers.webhook_sender import webhooks_send_due as send_due
+
+    return send_due()

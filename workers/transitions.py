@@ -33,7 +33,13 @@ from notifications.models import (
     SkipReason,
     Template,
 )
-from workers.delivery_log import AttemptRecord, delivery_status_events, get_delivery_log
+from notifications.webhooks import webhook_events_emit
+from workers.delivery_log import (
+    AttemptRecord,
+    StatusEvent,
+    delivery_status_events,
+    get_delivery_log,
+)
 from workers.dispatch import outbox_wake_on_commit
 from workers.models import DeadLetter
 from workers.providers import SendResult
@@ -59,6 +65,13 @@ class Settlement:
     delay: float = 0.0
     # False when no provider call was made (breaker open, no token, worker lost).
     record_attempt: bool = True
+
+
+def _statuses_record(events: list[StatusEvent]) -> None:
+    """Every status change goes to the delivery log, and becomes the status webhooks the
+    owner's endpoints asked for, in the caller's transaction."""
+    get_delivery_log().record_statuses(events)
+    webhook_events_emit(events)
 
 
 def deliveries_claim(*, delivery_ids: list[int]) -> list[Delivery]:
@@ -201,7 +214,7 @@ def _settle_sent(settlements: list[Settlement], now: datetime) -> list[Settlemen
         else:
             changes["provider_message_id"] = ""
         Delivery.objects.filter(pk__in=ours).update(**changes)
-        get_delivery_log().record_statuses(
+        _statuses_record(
             delivery_status_events(
                 (by_id[pk].delivery for pk in ours),
                 DeliveryStatus.SENT,
@@ -260,7 +273,7 @@ def _settle_skipped(settlements: list[Settlement], now: datetime) -> list[Settle
             lease_expires_at=None,
             updated_at=now,
         )
-        get_delivery_log().record_statuses(
+        _statuses_record(
             [
                 event
                 for pk in ours
@@ -301,7 +314,7 @@ def _settle_retry(settlement: Settlement, now: datetime) -> bool:
         **({"provider": settlement.provider} if settlement.provider else {}),
     )
     if changed:
-        get_delivery_log().record_statuses(
+        _statuses_record(
             delivery_status_events(
                 [delivery], DeliveryStatus.RETRYING, detail=settlement.result.error
             )
@@ -329,7 +342,7 @@ def _settle_dead(settlement: Settlement, now: datetime) -> bool:
         dead_letter_create(
             delivery=delivery, provider=settlement.provider, error=settlement.result.error
         )
-        get_delivery_log().record_statuses(
+        _statuses_record(
             delivery_status_events([delivery], DeliveryStatus.DEAD, detail=settlement.result.error)
         )
     return bool(changed)
@@ -400,9 +413,7 @@ def deliveries_replay(*, delivery_ids: list[int], now: datetime) -> list[Deliver
             "notification__recipient"
         )
     )
-    get_delivery_log().record_statuses(
-        delivery_status_events(deliveries, DeliveryStatus.QUEUED, detail="replayed")
-    )
+    _statuses_record(delivery_status_events(deliveries, DeliveryStatus.QUEUED, detail="replayed"))
     if deliveries:
         outbox_wake_on_commit()
     return deliveries
@@ -448,7 +459,7 @@ def deliveries_release_due(*, delivery_ids: list[int], now: datetime) -> set[int
         released = Delivery.objects.filter(pk__in=released_ids).select_related(
             "notification__recipient"
         )
-        get_delivery_log().record_statuses(
+        _statuses_record(
             delivery_status_events(list(released), DeliveryStatus.QUEUED, detail="due")
         )
     return set(not_needed)
@@ -491,7 +502,7 @@ def _deliveries_cancel_locked(
                 [row], DeliveryStatus.CANCELLED, detail=detail[row.pk]
             )
         ]
-    get_delivery_log().record_statuses(events)
+    _statuses_record(events)
 
 
 def escalations_cancel(*, notification_ids: list[Any], reached: str, channel: str) -> int:
@@ -632,7 +643,7 @@ def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[i
             updated_at=now,
         )
         count = len(events_of)
-        get_delivery_log().record_statuses(
+        _statuses_record(
             [
                 *delivery_status_events(
                     created, DeliveryStatus.QUEUED, detail=f"digest of {count} notifications"
@@ -677,9 +688,7 @@ def delivery_provider_event(*, delivery: Delivery, kind: str, detail: str, at: d
         if status == DeliveryStatus.DELIVERED:
             changes["delivered_at"] = at
         Delivery.objects.filter(pk=delivery.pk).update(**changes)
-        get_delivery_log().record_statuses(
-            delivery_status_events([delivery], status, detail=detail)
-        )
+        _statuses_record(delivery_status_events([delivery], status, detail=detail))
         if status == DeliveryStatus.DELIVERED:
             escalations_cancel(
                 notification_ids=[delivery.notification_id],
@@ -689,7 +698,7 @@ def delivery_provider_event(*, delivery: Delivery, kind: str, detail: str, at: d
         return f"{current} -> {status}"
     if status is not None:
         detail = f"{detail} (late: the delivery stays {current})"
-    get_delivery_log().record_statuses(delivery_status_events([delivery], kind, detail=detail))
+    _statuses_record(delivery_status_events([delivery], kind, detail=detail))
     return f"{kind} recorded, stays {current}"
 
 
@@ -742,9 +751,7 @@ def deliveries_inbox_advance(
         Delivery.objects.filter(pk__in=[d.pk for d in deliveries], status__in=from_statuses).update(
             **changes
         )
-        get_delivery_log().record_statuses(
-            delivery_status_events(deliveries, to_status, detail=source)
-        )
+        _statuses_record(delivery_status_events(deliveries, to_status, detail=source))
         escalations_cancel(
             notification_ids=sorted({d.notification_id for d in deliveries}),
             reached=to_status,

@@ -7,7 +7,13 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from notifications.models import CHANNEL_ORDER, DevicePlatform, Priority, SuppressionReason
+from notifications.models import (
+    CHANNEL_ORDER,
+    DevicePlatform,
+    Priority,
+    SuppressionReason,
+    WebhookEventType,
+)
 from notifications.schedules import EscalationStep, RuleError, escalation_parse
 from notifications.services import RECIPIENT_FIELDS
 from notifications.suppressions import SUPPRESSIBLE_CHANNELS
@@ -607,3 +613,31 @@ class TopicSubscribersRemovedSerializer(serializers.Serializer):
         child=serializers.CharField(), help_text="Ids of no recipient of yours."
     )
     subscribers_count = serializers.IntegerField()
+
+
+class WebhookCreateSerializer(serializers.Serializer):
+    url = serializers.URLField(max_length=2000, help_text="https:// and a public address.")
+    event_types = serializers.ListField(
+        child=serializers.ChoiceField(choices=WebhookEventType.values),
+        allow_empty=False,
+        max_length=len(WebhookEventType.values),
+    )
+
+
+class WebhookSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    url = serializers.CharField()
+    event_types = serializers.ListField(child=serializers.CharField())
+    created_at = serializers.DateTimeField()
+    disabled_at = serializers.DateTimeField(allow_null=True)
+    disabled_reason = serializers.CharField()
+    failing_since = serializers.DateTimeField(allow_null=True)
+    pending = serializers.IntegerField(help_text="Messages waiting to be sent.")
+    dead = serializers.IntegerField(help_text="Messages that failed for good (replayable).")
+
+
+class WebhookWithSecretSerializer(WebhookSerializer):
+    secret = serializers.CharField(
+        help_text="whsec_…: shown on creation and rotation only; verify `webhook-signature` "
+        "with it (Standard Webhooks)."
+    )

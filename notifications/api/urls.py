@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from notifications.api import dead_letters, inbox, suppressions, topics, views
+from notifications.api import dead_letters, inbox, suppressions, topics, views, webhooks
 
 urlpatterns = [
     path("notifications", views.NotificationCreateView.as_view(), name="notification-create"),
@@ -49,6 +49,18 @@ urlpatterns = [
         name="topic-subscribers",
     ),
     path("sandbox/messages", views.SandboxMessagesView.as_view(), name="sandbox-messages"),
+    path("webhooks", webhooks.WebhookListView.as_view(), name="webhooks"),
+    path("webhooks/<int:webhook_id>", webhooks.WebhookDetailView.as_view(), name="webhook"),
+    path(
+        "webhooks/<int:webhook_id>/rotate-secret",
+        webhooks.WebhookRotateView.as_view(),
+        name="webhook-rotate-secret",
+    ),
+    path(
+        "webhooks/<int:webhook_id>/replay",
+        webhooks.WebhookReplayView.as_view(),
+        name="webhook-replay",
+    ),
     path("suppressions", suppressions.SuppressionListView.as_view(), name="suppressions"),
     path(
         "suppressions/<int:suppression_id>",

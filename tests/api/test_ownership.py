@@ -11,6 +11,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from channels_app.tokens import recipient_token_issue
+from notifications import webhooks
 from notifications.models import (
     Delivery,
     DeliveryStatus,
@@ -20,6 +21,7 @@ from notifications.models import (
     Suppression,
     Template,
     TopicSubscription,
+    Webhook,
 )
 from notifications.suppressions import suppression_add
 from tests.factories import RecipientFactory
@@ -38,6 +40,7 @@ SECRETS = (
     "ACME-SECRET-CONTENT",
     "ACME-ORDER-4242",
     "acme-secret-category",
+    "acme-secret",
 )
 NOT_FOUND = {"error": "not_found", "detail": "Not found."}
 
@@ -108,6 +111,9 @@ def acme(owner: Any, api: APIClient) -> dict[str, Any]:
         "notification_id": notification_id,
         "dead_letter_id": letter.pk,
         "suppression_id": Suppression.objects.get(owner=owner).pk,
+        "webhook_id": webhooks.webhook_create(
+            owner=owner, url="https://93.184.216.34/acme-secret", event_types=["delivery.sent"]
+        ).pk,
         "recipient": recipient,
     }
 
@@ -143,6 +149,9 @@ def _snapshot(acme: dict[str, Any]) -> dict[str, Any]:
             )
         ),
         "dead_letter": DeadLetter.objects.get(pk=acme["dead_letter_id"]).status,
+        "webhooks": sorted(
+            Webhook.objects.filter(owner=recipient.owner).values_list("url", "secret")
+        ),
         "suppressions": sorted(
             Suppression.objects.filter(owner=recipient.owner).values_list("address", "reason")
         ),
@@ -171,6 +180,9 @@ def _object_calls(ids: dict[str, Any]) -> list[tuple[str, str, Any]]:
         ("post", f"/api/v1/dead-letters/{dl}/replay", None),
         ("post", f"/api/v1/dead-letters/{dl}/discard", None),
         ("delete", f"/api/v1/suppressions/{ids['suppression_id']}", None),
+        ("delete", f"/api/v1/webhooks/{ids['webhook_id']}", None),
+        ("post", f"/api/v1/webhooks/{ids['webhook_id']}/rotate-secret", None),
+        ("post", f"/api/v1/webhooks/{ids['webhook_id']}/replay", None),
         ("get", f"/api/v1/topics/{key}", None),
         ("post", f"/api/v1/topics/{key}/subscribers", {"recipients": [rid]}),
         ("delete", f"/api/v1/topics/{key}/subscribers", {"recipients": [rid]}),
@@ -191,6 +203,7 @@ def _random_ids() -> dict[str, Any]:
         "notification_id": str(uuid.uuid4()),
         "dead_letter_id": 2_000_000_000,
         "suppression_id": 2_000_000_000,
+        "webhook_id": 2_000_000_000,
     }
 
 
@@ -218,7 +231,7 @@ def test_another_owner_gets_404_for_every_object_and_changes_nothing(
             _assert_no_secret(response)
             answers.append((method, path, response.status_code, response.json()))
     assert answers == [(m, p, 404, NOT_FOUND) for m, p, _, _ in answers]
-    assert len(answers) == 30
+    assert len(answers) == 36
     assert _snapshot(acme) == before
 
 
@@ -285,6 +298,7 @@ def test_lists_and_filters_of_another_owner_show_none_of_the_first_owners_object
         f"/api/v1/sandbox/messages?notification={nid}",
         "/api/v1/suppressions",
         "/api/v1/suppressions?address=secret-acme",
+        "/api/v1/webhooks",
     ):
         response = other_api.get(path)
         _assert_no_secret(response)
@@ -300,6 +314,7 @@ def test_lists_and_filters_of_another_owner_show_none_of_the_first_owners_object
             200,
             {"next": None, "previous": None, "results": []},
         ),
+        "/api/v1/webhooks": (200, []),
     }
     assert sum(counts["channels"].values()) == 0
     assert (bulk.status_code, bulk.json()) == (202, {"count": 0})

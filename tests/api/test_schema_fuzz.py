@@ -32,6 +32,7 @@ from channels_app.tokens import recipient_token_issue
 from notifications.accepting import notification_create
 from notifications.models import Delivery, DeliveryStatus, Suppression, Topic, TopicSubscription
 from notifications.suppressions import suppression_add
+from notifications.webhooks import webhook_create
 from tests.factories import DeviceFactory, RecipientFactory, TemplateFactory, api_key_for
 from workers.transitions import dead_letter_create
 
@@ -109,6 +110,9 @@ def known(owner: Any) -> dict[str, Any]:
             "notification_id": body["id"],
             "dead_letter_id": letter.pk,
             "suppression_id": Suppression.objects.get(owner=owner).pk,
+            "webhook_id": webhook_create(
+                owner=owner, url="https://93.184.216.34/hook", event_types=["delivery.sent"]
+            ).pk,
         },
     }
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from notifications.models import Delivery, DeliveryStatus
+from notifications.models import Delivery, DeliveryStatus, WebhookMessage, WebhookMessageStatus
 from tests.chaos.conftest import accept_bulk, item, received
 from tests.chaos.harness import (
     RECOVERY_ENV,
@@ -25,9 +25,10 @@ from tests.chaos.harness import (
     tally,
     wait_settled,
 )
-from tests.conftest import Process
+from tests.conftest import Process, wait_until
 from tests.emulators.sendgrid import SendGridEmulator
 from tests.emulators.twilio import TwilioEmulator
+from tests.emulators.webhook_receiver import WebhookReceiver
 
 pytestmark = [pytest.mark.chaos, pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
 
@@ -121,3 +122,80 @@ def test_provider_429_with_retry_after_is_honoured_and_loses_nothing(
     assert Delivery.objects.filter(status=DeliveryStatus.DEAD).count() == 0
     assert len(waits) == limited
     assert min(waits) >= retry_after
+
+
+def test_webhook_receiver_down_gets_every_event_once_when_it_answers_again(
+    api: Any,
+    chaos_template: Any,
+    sendgrid: SendGridEmulator,
+    spawn: Callable[..., Process],
+    tmp_path: Path,
+    settings: Any,
+) -> None:
+    """4c: the status-webhook receiver is down (connection refused) while the events are made,
+    then answers: every `delivery.sent` arrives, signed, and none twice by `webhook-id`."""
+    count = scale(100, 1000)
+    down_for = scale(6.0, 60.0)
+    open_seconds = scale(2, 60)
+    settings.WEBHOOK_ALLOW_PRIVATE = True
+    receiver = WebhookReceiver().start()
+    try:
+        registered = api.post(
+            "/api/v1/webhooks",
+            {"url": f"{receiver.url}/hooks", "event_types": ["delivery.sent"]},
+            format="json",
+        )
+        assert registered.status_code == 201, registered.content
+        secret = registered.json()["secret"]
+        receiver.stop()
+        env = {
+            **RECOVERY_ENV,
+            **sendgrid.settings_env(),
+            "WEBHOOK_ALLOW_PRIVATE": "true",
+            "CIRCUIT_OPEN_SECONDS": str(open_seconds),
+        }
+        start_workers(
+            spawn,
+            tmp_path,
+            [
+                WorkerSpec("sweeper", "maintenance", concurrency=1, beat=True),
+                WorkerSpec("email", "email"),
+                WorkerSpec("webhooks", "webhooks"),
+            ],
+            **env,
+        )
+        ledger = Ledger()
+        accept_bulk(api, ledger, [item(n, "hook", channels=["email"]) for n in range(count)])
+        wait_settled(count, timeout=scale(60, 300), message="every email sent")
+        down_since = time.monotonic()
+        time.sleep(max(0.0, down_for - (time.monotonic() - down_since)))
+        receiver.start()
+
+        def all_arrived() -> bool:
+            return (
+                len(receiver.ids()) >= count
+                and not WebhookMessage.objects.exclude(status=WebhookMessageStatus.SENT).exists()
+            )
+
+        wait_until(
+            all_arrived, timeout=scale(90, 400), interval=0.5, message="every webhook to arrive"
+        )
+        ids = receiver.ids()
+        twice = sum(n - 1 for n in ids.values() if n > 1)
+        got = receiver.verified(secret)
+        notified = {g["data"]["notification_id"] for g in got}
+        sent = set(
+            Delivery.objects.filter(status=DeliveryStatus.SENT).values_list(
+                "notification_id", flat=True
+            )
+        )
+        report(
+            f"4c webhook receiver down {down_for:.0f}s: events {len(sent)}, arrived "
+            f"{len(ids)}, twice by webhook-id {twice}, lost {len(sent) - len(notified)}"
+        )
+        assert len(sent) == count
+        assert notified == {str(n) for n in sent}
+        assert (len(ids), twice) == (count, 0)
+        assert {g["type"] for g in got} == {"delivery.sent"}
+    finally:
+        receiver.stop()

@@ -252,6 +252,7 @@ def test_compose_parses_with_the_expected_services(services: dict[str, Any]) -> 
         "worker-push",
         "worker-web",
         "worker-maintenance",
+        "worker-webhooks",
         "relay",
         "beat",
         "flower",
@@ -269,7 +270,7 @@ def test_clarion_services_share_one_image_built_from_the_dockerfile(
     clarion = clarion_services(services)
     built = {name for name, spec in services.items() if "build" in spec}
     assert built == set(clarion)
-    assert len(clarion) == 11
+    assert len(clarion) == 12
     for name, spec in clarion.items():
         assert spec["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}, name
     context = (DOCKER / "..").resolve()

@@ -37,6 +37,8 @@ from notifications.models import (
     Template,
     Topic,
     TopicSubscription,
+    Webhook,
+    WebhookMessage,
 )
 from notifications.suppressions import suppression_add
 from tests.factories import ORDER_SHIPPED, DeviceFactory, OwnerFactory, RecipientFactory
@@ -334,6 +336,16 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
         payload={"MessageSid": "SM1", "MessageStatus": "delivered"},
         occurred_at=datetime.now(UTC),
     )
+    hook = Webhook.objects.create(
+        owner=owner, url="https://93.184.216.34/hook", event_types=["delivery.sent"], secret="s"
+    )
+    WebhookMessage.objects.create(
+        webhook=hook,
+        msg_id="msg_1",
+        event_type="delivery.sent",
+        event_key="delivery.sent:1",
+        payload={"type": "delivery.sent"},
+    )
     request = RequestFactory().get("/")
     request.user = get_user_model().objects.get(username="ops")
 
@@ -353,10 +365,11 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
             urls.append(reverse(f"{prefix}_add"))
         for url in urls:
             ok(url, staff.get(url))
-    # 15 models (13 of Clarion's, users and groups): every changelist; a change page for the
-    # 14 with a row (no group); an add page for the 9 that allow adding (notifications,
-    # deliveries, sandbox messages, dead letters, suppressions and provider events do not).
-    assert len(rendered) == 15 + 14 + 9
+    # 17 models (15 of Clarion's, users and groups): every changelist; a change page for the
+    # 16 with a row (no group); an add page for the 9 that allow adding (notifications,
+    # deliveries, sandbox messages, dead letters, suppressions, provider events, webhooks and
+    # webhook messages do not).
+    assert len(rendered) == 17 + 16 + 9
 
     # The filters and searches an operator uses, on every list that has them.
     notifications = reverse("admin:notifications_notification_changelist")
@@ -410,7 +423,7 @@ def test_every_admin_page_renders(api: Any, template: Any, owner: Any, staff: Cl
     lift = {"action": "lift", "_selected_action": [suppression.pk]}
     ok(suppressions, staff.post(suppressions, lift), 302)
     assert not Suppression.objects.exists()
-    assert len(rendered) == 38 + 9 + 3 + 3 + 2 + 2
+    assert len(rendered) == 42 + 9 + 3 + 3 + 2 + 2
     assert dict(DeadLetter.objects.values_list("pk", "status")) == {
         first_letter.pk: "replayed",
         second_letter.pk: "discarded",

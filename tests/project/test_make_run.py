@@ -126,7 +126,7 @@ def test_make_run_serves_the_whole_pipeline(tmp_path: Path) -> None:
             timeout=60,
             message="Flower",
         )
-        for name in ("email@", "sms@", "push@", "web@", "maintenance@", "beat"):
+        for name in ("email@", "sms@", "push@", "web@", "maintenance@", "webhooks@", "beat"):
             assert name in log(), name
     finally:
         os.killpg(process.pid, signal.SIGINT)

@@ -45,7 +45,8 @@ Clarion is starting.
   Health    {base}/readyz
   Flower    http://127.0.0.1:{settings.FLOWER_PORT}/
   Processes web (API + WebSocket), relay (outbox → broker), workers email, sms, push and
-            inapp, maintenance (sweeper), beat, flower
+            inapp, maintenance (sweeper, provider events), webhooks (status webhooks out),
+            beat, flower
   API key   {raw_key}{inbox_line}
 
 Try it:

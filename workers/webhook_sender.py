@@ -1,0 +1,221 @@
+"""The webhooks worker: claims the due messages of the webhooks outbox under a lease, signs
+each the Standard Webhooks way (every secret still valid, so a receiver can roll over), and
+POSTs it to the endpoint's address as resolved and checked just now (pinned: no second DNS
+answer reaches the connection). A breaker per endpoint host holds messages while the host
+fails, without spending their attempts; failures retry with exponential backoff until
+WEBHOOK_RETRY_FOR_SECONDS, then the message is dead (replayable); an endpoint that keeps
+failing for WEBHOOK_DISABLE_AFTER_SECONDS is disabled."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import urllib3
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from notifications import cache as keys
+from notifications.models import Webhook, WebhookMessage, WebhookMessageStatus
+from notifications.webhooks import (
+    UnsafeUrl,
+    hooks_key,
+    signing_secrets,
+    url_check,
+    webhook_signatures,
+)
+from workers import retry
+from workers.circuit_breaker import circuit_allow, circuit_record
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "Clarion-Webhooks/1"
+
+
+@dataclass(frozen=True)
+class _Result:
+    kind: str  # "sent", "failed", "held", "dead"
+    status_code: int | None = None
+    error: str = ""
+    delay: float = 0.0
+
+
+def breaker_name(url: str) -> str:
+    return f"webhook:{urllib.parse.urlsplit(url).hostname or '-'}"
+
+
+def webhooks_send_due(*, batch_size: int | None = None) -> int:
+    """Send every due message, a leased batch at a time; returns how many went out."""
+    size = batch_size or settings.WEBHOOK_BATCH_SIZE
+    sent = 0
+    while True:
+        now = timezone.now()
+        with transaction.atomic():
+            batch = list(
+                WebhookMessage.objects.filter(status=WebhookMessageStatus.PENDING)
+                .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+                .select_for_update(skip_locked=True, of=("self",))
+                .select_related("webhook")
+                .order_by("id")[:size]
+            )
+            if not batch:
+                return sent
+            lease_end = now + timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS * 3)
+            WebhookMessage.objects.filter(pk__in=[m.pk for m in batch]).update(
+                next_attempt_at=lease_end, attempts=F("attempts") + 1
+            )
+        with ThreadPoolExecutor(max_workers=max(1, settings.WEBHOOK_CONCURRENCY)) as pool:
+            results = list(pool.map(_send, batch))
+        _settle(batch, results)
+        sent += sum(1 for r in results if r.kind == "sent")
+        if len(batch) < size:
+            return sent
+
+
+def _send(message: WebhookMessage) -> _Result:
+    webhook = message.webhook
+    if webhook.disabled_at is not None:
+        return _Result("dead", error=f"endpoint disabled: {webhook.disabled_reason}")
+    closed_in = circuit_allow(provider=breaker_name(webhook.url))
+    if closed_in > 0:
+        return _Result("held", delay=closed_in + random.uniform(0, 1), error="circuit open")
+    try:
+        addresses = url_check(webhook.url)
+    except UnsafeUrl as exc:
+        return _Result("dead", error=f"refused: {exc}")
+    body = json.dumps(message.payload, separators=(",", ":")).encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": message.msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": webhook_signatures(
+            secrets_=signing_secrets(webhook, timezone.now()),
+            msg_id=message.msg_id,
+            timestamp=timestamp,
+            body=body,
+        ),
+    }
+    result = _post(webhook.url, addresses[0], headers, body)
+    circuit_record(
+        provider=breaker_name(webhook.url),
+        outcome="ok" if result.kind == "sent" else "transient",
+    )
+    return result
+
+
+def _post(url: str, address: str, headers: dict[str, str], body: bytes) -> _Result:
+    """POST to the checked address, naming the host in Host and TLS (SNI, certificate)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    timeout = urllib3.Timeout(total=settings.WEBHOOK_TIMEOUT_SECONDS)
+    pool: urllib3.HTTPConnectionPool
+    if https:
+        pool = urllib3.HTTPSConnectionPool(
+            address,
+            port,
+            timeout=timeout,
+            retries=False,
+            server_hostname=host,
+            assert_hostname=host,
+            cert_reqs="CERT_REQUIRED",
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    try:
+        with pool:
+            response = pool.urlopen(
+                "POST",
+                target,
+                body=body,
+                headers={**headers, "host": parts.netloc.rpartition("@")[2]},
+                redirect=False,
+                preload_content=True,
+            )
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        return _Result("failed", error=f"{exc.__class__.__name__}: {exc}"[:500])
+    if 200 <= response.status < 300:
+        return _Result("sent", status_code=response.status)
+    text = response.data[:200].decode("utf-8", "replace")
+    return _Result("failed", status_code=response.status, error=f"HTTP {response.status}: {text}")
+
+
+def _settle(batch: list[WebhookMessage], results: list[_Result]) -> None:
+    now = timezone.now()
+    recovered: set[int] = set()
+    failing: set[int] = set()
+    with transaction.atomic():
+        for message, result in zip(batch, results, strict=True):
+            mine = WebhookMessage.objects.filter(pk=message.pk, status=WebhookMessageStatus.PENDING)
+            if result.kind == "sent":
+                mine.update(
+                    status=WebhookMessageStatus.SENT,
+                    sent_at=now,
+                    next_attempt_at=None,
+                    last_status_code=result.status_code,
+                    last_error="",
+                )
+                recovered.add(message.webhook_id)
+            elif result.kind == "held":
+                mine.update(
+                    attempts=F("attempts") - 1,
+                    next_attempt_at=now + timedelta(seconds=result.delay),
+                    last_error=result.error,
+                )
+            elif result.kind == "dead" or _too_old(message, now):
+                mine.update(
+                    status=WebhookMessageStatus.DEAD,
+                    next_attempt_at=None,
+                    last_status_code=result.status_code,
+                    last_error=result.error,
+                )
+                log.warning("webhook message %s dead: %s", message.msg_id, result.error)
+                if result.kind != "dead":
+                    failing.add(message.webhook_id)
+            else:
+                delay = min(
+                    retry.backoff_seconds(max(1, message.attempts + 1)),
+                    settings.WEBHOOK_RETRY_MAX_DELAY_SECONDS,
+                )
+                mine.update(
+                    next_attempt_at=now + timedelta(seconds=delay),
+                    last_status_code=result.status_code,
+                    last_error=result.error,
+                )
+                failing.add(message.webhook_id)
+        if recovered:
+            Webhook.objects.filter(pk__in=recovered).update(failing_since=None)
+        failing -= recovered
+        if failing:
+            Webhook.objects.filter(pk__in=failing, failing_since__isnull=True).update(
+                failing_since=now
+            )
+            _disable_the_long_failing(failing, now)
+
+
+def _too_old(message: WebhookMessage, now: datetime) -> bool:
+    return message.created_at < now - timedelta(seconds=settings.WEBHOOK_RETRY_FOR_SECONDS)
+
+
+def _disable_the_long_failing(webhook_ids: set[int], now: datetime) -> None:
+    since = now - timedelta(seconds=settings.WEBHOOK_DISABLE_AFTER_SECONDS)
+    for webhook in Webhook.objects.filter(
+        pk__in=webhook_ids, failing_since__lt=since, disabled_at__isnull=True
+    ):
+        days = (now - webhook.failing_since).total_seconds() / 86400 if webhook.failing_since else 0
+        reason = f"every call failed for {days:.1f} days"
+        Webhook.objects.filter(pk=webhook.pk).update(disabled_at=now, disabled_reason=reason)
+        keys.invalidate_on_commit(hooks_key(webhook.owner_id))
+        log.warning("webhook %s disabled: %s", webhook.pk, reason)
