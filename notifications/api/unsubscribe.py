@@ -9,13 +9,21 @@ from typing import Any
 from django.http import HttpResponse
 from django.template.loader import render_to_string
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from notifications import unsubscribe
 
+# A signed token: base64url and the signer's ":" separators.
+_TOKEN = OpenApiParameter(
+    "token",
+    OpenApiTypes.STR,
+    OpenApiParameter.PATH,
+    pattern=r"^[A-Za-z0-9_\-:.]+$",
+    description="The signed token of an email's unsubscribe link.",
+)
 _RESPONSES = {
     (200, "text/html"): OpenApiTypes.STR,
     (400, "text/html"): OpenApiTypes.STR,
@@ -48,6 +56,7 @@ class UnsubscribeView(APIView):
     @extend_schema(
         operation_id="unsubscribe_confirm",
         auth=[],
+        parameters=[_TOKEN],
         responses=_RESPONSES,
         description="The page an email's unsubscribe link opens: it asks to confirm. Nothing "
         "changes on a GET.",
@@ -66,6 +75,7 @@ class UnsubscribeView(APIView):
     @extend_schema(
         operation_id="unsubscribe",
         auth=[],
+        parameters=[_TOKEN],
         request={"application/x-www-form-urlencoded": {"type": "object"}},
         responses=_RESPONSES,
         description="One-click unsubscribe (RFC 8058: the body `List-Unsubscribe=One-Click`, or "
