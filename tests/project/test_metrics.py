@@ -227,7 +227,7 @@ def test_metrics_add_up_across_api_and_worker_processes(
         ("web",): 0.0,
     }
     assert samples(text, "clarion_queue_depth") == {
-        (queue,): 0.0 for queue in ("email", "sms", "push", "web", "maintenance")
+        (queue,): 0.0 for queue in ("email", "sms", "push", "web", "maintenance", "webhooks")
     }
     assert samples(text, "clarion_queue_oldest_age_seconds") == {
         (channel,): 0.0 for channel in ("email", "sms", "push", "web")
@@ -310,6 +310,7 @@ def test_scrape_time_gauges_read_broker_database_and_redis(
         "push": 0,
         "web": 0,
         "maintenance": 0,
+        "webhooks": 0,
     }
     assert metrics_scrape.queue_oldest_ages(now=now) == {
         "email": 30.0,
@@ -331,6 +332,7 @@ def test_scrape_time_gauges_read_broker_database_and_redis(
         ("push",): 0.0,
         ("web",): 0.0,
         ("maintenance",): 0.0,
+        ("webhooks",): 0.0,
     }
     lag = samples(text, "clarion_queue_oldest_age_seconds")
     assert set(lag) == {("email",), ("sms",), ("push",), ("web",)}
