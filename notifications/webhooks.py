@@ -225,19 +225,19 @@ def webhook_events_emit(events: list[StatusEvent]) -> None:
             if WebhookEventType.NOTIFICATION_COMPLETED in types:
                 completed_wanted[event.notification_id] = event
     if completed_wanted:
-        unfinished = set(
-            Delivery.objects.filter(notification_id__in=list(completed_wanted))
-            .exclude(status__in=FINAL_STATUSES)
-            .values_list("notification_id", flat=True)
-        )
+        # One read of every delivery of these notifications: which are complete, and how.
+        statuses_of: dict[str, dict[str, str]] = {}
+        unfinished: set[str] = set()
+        for nid, channel, status in Delivery.objects.filter(
+            notification_id__in=list(completed_wanted)
+        ).values_list("notification_id", "channel", "status"):
+            statuses_of.setdefault(str(nid), {})[channel] = status
+            if status not in FINAL_STATUSES:
+                unfinished.add(str(nid))
         for notification_id, event in completed_wanted.items():
-            if uuid.UUID(notification_id) in unfinished:
+            if notification_id in unfinished:
                 continue
-            statuses = dict(
-                Delivery.objects.filter(notification_id=notification_id).values_list(
-                    "channel", "status"
-                )
-            )
+            statuses = statuses_of.get(notification_id, {})
             for webhook_id, types in hooks[event.owner_id]:
                 if WebhookEventType.NOTIFICATION_COMPLETED in types:
                     rows.append(

@@ -404,7 +404,7 @@ def _through(
             next_provider.append((delivery, message))
         else:
             settled.append(_judge(delivery, result, name))
-    not_called = len(unsent) + sum(1 for r in attempted if r is None and not last)
+    not_called = sum(1 for r in attempted if r is None)
     if not_called:
         rate_limit_refund(channel=channel, provider=name, count=not_called)
     if unsent:

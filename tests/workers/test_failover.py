@@ -91,7 +91,7 @@ def test_a_transient_failure_fails_over_and_the_open_breaker_skips_the_primary(
 
     # SendGrid is back; once its breaker lets a trial through, traffic returns to it.
     sendgrid.fail_always(None)
-    time.sleep(1.2)
+    time.sleep(1.2)  # CIRCUIT_OPEN_SECONDS: the breaker lets a trial through
     later = _emails(api, 3, start=3)
     assert set(deliveries_process(delivery_ids=[d.pk for d in later]).values()) == {
         ProcessOutcome.SENT

@@ -33,26 +33,25 @@ pytestmark = pytest.mark.django_db
 TWILIO_HOOK_URL = "http://testserver/hooks/twilio"
 
 
-@pytest.fixture
-def sendgrid(settings: Any) -> Iterator[SendGridEmulator]:
-    emulator = SendGridEmulator().start()
+def _pointed_at(emulator: Any, settings: Any) -> Iterator[Any]:
+    """The emulator, running, with the settings that select it."""
+    emulator.start()
     for name, value in emulator.settings_overrides().items():
         setattr(settings, name, value)
     provider_for.cache_clear()
     yield emulator
     provider_for.cache_clear()
     emulator.stop()
+
+
+@pytest.fixture
+def sendgrid(settings: Any) -> Iterator[SendGridEmulator]:
+    yield from _pointed_at(SendGridEmulator(), settings)
 
 
 @pytest.fixture
 def twilio(settings: Any) -> Iterator[TwilioEmulator]:
-    emulator = TwilioEmulator().start()
-    for name, value in emulator.settings_overrides().items():
-        setattr(settings, name, value)
-    provider_for.cache_clear()
-    yield emulator
-    provider_for.cache_clear()
-    emulator.stop()
+    yield from _pointed_at(TwilioEmulator(), settings)
 
 
 def _send(api: Any, n: int, channel: str, **extra: Any) -> dict[str, Any]:
