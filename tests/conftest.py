@@ -209,9 +209,22 @@ class Process:
             self.popen.wait(10)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item, so a fixture's teardown knows the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+LOG_TAIL_LINES = 40
+
+
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
-    """Start a process in its own group; every one is stopped at teardown."""
+def spawn(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Process]]:
+    """Start a process in its own group; every one is stopped at teardown. When the test
+    failed, the end of each process's log is printed (pytest shows it with the failure), so a
+    failure on CI, whose temporary directories are gone, still says what each process did."""
     started: list[Process] = []
 
     def start(name: str, argv: list[str], env: dict[str, str]) -> Process:
@@ -231,6 +244,11 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
     yield start
     for process in reversed(started):
         process.stop()
+    call = getattr(request.node, "report_call", None)
+    if call is not None and call.failed:
+        for process in started:
+            tail = process.log().splitlines()[-LOG_TAIL_LINES:]
+            print(f"--- the last {len(tail)} lines of {process.name} ---", *tail, sep="\n")
 
 
 @pytest.fixture
