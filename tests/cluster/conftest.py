@@ -1,0 +1,105 @@
+"""Fixtures of the cluster scenarios: the network and its hosts (torn down after every test,
+whatever happened), the emulators on the bridge address, recipients with live sockets, and
+the accounting shared with tests/chaos."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from channels_app.tokens import recipient_token_issue
+from notifications.models import Recipient
+from tests.chaos.conftest import CONTENT, phone
+from tests.chaos.harness import RESULTS
+from tests.cluster.harness import Cluster, requirements
+from tests.cluster.net import GATEWAY
+from tests.conftest import Process
+from tests.emulators.sendgrid import SendGridEmulator
+from tests.emulators.twilio import TwilioEmulator
+from tests.factories import TemplateFactory
+
+CLUSTER_CONTENT = {**CONTENT, "web": {"title": "Cluster {{ ref }}", "body": "{{ ref }}"}}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = [line for line in RESULTS if line.startswith("cluster")]
+    if lines:
+        terminalreporter.section("cluster: accepted / delivered / duplicated / lost")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def cluster(spawn: Callable[..., Process], tmp_path: Path) -> Iterator[Cluster]:
+    missing = requirements()
+    if missing:
+        pytest.fail(f"the cluster needs {', '.join(missing)} (make cluster installs the tools)")
+    built = Cluster(spawn, tmp_path)
+    try:
+        built.bridge()
+        yield built
+    finally:
+        built.down()
+
+
+@pytest.fixture
+def sendgrid(cluster: Cluster) -> Iterator[SendGridEmulator]:
+    emulator = SendGridEmulator()
+    emulator.host = GATEWAY
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def twilio(cluster: Cluster) -> Iterator[TwilioEmulator]:
+    emulator = TwilioEmulator()
+    emulator.host = GATEWAY
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def cluster_template(owner: Any) -> Any:
+    return TemplateFactory(
+        owner=owner, key="chaos", content={k: dict(v) for k, v in CLUSTER_CONTENT.items()}
+    )
+
+
+def recipients(owner: Any, count: int) -> list[str]:
+    """`count` recipients (u0, u1, ...), each with an address of every channel; returns a
+    WebSocket token for each, in order."""
+    tokens = []
+    for n in range(count):
+        recipient = Recipient.objects.create(
+            owner=owner, external_id=f"u{n}", email=f"u{n}@example.com", phone=phone(n)
+        )
+        tokens.append(recipient_token_issue(owner_id=owner.pk, recipient_id=recipient.pk).token)
+    return tokens
+
+
+def frames(path: Path) -> Counter[str]:
+    """How many times the clients got each notification's in-app frame."""
+    counts: Counter[str] = Counter()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line:
+                counts[json.loads(line)["id"]] += 1
+    return counts
+
+
+def received_all(
+    sendgrid: SendGridEmulator, twilio: TwilioEmulator, frames_path: Path
+) -> dict[str, Counter[str]]:
+    """What the providers and the sockets took, per trace value (tests/chaos's ledger)."""
+    return {
+        "email": sendgrid.count_by("notification_id", accepted_only=True),
+        "sms": twilio.count_by("body", accepted_only=True),
+        "web": frames(frames_path),
+    }

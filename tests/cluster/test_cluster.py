@@ -1,0 +1,218 @@
+"""Clarion across hosts (network namespaces on one machine, tests/cluster/net.py): hosts
+killed, cut off and with a clock of their own, while notifications flow from the upstream
+service (this process) through HAProxy to two API hosts, relays, two worker hosts and the
+WebSocket clients' host. Every scenario reports accepted / delivered / duplicated / lost as
+tests/chaos does: lost must be 0, and duplicates no more than what was in flight when the
+fault came."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db.models import Q
+
+from notifications.models import Delivery, DeliveryStatus, Notification
+from tests.chaos.harness import (
+    Ledger,
+    Tally,
+    http,
+    in_flight,
+    scale,
+    tally,
+    wait_settled,
+)
+from tests.cluster.conftest import received_all, recipients
+from tests.cluster.harness import Cluster
+from tests.conftest import wait_until
+from tests.emulators.sendgrid import SendGridEmulator
+from tests.emulators.twilio import TwilioEmulator
+from tests.factories import api_key_for
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.pipeline,
+    pytest.mark.django_db(transaction=True),
+]
+
+CHANNELS = ["email", "sms", "web"]
+BULK_CHUNK = 250
+EVERY_HOST = ["lb", "api1", "api2", "relay1", "relay2", "sched", "worker1", "worker2", "clients"]
+
+
+def body(n: int, run: str, sockets: int) -> dict[str, Any]:
+    """One notification to recipient u{n mod sockets} (each has a live socket), on every
+    channel, with a ref unique in the run."""
+    return {
+        "recipient": {"id": f"u{n % sockets}"},
+        "template": "chaos",
+        "data": {"ref": f"{run}-{n}"},
+        "channels": CHANNELS,
+    }
+
+
+def record(ledger: Ledger, result: dict[str, Any], ref: str) -> None:
+    for delivery in result["deliveries"]:
+        assert delivery["status"] == "queued", result
+        channel = delivery["channel"]
+        ledger.accept(channel, ref if channel == "sms" else result["id"])
+
+
+def post_bulk(cluster: Cluster, api_key: str, items: list[dict[str, Any]], ledger: Ledger) -> None:
+    """Through the load balancer, in chunks, each retried with its Idempotency-Key until
+    answered."""
+    for start in range(0, len(items), BULK_CHUNK):
+        chunk = items[start : start + BULK_CHUNK]
+        key = str(uuid.uuid4())
+        for _ in range(20):
+            status, _, raw = http(
+                "POST",
+                cluster.url + "/api/v1/notifications/bulk",
+                {"notifications": chunk},
+                api_key,
+                {"Idempotency-Key": key},
+                timeout=120,
+            )
+            if status == 200:
+                break
+            time.sleep(0.5)
+        assert status == 200, raw[:500]
+        answer = json.loads(raw)
+        assert (answer["accepted"], answer["rejected"]) == (len(chunk), 0), answer
+        for result, sent in zip(answer["results"], chunk, strict=True):
+            record(ledger, result, sent["data"]["ref"])
+
+
+def progress() -> int:
+    """Deliveries a provider or a socket has taken."""
+    return Delivery.objects.filter(
+        status__in=[DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.READ]
+    ).count()
+
+
+@pytest.fixture
+def provider_env(sendgrid: SendGridEmulator, twilio: TwilioEmulator) -> dict[str, str]:
+    return {**sendgrid.settings_env(), **twilio.settings_env()}
+
+
+def build(
+    cluster: Cluster,
+    env: dict[str, str],
+    tokens: list[str],
+    *,
+    hosts: list[str] | None = None,
+    relays: tuple[str, ...] = ("relay1",),
+    workers: tuple[str, ...] = ("worker1", "worker2"),
+    worker_env: dict[str, dict[str, str]] | None = None,
+) -> Path:
+    """The whole of Clarion across the hosts; returns the clients' frames file."""
+    cluster.up(hosts or EVERY_HOST)
+    for api in ("api1", "api2"):
+        cluster.start_api(api, **env)
+    cluster.start_lb(["api1", "api2"])
+    cluster.start_workers("sched", [("maintenance", 1)], beat=True, **env)
+    for worker in workers:
+        cluster.start_worker_host(worker, **{**env, **(worker_env or {}).get(worker, {})})
+    _, frames_path = cluster.start_clients(tokens)
+    for relay in relays:
+        cluster.start_relay(relay, **env)
+    return frames_path
+
+
+@pytest.fixture
+def in_background() -> Iterator[Any]:
+    """Run a function in a thread; its exception fails the test when joined."""
+    threads: list[tuple[threading.Thread, list[BaseException]]] = []
+
+    def start(function: Any, *args: Any) -> Any:
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                function(*args)
+            except BaseException as exc:  # re-raised by join()
+                errors.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        threads.append((thread, errors))
+
+        def join(timeout: float = 600) -> None:
+            thread.join(timeout)
+            assert not thread.is_alive(), "the background load did not finish"
+            if errors:
+                raise errors[0]
+
+        return join
+
+    yield start
+    for thread, _ in threads:
+        thread.join(30)
+
+
+def settle_and_tally(
+    scenario: str,
+    ledger: Ledger,
+    sendgrid: SendGridEmulator,
+    twilio: TwilioEmulator,
+    frames_path: Path,
+    *,
+    note: str,
+    timeout: float,
+) -> Tally:
+    wait_settled(ledger.accepted, timeout=timeout, message=f"{scenario} settled")
+    # The last frames' lines reach the clients' file a moment after their acks.
+    wait_until(
+        lambda: sum(1 for _ in frames_path.open()) >= len(ledger.expected.get("web", ())),
+        timeout=30,
+        interval=0.2,
+        message="the clients to write every frame",
+    )
+    return tally(
+        f"cluster {scenario}", ledger, received_all(sendgrid, twilio, frames_path), note=note
+    )
+
+
+def test_worker_host_killed_mid_run(
+    owner: Any,
+    cluster_template: Any,
+    cluster: Cluster,
+    sendgrid: SendGridEmulator,
+    twilio: TwilioEmulator,
+    provider_env: dict[str, str],
+    in_background: Any,
+) -> None:
+    """Scenario 1: a worker host loses every process (kill -9) in the middle of the run."""
+    count, sockets = scale(300, 10_000), scale(30, 200)
+    tokens = recipients(owner, sockets)
+    frames_path = build(cluster, provider_env, tokens)
+    api_key = api_key_for(owner)
+    ledger = Ledger()
+    items = [body(n, "host-killed", sockets) for n in range(count)]
+    join = in_background(post_bulk, cluster, api_key, items, ledger)
+    total = count * len(CHANNELS)
+    wait_until(lambda: progress() >= total // 4, timeout=scale(120, 600), interval=0.1)
+    held = in_flight()
+    cluster.kill_host("worker2")
+    join()
+    result = settle_and_tally(
+        "1 worker host killed",
+        ledger,
+        sendgrid,
+        twilio,
+        frames_path,
+        note=f"{held} in flight when worker2 died",
+        timeout=scale(120, 900),
+    )
+    assert (result.lost, result.unexpected) == (0, 0)
+    assert result.duplicated <= held
+    assert Notification.objects.count() == count
+    assert not Delivery.objects.filter(
+        ~Q(status__in=[DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.READ])
+    ).exists()
