@@ -84,13 +84,17 @@ def recipients(owner: Any, count: int) -> list[str]:
     return tokens
 
 
-def frames(path: Path) -> Counter[str]:
-    """How many times the clients got each notification's in-app frame."""
+def frames(path: Path, *, again: bool = False) -> Counter[str]:
+    """How many times the clients showed each notification's in-app frame (a client shows an
+    id once, as clarion.js does); with `again`, how many times one arrived that its client
+    had already seen."""
     counts: Counter[str] = Counter()
     if path.exists():
         for line in path.read_text().splitlines():
             if line:
-                counts[json.loads(line)["id"]] += 1
+                frame = json.loads(line)
+                if frame["again"] == again:
+                    counts[frame["id"]] += 1
     return counts
 
 

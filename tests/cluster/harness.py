@@ -61,6 +61,8 @@ CLUSTER_ENV = {
     "SWEEPER_STALE_SECONDS": "15",
     "RATE_LIMITS": "email=600000/m,sms=10000/s,push=10000/s,web=10000/s",
     "API_RATE_LIMIT_PER_SECOND": "0",
+    # A request whose API host died holds its Idempotency-Key this long (409 to retries).
+    "IDEMPOTENCY_LOCK_SECONDS": "10",
     "LOG_LEVEL": "INFO",
 }
 

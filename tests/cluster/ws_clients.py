@@ -1,8 +1,10 @@
 """The cluster's WebSocket clients, run on their own host: one socket per recipient token
 through the load balancer, each acking what it gets as the browser client does, and coming
 back with `since` (the last notification it saw) whenever its socket drops, as clarion.js does.
-Every notification frame is written as one JSON line to the output file; `connected N` is
-printed each time the count of open sockets reaches a new high.
+Every notification frame is written as one JSON line to the output file, with `again` true
+when this client had already seen that id (clarion.js shows such a frame once: the backlog
+after a reconnect may repeat a frame that arrived live); `connected N` is printed each time
+the count of open sockets reaches a new high.
 
     python -m tests.cluster.ws_clients CONFIG.json
 
@@ -36,6 +38,7 @@ class Clients:
 
     async def client(self, index: int, token: str) -> None:
         since: str | None = None
+        seen: set[str] = set()
         while not self.stopping.is_set():
             url = f"{self.url}?token={token}" + (f"&since={since}" if since else "")
             try:
@@ -51,7 +54,12 @@ class Clients:
                             frame = json.loads(message)
                             if frame.get("type") == "notification":
                                 since = frame["id"]
-                                line = {"client": index, "id": frame["id"], "data": frame["data"]}
+                                line = {
+                                    "client": index,
+                                    "id": frame["id"],
+                                    "again": frame["id"] in seen,
+                                }
+                                seen.add(frame["id"])
                                 self.out.write(json.dumps(line) + "\n")
                                 await ws.send(json.dumps({"type": "ack", "id": frame["id"]}))
                             elif frame.get("type") == "ping":
