@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db.models import Q
+from django.db.models import Count, Q
 
-from notifications.models import Delivery, DeliveryStatus, Notification
+from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
 from tests.chaos.harness import (
     Ledger,
     Tally,
@@ -344,3 +344,62 @@ def test_relay_host_killed_mid_publish(
     )
     assert "relay started" in cluster.processes["relay1"][0].log()
     assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
+
+
+def test_worker_host_cut_off_while_holding_leases(
+    owner: Any,
+    cluster_template: Any,
+    cluster: Cluster,
+    sendgrid: SendGridEmulator,
+    twilio: TwilioEmulator,
+    provider_env: dict[str, str],
+    in_background: Any,
+) -> None:
+    """Scenario 2: a worker host's link goes down for 30 s while it holds leases, then comes
+    back. Its leases run out meanwhile (DELIVERY_LEASE_SECONDS 10), the other host sends what
+    they held, and when the cut-off host's late results arrive they are fenced by the lease
+    token: no second 'sent', no status overwritten."""
+    count, sockets = scale(300, 10_000), scale(30, 200)
+    tokens = recipients(owner, sockets)
+    frames_path = build(cluster, provider_env, tokens)
+    api_key = api_key_for(owner)
+    ledger = Ledger()
+    items = [body(n, "host-cut", sockets) for n in range(count)]
+    join = in_background(post_bulk, cluster, api_key, items, ledger)
+    total = count * len(CHANNELS)
+    wait_until(
+        lambda: progress() >= total // 4 and in_flight() > 0,
+        timeout=scale(120, 600),
+        interval=0.05,
+    )
+    held = in_flight()
+    cluster.cut("worker2")
+    time.sleep(30)
+    cluster.restore("worker2")
+    join()
+    result = settle_and_tally(
+        "2 worker host cut off 30 s",
+        ledger,
+        sendgrid,
+        twilio,
+        frames_path,
+        note=f"{held} in flight when worker2 was cut off",
+        timeout=scale(180, 900),
+    )
+    assert (result.lost, result.unexpected) == (0, 0)
+    assert result.duplicated <= held
+    # Fenced: every delivery entered `sent` once, and none went back from where it got to.
+    sent_twice = (
+        DeliveryEvent.objects.filter(status=DeliveryStatus.SENT)
+        .values("delivery")
+        .annotate(n=Count("id"))
+        .filter(n__gt=1)
+    )
+    assert not sent_twice.exists(), list(sent_twice[:5])
+    assert set(Delivery.objects.values_list("status", flat=True)) <= {
+        DeliveryStatus.SENT,
+        DeliveryStatus.DELIVERED,
+        DeliveryStatus.READ,
+    }
+    # worker2 came back and worked again.
+    assert all(p.popen.poll() is None for p in cluster.processes["worker2"])
