@@ -37,6 +37,7 @@ from notifications.accepting import (
     _notification_prepare,
     _notifications_write,
 )
+from notifications.db_clock import db_now
 from notifications.frequency_caps import CapCheck, caps_give_back
 from notifications.models import (
     CHANNEL_ORDER,
@@ -244,12 +245,13 @@ def _children_prepare(
     return prepared
 
 
-def _children_publish(due: list[int], *, now: datetime) -> None:
+def _children_publish(due: list[int]) -> None:
     """Publish the children's deliveries due now once their chunk has committed, as the
     relay's outbox round does but by their ids (no scan of the outbox): mark them published
     and publish them in one transaction, so a crash before its commit leaves them in the
     outbox, and a refused publish rolls the mark back. Rows another relay took meanwhile are
-    not published twice."""
+    not published twice. The published mark is the database's time, as the relay's is: the
+    sweeper compares it with that clock (notifications/db_clock.py)."""
     if not due:
         return
     with transaction.atomic():
@@ -257,15 +259,16 @@ def _children_publish(due: list[int], *, now: datetime) -> None:
             with connection.cursor() as cursor:
                 cursor.execute(
                     f"UPDATE {connection.ops.quote_name(Delivery._meta.db_table)} "  # noqa: S608
-                    "SET enqueued_at = %s "
+                    # STATEMENT_TIMESTAMP(): what Now() is on PostgreSQL.
+                    "SET enqueued_at = STATEMENT_TIMESTAMP() "
                     "WHERE id = ANY(%s) AND enqueued_at IS NULL RETURNING id, channel",
-                    [now, due],
+                    [due],
                 )
                 marked = cursor.fetchall()
         else:
             rows = Delivery.objects.filter(pk__in=due, enqueued_at__isnull=True)
             marked = list(rows.select_for_update().values_list("pk", "channel"))
-            Delivery.objects.filter(pk__in=[pk for pk, _ in marked]).update(enqueued_at=now)
+            Delivery.objects.filter(pk__in=[pk for pk, _ in marked]).update(enqueued_at=db_now())
         by_channel: dict[str, list[int]] = defaultdict(list)
         for pk, channel in sorted(marked):
             by_channel[channel].append(pk)
@@ -287,7 +290,7 @@ def topic_fanout_step(*, chunk_size: int | None = None) -> bool:
         caps_give_back(taken)  # the chunk was rolled back: its places under the caps too
         raise
     # Committed: should this fail, the children wait in the outbox for the relay's round.
-    _children_publish(due, now=now)
+    _children_publish(due)
     return stepped
 
 

@@ -4,9 +4,10 @@ says what still has to be sent."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 
 from django.db import models
+
+from notifications.db_clock import db_now
 
 
 class Channel(models.TextChoices):
@@ -344,19 +345,21 @@ OUTBOX_STATUSES = (DeliveryStatus.SCHEDULED, *PENDING_STATUSES)
 
 
 class DeliveryQuerySet(models.QuerySet["Delivery"]):
-    def due(self, now: datetime) -> DeliveryQuerySet:
+    # Due and leased are judged by the database's clock, never the caller's: the times they
+    # compare were written by other processes on other hosts (notifications/db_clock.py).
+    def due(self) -> DeliveryQuerySet:
         return self.filter(
-            models.Q(next_attempt_at__isnull=True) | models.Q(next_attempt_at__lte=now)
+            models.Q(next_attempt_at__isnull=True) | models.Q(next_attempt_at__lte=db_now())
         )
 
-    def unleased(self, now: datetime) -> DeliveryQuerySet:
+    def unleased(self) -> DeliveryQuerySet:
         return self.filter(
-            models.Q(lease_expires_at__isnull=True) | models.Q(lease_expires_at__lt=now)
+            models.Q(lease_expires_at__isnull=True) | models.Q(lease_expires_at__lt=db_now())
         )
 
-    def claimable(self, now: datetime) -> DeliveryQuerySet:
+    def claimable(self) -> DeliveryQuerySet:
         """Pending, due, and held by no worker: a worker may lease these."""
-        return self.filter(status__in=PENDING_STATUSES).due(now).unleased(now)
+        return self.filter(status__in=PENDING_STATUSES).due().unleased()
 
     def outbox(self) -> DeliveryQuerySet:
         """Rows the relay still has to hand to the broker (enqueued_at NULL), due or not."""

@@ -16,18 +16,18 @@ import logging
 import signal
 import time
 from collections import defaultdict
-from datetime import datetime
 from types import FrameType
 
 import redis
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, transaction
-from django.db.models import Min
+from django.db.models import DurationField, ExpressionWrapper, F, Min
 from django.utils import timezone
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from notifications import metrics
+from notifications.db_clock import db_now
 from notifications.fanout import topic_fanout_step
 from notifications.models import Delivery, DeliveryStatus
 from workers import transitions
@@ -41,17 +41,21 @@ FAILURE_BACKOFF_SECONDS = 0.5
 FAILURE_BACKOFF_MAX_SECONDS = 5.0
 
 
-def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None) -> int:
+def outbox_publish_due(*, limit: int | None = None) -> int:
     """One round: claim up to `limit` due outbox rows, publish them in batches, mark them
     published; all or nothing. Scheduled rows due are released (an escalation no longer
     needed is cancelled instead) and due digest members are flushed into their digest.
-    Returns how many outbox rows it handled."""
-    now = now or timezone.now()
+    Returns how many outbox rows it handled.
+
+    Due, and the published mark the sweeper reads, are by the database's clock: a relay
+    whose own clock runs ahead must not release retries, scheduled sends, escalation steps or
+    digests early. This host's `now` only stamps updated_at and the lag metric."""
+    now = timezone.now()
     limit = limit or settings.RELAY_CLAIM_SIZE
     with transaction.atomic():
         rows = list(
             Delivery.objects.outbox()
-            .due(now)
+            .due()
             .order_by("id")
             .select_for_update(skip_locked=True)
             .values_list("id", "channel", "status", "created_at", "next_attempt_at", "digest_key")[
@@ -78,8 +82,10 @@ def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None)
         # the rollback puts every row back in the outbox.
         Delivery.objects.filter(
             pk__in=[row[0] for row in rows] + [pk for ids in flushed.values() for pk in ids]
-        ).update(enqueued_at=now)
+        ).update(enqueued_at=db_now())
         messages = batches_publish_rollback_unsafe(by_channel)
+    # The lag metric compares this host's clock with times written on others (created_at,
+    # next_attempt_at): a skewed relay reports a skewed lag, and publishes nothing early.
     published_at = timezone.now()
     metrics.relay_lag(
         seconds=(
@@ -92,17 +98,22 @@ def outbox_publish_due(*, now: datetime | None = None, limit: int | None = None)
     return claimed
 
 
-def outbox_next_due(*, now: datetime | None = None) -> float | None:
-    """Seconds until the earliest outbox row that is not due yet falls due; None if none."""
-    now = now or timezone.now()
-    earliest = (
+def outbox_next_due() -> float | None:
+    """Seconds until the earliest outbox row that is not due yet falls due, by the database's
+    clock (as outbox_publish_due() judges due: a relay whose clock runs ahead would otherwise
+    wake at once, find nothing due, and spin); None if none."""
+    wait = (
         Delivery.objects.outbox()
-        .filter(next_attempt_at__gt=now)
-        .aggregate(earliest=Min("next_attempt_at"))["earliest"]
+        .filter(next_attempt_at__gt=db_now())
+        .aggregate(
+            wait=Min(
+                ExpressionWrapper(F("next_attempt_at") - db_now(), output_field=DurationField())
+            )
+        )["wait"]
     )
-    if earliest is None:
+    if wait is None:
         return None
-    return max(0.0, (earliest - now).total_seconds())
+    return max(0.0, wait.total_seconds())
 
 
 class Relay:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import structlog
 from django.conf import settings
@@ -23,6 +23,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from notifications import metrics
+from notifications.db_clock import db_now_plus
 from notifications.logs import scoped_log_context
 from notifications.models import PENDING_STATUSES, Channel, Delivery, Device
 from notifications.suppressions import (
@@ -308,6 +309,7 @@ def deliveries_process(*, delivery_ids: list[int]) -> dict[int, ProcessOutcome]:
     if not sendable:
         return _settle(outcomes, settled, started_at=now)
 
+    # When the attempt started, for its record only: this host's clock will do.
     started_at = timezone.now()
     latency_ms = 0.0
     # Failover: what one provider could not take (its breaker open, a transient failure, the
@@ -493,14 +495,13 @@ def delivery_process(*, delivery_id: int) -> ProcessOutcome:
 def deliveries_sweep() -> int:
     """Hand back to the relay the pending deliveries whose message was lost (broker restart,
     worker killed after its lease ran out, a message dropped): due, unleased, and published
-    longer than SWEEPER_STALE_SECONDS ago. Returns how many."""
-    now = timezone.now()
-    stale_before = now - timedelta(seconds=settings.SWEEPER_STALE_SECONDS)
+    longer than SWEEPER_STALE_SECONDS ago, all by the database's clock (the relay wrote
+    enqueued_at, workers the leases, on it). Returns how many."""
     lost = list(
         Delivery.objects.filter(status__in=PENDING_STATUSES)
-        .due(now)
-        .unleased(now)
-        .filter(Q(enqueued_at__lt=stale_before))
+        .due()
+        .unleased()
+        .filter(Q(enqueued_at__lt=db_now_plus(-settings.SWEEPER_STALE_SECONDS)))
         # A queue with messages waiting is a backlog, not a loss: its stale rows most likely
         # have their message in it, and publishing each again would double the backlog at
         # every sweep.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -20,6 +20,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from notifications import cache as keys
+from notifications.db_clock import db_now, db_now_plus
 from notifications.models import (
     CHANNEL_ORDER,
     INBOX_STATUSES,
@@ -81,16 +82,18 @@ def deliveries_claim(*, delivery_ids: list[int]) -> list[Delivery]:
     first, with their notification and recipient."""
     if not delivery_ids:
         return []
-    now = timezone.now()
     token = uuid.uuid4()
+    # Due, unleased and the lease's end all by the database's clock: a worker whose own clock
+    # runs ahead would otherwise take leases still held and send retries early; one behind
+    # would write a lease that has already run out for the others.
     claimed = (
         Delivery.objects.filter(pk__in=delivery_ids)
-        .claimable(now)
+        .claimable()
         .update(
             lease_token=token,
-            lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
+            lease_expires_at=db_now_plus(settings.DELIVERY_LEASE_SECONDS),
             attempts=F("attempts") + 1,
-            updated_at=now,
+            updated_at=db_now(),
         )
     )
     if not claimed:
@@ -134,7 +137,10 @@ def deliveries_settle(
     that failed over to the next provider, `failed_over`, too), each delivery's new state
     and its status event, dead letters. Only rows still under their lease change; returns
     the settlements that took effect (an in-app delivery the browser acknowledged meanwhile
-    keeps `delivered`/`read` and only gets its provider filled in)."""
+    keeps `delivered`/`read` and only gets its provider filled in).
+
+    Due times (retries, deferrals) are written on the database's clock; `now`, this
+    process's clock, only stamps what is informational (sent_at, updated_at)."""
     if not settlements:
         return []
     now = timezone.now()
@@ -248,7 +254,7 @@ def _settle_deferred(settlements: list[Settlement], now: datetime) -> list[Settl
             lease_expires_at=None,
             attempts=F("attempts") - 1,
             next_attempt_at=Case(
-                *[When(pk=pk, then=Value(now + timedelta(seconds=by_id[pk].delay))) for pk in ours],
+                *[When(pk=pk, then=db_now_plus(by_id[pk].delay)) for pk in ours],
                 output_field=DateTimeField(),
             ),
             enqueued_at=None,
@@ -305,7 +311,7 @@ def _settle_retry(settlement: Settlement, now: datetime) -> bool:
     delivery = settlement.delivery
     changed = Delivery.objects.filter(pk=delivery.pk, lease_token=delivery.lease_token).update(
         status=DeliveryStatus.RETRYING,
-        next_attempt_at=now + timedelta(seconds=settlement.delay),
+        next_attempt_at=db_now_plus(settlement.delay),
         enqueued_at=None,
         last_error=settlement.result.error,
         lease_token=None,
@@ -426,7 +432,9 @@ def deliveries_release_due(*, delivery_ids: list[int], now: datetime) -> set[int
     """Scheduled deliveries whose time has come become `queued` (and say so in the log), as
     the relay publishes them in the same transaction, which holds their rows locked. An
     escalation step whose condition was met meanwhile (another delivery of the notification
-    read, or delivered) is cancelled instead; returns the ids cancelled so, not to publish."""
+    read, or delivered) is cancelled instead; returns the ids cancelled so, not to publish.
+    Which rows are due the relay judged on the database's clock; `now` only stamps
+    updated_at."""
     if not delivery_ids:
         return set()
     steps = list(
@@ -541,7 +549,8 @@ def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[i
     members become `skipped` (`digested`), each with an event naming the digest. All in the
     relay's transaction: a crash before it commits leaves every member waiting, so an event
     is neither lost nor sent twice. Returns the new deliveries' ids by channel, for the relay
-    to publish in the same round."""
+    to publish in the same round. Which windows have ended the relay judged on the database's
+    clock; `now` only stamps updated_at."""
     from notifications import templating, unsubscribe
 
     if not delivery_ids:

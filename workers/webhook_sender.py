@@ -24,6 +24,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from notifications import cache as keys
+from notifications.db_clock import db_now, db_now_plus
 from notifications.models import Webhook, WebhookMessage, WebhookMessageStatus
 from notifications.webhooks import (
     UnsafeUrl,
@@ -57,20 +58,22 @@ def webhooks_send_due(*, batch_size: int | None = None) -> int:
     size = batch_size or settings.WEBHOOK_BATCH_SIZE
     sent = 0
     while True:
-        now = timezone.now()
         with transaction.atomic():
+            # Due, and the lease written into next_attempt_at, by the database's clock: a
+            # sender whose clock runs ahead must not take a batch another sender still holds,
+            # nor send a retry early (notifications/db_clock.py).
             batch = list(
                 WebhookMessage.objects.filter(status=WebhookMessageStatus.PENDING)
-                .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+                .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=db_now()))
                 .select_for_update(skip_locked=True, of=("self",))
                 .select_related("webhook")
                 .order_by("id")[:size]
             )
             if not batch:
                 return sent
-            lease_end = now + timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS * 3)
             WebhookMessage.objects.filter(pk__in=[m.pk for m in batch]).update(
-                next_attempt_at=lease_end, attempts=F("attempts") + 1
+                next_attempt_at=db_now_plus(settings.WEBHOOK_TIMEOUT_SECONDS * 3),
+                attempts=F("attempts") + 1,
             )
         with ThreadPoolExecutor(max_workers=max(1, settings.WEBHOOK_CONCURRENCY)) as pool:
             results = list(pool.map(_send, batch))
@@ -153,6 +156,8 @@ def _post(url: str, address: str, headers: dict[str, str], body: bytes) -> _Resu
 
 
 def _settle(batch: list[WebhookMessage], results: list[_Result]) -> None:
+    # This host's clock stamps sent_at and judges the give-up and disable thresholds (hours
+    # and days, where a skew of seconds does not matter); due times are the database's.
     now = timezone.now()
     recovered: set[int] = set()
     failing: set[int] = set()
@@ -171,7 +176,7 @@ def _settle(batch: list[WebhookMessage], results: list[_Result]) -> None:
             elif result.kind == "held":
                 mine.update(
                     attempts=F("attempts") - 1,
-                    next_attempt_at=now + timedelta(seconds=result.delay),
+                    next_attempt_at=db_now_plus(result.delay),
                     last_error=result.error,
                 )
             elif result.kind == "dead" or _too_old(message, now):
@@ -190,7 +195,7 @@ def _settle(batch: list[WebhookMessage], results: list[_Result]) -> None:
                     settings.WEBHOOK_RETRY_MAX_DELAY_SECONDS,
                 )
                 mine.update(
-                    next_attempt_at=now + timedelta(seconds=delay),
+                    next_attempt_at=db_now_plus(delay),
                     last_status_code=result.status_code,
                     last_error=result.error,
                 )
