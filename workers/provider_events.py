@@ -14,6 +14,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from notifications.db_clock import db_now, db_now_plus
 from notifications.models import (
     Channel,
     Delivery,
@@ -84,7 +85,8 @@ def provider_events_apply(*, limit: int | None = None) -> int:
         with transaction.atomic():
             events = list(
                 ProviderEvent.objects.filter(processed_at__isnull=True)
-                .exclude(not_before__gt=now)
+                # Held events fall due by the database's clock, as their hold was written.
+                .exclude(not_before__gt=db_now())
                 .select_for_update(skip_locked=True)
                 .order_by("id")[:size]
             )
@@ -107,8 +109,10 @@ def _apply(event: ProviderEvent, now: datetime) -> bool:
             result = "no such delivery"
         elif delivery.status in _NOT_SETTLED and not _given_up(event, now):
             event.tries += 1
-            event.not_before = now + timedelta(seconds=settings.PROVIDER_EVENTS_RETRY_SECONDS)
-            event.save(update_fields=["tries", "not_before"])
+            ProviderEvent.objects.filter(pk=event.pk).update(
+                tries=event.tries,
+                not_before=db_now_plus(settings.PROVIDER_EVENTS_RETRY_SECONDS),
+            )
             return False
         else:
             result = delivery_provider_event(
