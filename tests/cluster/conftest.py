@@ -66,6 +66,11 @@ def twilio(cluster: Cluster) -> Iterator[TwilioEmulator]:
 
 
 @pytest.fixture
+def provider_env(sendgrid: SendGridEmulator, twilio: TwilioEmulator) -> dict[str, str]:
+    return {**sendgrid.settings_env(), **twilio.settings_env()}
+
+
+@pytest.fixture
 def cluster_template(owner: Any) -> Any:
     return TemplateFactory(
         owner=owner, key="chaos", content={k: dict(v) for k, v in CLUSTER_CONTENT.items()}

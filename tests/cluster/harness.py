@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -31,13 +32,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
 
+from tests.clock import FAKETIME_LIBRARY
 from tests.cluster.net import GATEWAY, Host, Network, kill_all_in
 from tests.conftest import ROOT, Process, process_env, wait_until
 
 BIN = Path(sys.executable).parent
 LB_PORT = 8000
 API_PORT = 8000
-FAKETIME_LIBRARY = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
 # Addresses on the bridge, by host name.
 ADDRESSES = {
@@ -64,6 +65,9 @@ CLUSTER_ENV = {
     # A request whose API host died holds its Idempotency-Key this long (409 to retries).
     "IDEMPOTENCY_LOCK_SECONDS": "10",
     "LOG_LEVEL": "INFO",
+    # Each process keeps its PostgreSQL connections, as in production (tests/conftest.py's
+    # processes open one per request instead).
+    "DATABASE_POOL": "true",
 }
 
 
@@ -75,7 +79,7 @@ def requirements() -> list[str]:
     for tool in ("ip", "haproxy", "socat"):
         if shutil.which(tool) is None:
             missing.append(tool)
-    if not Path(FAKETIME_LIBRARY).exists():
+    if not FAKETIME_LIBRARY.exists():
         missing.append(f"libfaketime ({FAKETIME_LIBRARY})")
     return missing
 
@@ -319,6 +323,21 @@ class Cluster:
         self.network.down()
 
     # --- measuring -----------------------------------------------------------------------
+
+    def clock_offset(self, host_name: str, **env: Any) -> float:
+        """How far ahead of this process's wall clock a process on the host (with `env`)
+        reads its own."""
+        environment = {**os.environ, **{k: str(v) for k, v in env.items()}}
+        before = time.time()
+        done = subprocess.run(
+            self.host(host_name).argv([sys.executable, "-c", "import time; print(time.time())"]),
+            capture_output=True,
+            text=True,
+            env=environment,
+            check=True,
+        )
+        after = time.time()
+        return float(done.stdout) - (before + after) / 2
 
     def cpu_seconds(self, host_name: str) -> float:
         """User and system CPU of every process now running on the host (and its children)."""

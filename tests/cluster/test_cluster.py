@@ -14,11 +14,13 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db.models import Count, Q
+from django.utils import timezone
 
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
 from tests.chaos.harness import (
@@ -30,6 +32,7 @@ from tests.chaos.harness import (
     tally,
     wait_settled,
 )
+from tests.clock import skewed_env
 from tests.cluster.conftest import frames, received_all, recipients
 from tests.cluster.harness import Cluster
 from tests.conftest import wait_until
@@ -61,7 +64,7 @@ def body(n: int, run: str, sockets: int) -> dict[str, Any]:
 
 def record(ledger: Ledger, result: dict[str, Any], ref: str) -> None:
     for delivery in result["deliveries"]:
-        assert delivery["status"] == "queued", result
+        assert delivery["status"] in ("queued", "scheduled"), result
         channel = delivery["channel"]
         ledger.accept(channel, ref if channel == "sms" else result["id"])
 
@@ -96,11 +99,6 @@ def progress() -> int:
     return Delivery.objects.filter(
         status__in=[DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.READ]
     ).count()
-
-
-@pytest.fixture
-def provider_env(sendgrid: SendGridEmulator, twilio: TwilioEmulator) -> dict[str, str]:
-    return {**sendgrid.settings_env(), **twilio.settings_env()}
 
 
 def build(
@@ -403,3 +401,74 @@ def test_worker_host_cut_off_while_holding_leases(
     }
     # worker2 came back and worked again.
     assert all(p.popen.poll() is None for p in cluster.processes["worker2"])
+
+
+SKEW_SECONDS = 30
+
+
+def test_worker_host_clock_ahead(
+    owner: Any,
+    cluster_template: Any,
+    cluster: Cluster,
+    sendgrid: SendGridEmulator,
+    twilio: TwilioEmulator,
+    provider_env: dict[str, str],
+) -> None:
+    """Scenario 5: worker2's wall clock runs 30 s ahead (libfaketime; a time namespace would
+    not move the wall clock). Leases are 10 s, so by its own clock every lease the other
+    host holds has run out; half the notifications are scheduled 20 s ahead, and the first
+    SMS attempts fail and are retried. Leases, due times and the sweeper are all judged on
+    the database's clock: nothing is sent twice and nothing before its time."""
+    count, sockets = scale(300, 10_000), scale(30, 200)
+    tokens = recipients(owner, sockets)
+    skew = skewed_env(SKEW_SECONDS)
+    frames_path = build(cluster, provider_env, tokens, worker_env={"worker2": skew})
+    # The skew is real: worker2's processes read a wall clock 30 s ahead of this one.
+    ahead = cluster.clock_offset("worker2", **skew)
+    assert abs(ahead - SKEW_SECONDS) < 2, ahead
+    # A few failed attempts to retry (not so many that the breaker opens).
+    twilio.fail_next(*[twilio.server_error(503)] * 3)
+    api_key = api_key_for(owner)
+    ledger = Ledger()
+    send_at = timezone.now() + timedelta(seconds=20)
+    items = [body(n, "skew", sockets) for n in range(count)]
+    for item in items[::2]:
+        item["send_at"] = send_at.isoformat()
+    started_wall, started_monotonic = time.time(), time.monotonic()
+    post_bulk(cluster, api_key, items, ledger)
+    result = settle_and_tally(
+        "5 worker clock 30 s ahead",
+        ledger,
+        sendgrid,
+        twilio,
+        frames_path,
+        note=f"{count // 2} scheduled 20 s ahead, the first SMS attempts answered 503",
+        timeout=scale(180, 900),
+    )
+    assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
+    # Nothing scheduled went out before its time, on any channel (this host's clock, which
+    # is the database's).
+    scheduled = {item["data"]["ref"] for item in items[::2]}
+    earliest = send_at.timestamp() - 0.5
+    scheduled_ids = set(
+        Notification.objects.filter(data__ref__in=scheduled).values_list("id", flat=True)
+    )
+    early = [
+        value
+        for emulator, key, traces in (
+            (sendgrid, "notification_id", {str(i) for i in scheduled_ids}),
+            (twilio, "body", scheduled),
+        )
+        for r in emulator.accepted_requests()
+        if started_wall + (r.at - started_monotonic) < earliest
+        for value in emulator.trace_ids(r, key)
+        if value in traces
+    ]
+    early_frames = [
+        line
+        for line in map(json.loads, frames_path.read_text().splitlines())
+        if line["at"] < earliest and uuid.UUID(line["id"]) in scheduled_ids
+    ]
+    assert not early and not early_frames, (len(early), len(early_frames))
+    # worker2 took its share of the work.
+    assert any(" sent via " in p.log() for p in cluster.processes["worker2"])

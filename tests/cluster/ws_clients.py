@@ -17,6 +17,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +59,7 @@ class Clients:
                                     "client": index,
                                     "id": frame["id"],
                                     "again": frame["id"] in seen,
+                                    "at": time.time(),
                                 }
                                 seen.add(frame["id"])
                                 self.out.write(json.dumps(line) + "\n")

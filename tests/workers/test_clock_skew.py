@@ -13,7 +13,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from django.utils import timezone
 
 from notifications.models import Delivery, DeliveryStatus
 from project.celery import app as celery_app
+from tests.clock import skewed_env
 from tests.conftest import Process, SmtpSink, wait_until
 from workers import services
 from workers.dispatch import deliver_task_name
@@ -32,7 +32,6 @@ from workers.services import ProcessOutcome, deliveries_sweep
 from workers.transitions import Settle, Settlement, deliveries_claim, deliveries_settle
 
 SKEW = timedelta(seconds=30)
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 def db_now() -> datetime:
@@ -197,16 +196,9 @@ def test_a_clock_behind_writes_leases_and_retries_on_the_database_clock(
 
 @pytest.fixture
 def faketime_env() -> dict[str, str]:
-    if not FAKETIME_LIB.exists():
-        pytest.skip(f"libfaketime is not installed ({FAKETIME_LIB})")
     if connection.vendor != "postgresql":
         pytest.skip("the database's clock is this host's clock on SQLite: nothing to skew")
-    env = {
-        "LD_PRELOAD": str(FAKETIME_LIB),
-        "FAKETIME": f"+{int(SKEW.total_seconds())}s",
-        # libfaketime caches the faked time for a few seconds by default; the offset is fixed.
-        "FAKETIME_NO_CACHE": "1",
-    }
+    env = skewed_env(int(SKEW.total_seconds()))
     # The skew takes hold in a Python process (else the test below would prove nothing).
     ahead = subprocess.run(
         [sys.executable, "-c", "import time; print(time.time())"],
