@@ -28,12 +28,26 @@ run: migrate
 	$(BIN)/python manage.py run_banner
 	$(BIN)/honcho start --procfile Procfile --port $(PORT)
 
-test: venv
+# Debian tools some tests need: libfaketime (a worker whose clock runs ahead), HAProxy and
+# socat (the cluster of tests/cluster). Installed when missing and running as root.
+CLUSTER_TOOLS := haproxy socat faketime
+.PHONY: tools
+tools:
+	@missing=""; for tool in $(CLUSTER_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing (apt-get install -y$$missing, as root)"; fi; \
+	fi
+
+# The cluster's long scenarios (marked cluster_full) run under `make cluster` and `make chaos`;
+# `make test` runs one scenario and the clean-up checks.
+test: venv tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy notifications workers channels_app project
 	$(BIN)/python manage.py makemigrations --check --dry-run
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not cluster_full" $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -75,10 +89,27 @@ bench: venv
 CHAOS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/clarion_chaos
 CHAOS_REDIS_URL    ?= redis://127.0.0.1:6379/13
 .PHONY: chaos
-chaos: venv
+chaos: venv tools
 	DATABASE_URL=$(CHAOS_DATABASE_URL) REDIS_URL=$(CHAOS_REDIS_URL) \
 	CELERY_BROKER_URL=$(CHAOS_REDIS_URL) SECRET_KEY=chaos-only-not-a-secret \
 	CLARION_VAR_DIR=$(CURDIR)/var/chaos CHAOS_FULL=1 CHAOS_RESTART_POSTGRES=1 \
 	FUZZ_MAX_EXAMPLES=100 DATABASE_POOL=false \
 	timeout --signal=TERM --kill-after=60 3600 \
-	$(BIN)/pytest -p no:cacheprovider --timeout 1200 -rs tests/chaos tests/api
+	$(BIN)/pytest -p no:cacheprovider --timeout 1200 -rs tests/chaos tests/api tests/cluster
+
+# Clarion across hosts (tests/cluster, as root): network namespaces on 10.77.0.0/24 joined by
+# a bridge, HAProxy in front of two API hosts, two relay hosts, a scheduler host, two worker
+# hosts and a WebSocket clients' host, with hosts killed, cut off and with a clock 30 s
+# ahead, at full size; then the figures of docs/scaling.md (CLUSTER_FIGURES). Whatever
+# happens (a failure, Ctrl-C), the trap removes every namespace, link and process it made.
+CLUSTER_FIGURES ?= $(CURDIR)/var/cluster-figures.json
+.PHONY: cluster
+cluster: venv tools
+	@mkdir -p var
+	trap '$(BIN)/python -m tests.cluster.net clean' EXIT INT TERM; \
+	DATABASE_URL=$(CHAOS_DATABASE_URL) REDIS_URL=$(CHAOS_REDIS_URL) \
+	CELERY_BROKER_URL=$(CHAOS_REDIS_URL) SECRET_KEY=chaos-only-not-a-secret \
+	CLARION_VAR_DIR=$(CURDIR)/var/cluster CHAOS_FULL=1 DATABASE_POOL=false \
+	CLUSTER_FIGURES=$(CLUSTER_FIGURES) \
+	timeout --signal=INT --kill-after=60 3600 \
+	$(BIN)/pytest -p no:cacheprovider --timeout 1200 -rs tests/cluster

@@ -3,7 +3,8 @@ killed, cut off and with a clock of their own, while notifications flow from the
 service (this process) through HAProxy to two API hosts, relays, two worker hosts and the
 WebSocket clients' host. Every scenario reports accepted / delivered / duplicated / lost as
 tests/chaos does: lost must be 0, and duplicates no more than what was in flight when the
-fault came."""
+fault came. `make test` runs scenario 1 at a small size; `make cluster` and `make chaos` run
+them all at full size."""
 
 from __future__ import annotations
 
@@ -258,6 +259,7 @@ def post_each(
         list(pool.map(one, items))
 
 
+@pytest.mark.cluster_full
 def test_api_host_killed_under_load(
     owner: Any,
     cluster_template: Any,
@@ -297,6 +299,7 @@ def test_api_host_killed_under_load(
     assert len(refs) == count and max(refs.values()) == 1, refs.most_common(3)
 
 
+@pytest.mark.cluster_full
 def test_relay_host_killed_mid_publish(
     owner: Any,
     cluster_template: Any,
@@ -344,6 +347,7 @@ def test_relay_host_killed_mid_publish(
     assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
 
 
+@pytest.mark.cluster_full
 def test_worker_host_cut_off_while_holding_leases(
     owner: Any,
     cluster_template: Any,
@@ -406,6 +410,7 @@ def test_worker_host_cut_off_while_holding_leases(
 SKEW_SECONDS = 30
 
 
+@pytest.mark.cluster_full
 def test_worker_host_clock_ahead(
     owner: Any,
     cluster_template: Any,

@@ -27,6 +27,7 @@ from tests.factories import api_key_for
 
 pytestmark = [
     pytest.mark.cluster,
+    pytest.mark.cluster_full,
     pytest.mark.pipeline,
     pytest.mark.django_db(transaction=True),
 ]
