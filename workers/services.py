@@ -440,6 +440,20 @@ def _settle(
         settled, started_at=started_at, latency_ms=latency_ms, failed_over=failed_over
     )
     applied_ids = {s.delivery.pk for s in applied}
+    # Fenced by the lease token: this worker's lease ran out (it was cut off, paused or slow),
+    # another took the delivery, and this result changes nothing. (An in-app frame acked
+    # meanwhile also goes unapplied, and is no such case.)
+    fenced = [
+        s.delivery.pk
+        for s in settled
+        if s.delivery.pk not in applied_ids and s.delivery.channel != Channel.WEB
+    ]
+    if fenced:
+        log.warning(
+            "%s results dropped: their lease ran out before this worker settled them (%s)",
+            len(fenced),
+            fenced[:20],
+        )
     for settlement in settled:
         delivery, result = settlement.delivery, settlement.result
         outcomes[delivery.pk] = _OUTCOME_OF[settlement.kind]

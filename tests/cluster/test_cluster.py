@@ -201,7 +201,13 @@ def test_worker_host_killed_mid_run(
     items = [body(n, "host-killed", sockets) for n in range(count)]
     join = in_background(post_bulk, cluster, api_key, items, ledger)
     total = count * len(CHANNELS)
-    wait_until(lambda: progress() >= total // 4, timeout=scale(120, 600), interval=0.1)
+    # Mid-run, and while leases are held (which, at the full size, the API's pace makes
+    # intermittent).
+    wait_until(
+        lambda: progress() >= total // 4 and in_flight() > 0,
+        timeout=scale(120, 600),
+        interval=0.02,
+    )
     held = in_flight()
     cluster.kill_host("worker2")
     join()
@@ -313,8 +319,8 @@ def test_relay_host_killed_mid_publish(
     (kill -9) in the middle."""
     count, sockets = scale(600, 10_000), scale(30, 200)
     tokens = recipients(owner, sockets)
-    # Small claims and one delivery a message: a relay spends its time publishing.
-    relay_env = {"RELAY_CLAIM_SIZE": "20", "DISPATCH_BATCH_SIZE": "1"}
+    # Small claims and few deliveries a message: a relay spends its time publishing.
+    relay_env = {"RELAY_CLAIM_SIZE": "20", "DISPATCH_BATCH_SIZE": scale("1", "5")}
     frames_path = build(
         cluster, provider_env, tokens, relays=("relay1", "relay2"), relay_env=relay_env
     )

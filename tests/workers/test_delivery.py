@@ -3,7 +3,9 @@ record the attempt, then sent / retrying / dead; idempotent on redelivery."""
 
 from __future__ import annotations
 
+import logging
 import smtplib
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -68,6 +70,29 @@ def test_a_delivery_leased_by_another_worker_is_not_sent(
     assert deliveries_claim(delivery_ids=[delivery.pk]) != []
     assert services.delivery_process(delivery_id=delivery.pk) == ProcessOutcome.NOT_CLAIMED
     assert smtp_settings.received() == []
+
+
+def test_a_result_that_comes_after_the_lease_moved_on_changes_nothing(
+    api: Any, template: Any, smtp_settings: SmtpSink, monkeypatch: Any, caplog: Any
+) -> None:
+    """A worker cut off (or paused) past its lease: another worker claimed the delivery
+    meanwhile, so this worker's late `sent` is fenced by the lease token and said so."""
+    delivery = accept(api)
+    send = services._send
+    taken_over = uuid.uuid4()
+
+    def send_then_lose_the_lease(*args: Any, **kwargs: Any) -> Any:
+        results = send(*args, **kwargs)
+        Delivery.objects.filter(pk=delivery.pk).update(lease_token=taken_over)
+        return results
+
+    monkeypatch.setattr(services, "_send", send_then_lose_the_lease)
+    with caplog.at_level(logging.WARNING, logger="workers.services"):
+        services.delivery_process(delivery_id=delivery.pk)
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.lease_token) == (DeliveryStatus.QUEUED, taken_over)
+    assert not delivery.events.filter(status=DeliveryStatus.SENT).exists()
+    assert "1 results dropped: their lease ran out" in caplog.text
 
 
 def test_connection_refused_is_transient_and_scheduled_for_retry(
