@@ -9,6 +9,7 @@ them all at full size."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -93,6 +94,15 @@ def post_bulk(cluster: Cluster, api_key: str, items: list[dict[str, Any]], ledge
         assert (answer["accepted"], answer["rejected"]) == (len(chunk), 0), answer
         for result, sent in zip(answer["results"], chunk, strict=True):
             record(ledger, result, sent["data"]["ref"])
+
+
+def fenced_results(cluster: Cluster, host_name: str) -> int:
+    """How many results the host's workers dropped because their lease had moved on."""
+    total = 0
+    for process in cluster.processes.get(host_name, []):
+        for match in re.finditer(r"(\d+) results dropped: their lease ran out", process.log()):
+            total += int(match.group(1))
+    return total
 
 
 def progress() -> int:
@@ -391,7 +401,8 @@ def test_worker_host_cut_off_while_holding_leases(
         sendgrid,
         twilio,
         frames_path,
-        note=f"{held} in flight when worker2 was cut off",
+        note=f"{held} in flight when worker2 was cut off; {fenced_results(cluster, 'worker2')} "
+        "of its late results fenced by the lease",
         timeout=scale(180, 900),
     )
     assert (result.lost, result.unexpected) == (0, 0)
