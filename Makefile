@@ -90,11 +90,12 @@ CHAOS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/clarion_chaos
 CHAOS_REDIS_URL    ?= redis://127.0.0.1:6379/13
 .PHONY: chaos
 chaos: venv tools
+	trap '$(BIN)/python -m tests.cluster.net clean' EXIT INT TERM; \
 	DATABASE_URL=$(CHAOS_DATABASE_URL) REDIS_URL=$(CHAOS_REDIS_URL) \
 	CELERY_BROKER_URL=$(CHAOS_REDIS_URL) SECRET_KEY=chaos-only-not-a-secret \
 	CLARION_VAR_DIR=$(CURDIR)/var/chaos CHAOS_FULL=1 CHAOS_RESTART_POSTGRES=1 \
 	FUZZ_MAX_EXAMPLES=100 DATABASE_POOL=false \
-	timeout --signal=TERM --kill-after=60 3600 \
+	timeout --signal=INT --kill-after=60 3600 \
 	$(BIN)/pytest -p no:cacheprovider --timeout 1200 -rs tests/chaos tests/api tests/cluster
 
 # Clarion across hosts (tests/cluster, as root): network namespaces on 10.77.0.0/24 joined by

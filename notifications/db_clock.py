@@ -1,7 +1,9 @@
-"""The one clock that leases and due times are written and compared on: the database's. Hosts'
-wall clocks drift apart, and a worker, relay or sweeper whose clock runs ahead would otherwise
-take leases still held, send retries and scheduled deliveries early, and sweep messages that
-are not lost; every process shares the database's `now()` instead (SQL, no extra round trip)."""
+"""The one clock that leases and the workers' due times are written and compared on: the
+database's. Hosts' wall clocks drift apart, and a worker, relay or sweeper whose clock runs
+ahead would otherwise take leases still held, send retries and scheduled deliveries early, and
+sweep messages that are not lost; they share the database's `now()` instead (SQL, no extra
+round trip). Due times set when a notification is accepted (an escalation step's, a digest
+window's end, a quiet-hours end) are still the accepting host's clock plus an offset."""
 
 from __future__ import annotations
 

@@ -225,6 +225,32 @@ def start_relay(
     return process
 
 
+def worker_argv(
+    queues: str, name: str, concurrency: int, *, beat_schedule: Path | None = None
+) -> list[str]:
+    """`celery worker` on the queues, as the scenarios run one (with beat when given where
+    to keep its schedule)."""
+    argv = [
+        str(BIN / "celery"),
+        "-A",
+        "project",
+        "worker",
+        "-Q",
+        queues,
+        "-n",
+        name,
+        "--concurrency",
+        str(concurrency),
+        "--without-gossip",
+        "--without-mingle",
+        "-l",
+        "info",
+    ]
+    if beat_schedule is not None:
+        argv += ["-B", "-s", str(beat_schedule)]
+    return argv
+
+
 def start_workers(
     spawn: Callable[..., Process],
     tmp_path: Path,
@@ -240,24 +266,12 @@ def start_workers(
         start_relay(spawn, tmp_path, name=f"relay-{specs[0].name}" if specs else "relay", **env)
     started = []
     for spec in specs:
-        argv = [
-            str(BIN / "celery"),
-            "-A",
-            "project",
-            "worker",
-            "-Q",
+        argv = worker_argv(
             spec.queues,
-            "-n",
             f"{spec.name}-{os.getpid()}@%h",
-            "--concurrency",
-            str(spec.concurrency),
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "info",
-        ]
-        if spec.beat:
-            argv += ["-B", "-s", str(tmp_path / f"{spec.name}-beat-schedule")]
+            spec.concurrency,
+            beat_schedule=tmp_path / f"{spec.name}-beat-schedule" if spec.beat else None,
+        )
         started.append(spawn(spec.name, argv, process_env(tmp_path, **env)))
 
     def ready() -> bool:

@@ -5,6 +5,7 @@ the accounting shared with tests/chaos."""
 from __future__ import annotations
 
 import json
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,12 +17,21 @@ from channels_app.tokens import recipient_token_issue
 from notifications.models import Recipient
 from tests.chaos.conftest import CONTENT, phone
 from tests.chaos.harness import RESULTS
-from tests.cluster.harness import Cluster, requirements
+from tests.cluster.harness import Cluster, require_cluster
 from tests.cluster.net import GATEWAY
 from tests.conftest import Process
 from tests.emulators.sendgrid import SendGridEmulator
 from tests.emulators.twilio import TwilioEmulator
 from tests.factories import TemplateFactory
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# `timeout`, CI runners and service managers stop a run with SIGTERM, which pytest does not
+# turn into a teardown; as an interrupt it does, and the fixtures remove the cluster.
+signal.signal(signal.SIGTERM, _interrupt)
 
 CLUSTER_CONTENT = {**CONTENT, "web": {"title": "Cluster {{ ref }}", "body": "{{ ref }}"}}
 
@@ -36,9 +46,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture
 def cluster(spawn: Callable[..., Process], tmp_path: Path) -> Iterator[Cluster]:
-    missing = requirements()
-    if missing:
-        pytest.fail(f"the cluster needs {', '.join(missing)} (make cluster installs the tools)")
+    require_cluster()
     built = Cluster(spawn, tmp_path)
     try:
         built.bridge()

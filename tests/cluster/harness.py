@@ -7,7 +7,8 @@
   sessions; WebSocket upgrades pass through it.
 - `api1`, `api2`: uvicorn on project.asgi (API and WebSocket server).
 - `relay1`, `relay2`: the outbox relay.
-- `sched`: beat and the maintenance pool (sweeper, scheduled releases, provider events).
+- `sched`: beat and the maintenance pool (the sweeper, provider events); the relays release
+  scheduled deliveries.
 - `worker1`, `worker2`: a pool per channel queue (email, sms, push, web).
 - `clients`: the WebSocket clients.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -30,13 +32,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import pytest
 from django.conf import settings
 
+from tests.chaos.harness import worker_argv
 from tests.clock import FAKETIME_LIBRARY
-from tests.cluster.net import GATEWAY, Host, Network, kill_all_in
-from tests.conftest import ROOT, Process, process_env, wait_until
+from tests.cluster.net import GATEWAY, Host, Network, kill_all_in, pids_in
+from tests.conftest import BIN, ROOT, Process, process_env, wait_until
 
-BIN = Path(sys.executable).parent
 LB_PORT = 8000
 API_PORT = 8000
 
@@ -71,8 +74,22 @@ CLUSTER_ENV = {
 }
 
 
+DEFAULT_PORTS = {"postgres": 5432, "postgresql": 5432, "redis": 6379, "amqp": 5672}
+
+
+def _servers() -> dict[str, str]:
+    """The suite's database, cache and broker URLs, which the cluster's hosts reach through
+    forwarders on the bridge address."""
+    return {
+        "DATABASE_URL": process_env(Path("."))["DATABASE_URL"],
+        "REDIS_URL": settings.REDIS_URL,
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+    }
+
+
 def requirements() -> list[str]:
-    """What this machine lacks for a cluster run; empty when it can run one."""
+    """What this machine or this configuration lacks for a cluster run; empty when it can run
+    one."""
     missing = []
     if os.geteuid() != 0:
         missing.append("root (network namespaces)")
@@ -81,14 +98,29 @@ def requirements() -> list[str]:
             missing.append(tool)
     if not FAKETIME_LIBRARY.exists():
         missing.append(f"libfaketime ({FAKETIME_LIBRARY})")
+    for name, url in _servers().items():
+        parts = urlsplit(url)
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+            missing.append(f"{name} on a TCP server (PostgreSQL, Redis or RabbitMQ), not {url}")
     return missing
+
+
+def require_cluster() -> None:
+    """Fail (on CI) or skip (elsewhere: the embedded SQLite and Redis of `make test`, or no
+    root) when a cluster cannot run here."""
+    missing = requirements()
+    if missing:
+        why = f"the cluster needs {'; '.join(missing)} (make cluster installs the tools)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
 
 
 def _moved(url: str, host: str, port: int | None = None) -> str:
     """`url` with its host (and port) replaced: the address the hosts reach it at."""
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
-    netloc = f"{host}:{port or parts.port}"
+    netloc = f"{host}:{port or parts.port or DEFAULT_PORTS[parts.scheme]}"
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc}" if userinfo else netloc))
 
 
@@ -100,6 +132,7 @@ class Cluster:
     root: Path
     env: dict[str, str] = field(default_factory=dict)
     network: Network = field(default_factory=Network)
+    forwarded: list[int] = field(default_factory=list)
     processes: dict[str, list[Process]] = field(default_factory=dict)
 
     # --- building ------------------------------------------------------------------------
@@ -113,13 +146,13 @@ class Cluster:
     def up(self, hosts: Iterable[str]) -> Cluster:
         for name in hosts:
             self.network.add(name, ADDRESSES[name])
-        database = urlsplit(process_env(self.root)["DATABASE_URL"])
-        redis_url = urlsplit(settings.REDIS_URL)
-        # The suite's PostgreSQL and Redis, forwarded to the bridge address.
-        for port, target in (
-            (database.port or 5432, f"{database.hostname}:{database.port or 5432}"),
-            (redis_url.port or 6379, f"{redis_url.hostname}:{redis_url.port or 6379}"),
-        ):
+        # The suite's PostgreSQL, Redis (and broker), forwarded to the bridge address.
+        targets = {}
+        for url in _servers().values():
+            parts = urlsplit(url)
+            port = parts.port or DEFAULT_PORTS[parts.scheme]
+            targets[port] = f"{parts.hostname}:{port}"
+        for port, target in targets.items():
             self.spawn(
                 f"forward-{port}",
                 [
@@ -129,10 +162,9 @@ class Cluster:
                 ],
                 dict(os.environ),
             )
+        self.forwarded = sorted(targets)
         self.env = {
-            "DATABASE_URL": _moved(process_env(self.root)["DATABASE_URL"], GATEWAY),
-            "REDIS_URL": _moved(settings.REDIS_URL, GATEWAY),
-            "CELERY_BROKER_URL": _moved(settings.CELERY_BROKER_URL, GATEWAY),
+            **{name: _moved(url, GATEWAY) for name, url in _servers().items()},
             "ALLOWED_HOSTS": ",".join(f"10.77.0.{ADDRESSES[h]}" for h in ("lb", "api1", "api2")),
             "PUBLIC_BASE_URL": self.url,
             **CLUSTER_ENV,
@@ -141,12 +173,9 @@ class Cluster:
         return self
 
     def _forwarders_answer(self) -> bool:
-        import socket
-
-        for url in (self.env["DATABASE_URL"], self.env["REDIS_URL"]):
-            parts = urlsplit(url)
+        for port in self.forwarded:
             try:
-                socket.create_connection((parts.hostname, parts.port), timeout=1).close()
+                socket.create_connection((GATEWAY, port), timeout=1).close()
             except OSError:
                 return False
         return True
@@ -249,24 +278,14 @@ class Cluster:
         compose runs them; `beat` adds the scheduler to the first."""
         started = []
         for index, (queue, concurrency) in enumerate(pools):
-            argv = [
-                str(BIN / "celery"),
-                "-A",
-                "project",
-                "worker",
-                "-Q",
+            argv = worker_argv(
                 queue,
-                "-n",
                 f"{queue}@{host_name}",
-                "--concurrency",
-                str(concurrency),
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "info",
-            ]
-            if beat and index == 0:
-                argv += ["-B", "-s", str(self.directory(host_name) / "beat-schedule")]
+                concurrency,
+                beat_schedule=self.directory(host_name) / "beat-schedule"
+                if beat and index == 0
+                else None,
+            )
             started.append(self.run(host_name, queue, argv, **env))
         wait_until(
             lambda: all(_alive(p) and " ready." in p.log() for p in started),
@@ -340,15 +359,17 @@ class Cluster:
         return float(done.stdout) - (before + after) / 2
 
     def cpu_seconds(self, host_name: str) -> float:
-        """User and system CPU of every process now running on the host (and its children)."""
+        """User and system CPU of every process now running on the host, and of the children
+        each has reaped (a process that exits unreaped between two readings is missed)."""
         total = 0.0
         ticks = os.sysconf("SC_CLK_TCK")
-        for pid in _pids(self.host(host_name).namespace):
+        for pid in pids_in(self.host(host_name).namespace):
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            total += (int(fields[11]) + int(fields[12])) / ticks
+            # utime, stime, cutime, cstime (proc(5) fields 14 to 17).
+            total += sum(int(f) for f in fields[11:15]) / ticks
         return total
 
 
@@ -378,13 +399,6 @@ backend apis
     default-server inter 500ms fall 2 rise 2
 {servers}
 """
-
-
-def _pids(namespace: str) -> list[int]:
-    done = subprocess.run(
-        ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
-    )
-    return [int(p) for p in done.stdout.split()]
 
 
 def _alive(process: Process) -> bool:

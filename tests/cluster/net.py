@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "clr-"
 BRIDGE = "clr-br"
@@ -67,11 +68,37 @@ def kill_all_in(namespace: str) -> None:
         time.sleep(0.05)
 
 
+def forwarders() -> list[int]:
+    """The socat forwarders of a cluster (tests/cluster/harness.py), which run in the
+    machine's own namespace, bound to the bridge address."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"socat") and any(f"bind={GATEWAY},".encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
 def clean() -> list[str]:
-    """Remove everything of ours; returns what was removed (empty on a clean machine)."""
-    removed = []
+    """Remove everything of ours, going on past what fails; returns what was removed (empty on
+    a clean machine) and raises at the end if something could not be."""
+    removed, failed = [], []
+    for pid in forwarders():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            removed.append(f"forwarder {pid}")
+        except ProcessLookupError:
+            pass
     for namespace in namespaces():
-        kill_all_in(namespace)
+        try:
+            kill_all_in(namespace)
+        except RuntimeError as exc:
+            failed.append(str(exc))
         ip("netns", "delete", namespace, check=False)
         removed.append(f"netns {namespace}")
     # Deleting a namespace deletes the ends inside it, and with them their peers; what is
@@ -79,6 +106,9 @@ def clean() -> list[str]:
     for link in links():
         ip("link", "delete", link, check=False)
         removed.append(f"link {link}")
+    left = namespaces() + links()
+    if failed or left:
+        raise RuntimeError(f"the cluster's clean-up left {left}: {'; '.join(failed)}")
     return removed
 
 

@@ -12,17 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import requirements
-from tests.cluster.net import links, namespaces
+from tests.cluster.harness import require_cluster
+from tests.cluster.net import forwarders, links, namespaces
 from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.cluster
 
 
 def _probe(tmp_path: Path, mode: str) -> subprocess.Popen[bytes]:
-    missing = requirements()
-    if missing:
-        pytest.fail(f"the cluster needs {', '.join(missing)} (make cluster installs the tools)")
+    require_cluster()
     env = {
         **os.environ,
         "CLUSTER_PROBE": mode,
@@ -50,7 +48,7 @@ def _probe(tmp_path: Path, mode: str) -> subprocess.Popen[bytes]:
 
 def _nothing_left(tmp_path: Path) -> None:
     pid = int((tmp_path / "pid").read_text())
-    assert (namespaces(), links()) == ([], [])
+    assert (namespaces(), links(), forwarders()) == ([], [], [])
     assert not Path(f"/proc/{pid}").exists(), f"process {pid} of the cluster survived"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db.models import Count, Q
+from django.db.models import Count
 from django.utils import timezone
 
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
@@ -185,6 +185,20 @@ def settle_and_tally(
     deadline = time.monotonic() + 15
     while len(frames(frames_path)) < web and time.monotonic() < deadline:
         time.sleep(0.2)
+    # Whatever the fault, each delivery entered `sent` once (a late or repeated result is
+    # fenced by the lease; in-app included, whose copies the sockets dedupe) and ended final.
+    sent_twice = list(
+        DeliveryEvent.objects.filter(status=DeliveryStatus.SENT)
+        .values("delivery")
+        .annotate(n=Count("id"))
+        .filter(n__gt=1)[:5]
+    )
+    assert not sent_twice, sent_twice
+    assert set(Delivery.objects.values_list("status", flat=True)) <= {
+        DeliveryStatus.SENT,
+        DeliveryStatus.DELIVERED,
+        DeliveryStatus.READ,
+    }
     resent = sum(frames(frames_path, again=True).values())
     if resent:
         note += f"; {resent} frames arrived again after a reconnect and were shown once"
@@ -220,6 +234,9 @@ def test_worker_host_killed_mid_run(
     )
     held = in_flight()
     cluster.kill_host("worker2")
+    # The dead host's leases stay in the table until they run out: counted again now, what
+    # was taken between the two readings is in too.
+    held = max(held, in_flight())
     join()
     result = settle_and_tally(
         "1 worker host killed",
@@ -233,9 +250,6 @@ def test_worker_host_killed_mid_run(
     assert (result.lost, result.unexpected) == (0, 0)
     assert result.duplicated <= held
     assert Notification.objects.count() == count
-    assert not Delivery.objects.filter(
-        ~Q(status__in=[DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.READ])
-    ).exists()
 
 
 def post_each(
@@ -299,7 +313,8 @@ def test_api_host_killed_under_load(
     wait_until(lambda: len(statuses) >= count // 3, timeout=scale(120, 600), interval=0.05)
     cluster.kill_host("api2")
     join()
-    failed = sum(1 for s in statuses if s not in (200, 202))
+    unanswered = sum(1 for s in statuses if s in (0, 502, 503, 504))
+    locked = statuses.count(409)
     replayed = statuses.count(200)
     result = settle_and_tally(
         "3 API host killed",
@@ -307,7 +322,8 @@ def test_api_host_killed_under_load(
         sendgrid,
         twilio,
         frames_path,
-        note=f"{failed} requests without an answer retried, {replayed} answered as replays",
+        note=f"{unanswered} attempts without an answer and {locked} answered 409 (the dead "
+        f"host's lock) retried with the same key; {replayed} answered as replays",
         timeout=scale(120, 900),
     )
     assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
@@ -359,7 +375,6 @@ def test_relay_host_killed_mid_publish(
         note=f"{published} deliveries published when relay1 died",
         timeout=scale(120, 900),
     )
-    assert "relay started" in cluster.processes["relay1"][0].log()
     assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
 
 
@@ -392,6 +407,7 @@ def test_worker_host_cut_off_while_holding_leases(
     )
     held = in_flight()
     cluster.cut("worker2")
+    held = max(held, in_flight())
     time.sleep(30)
     cluster.restore("worker2")
     join()
@@ -407,20 +423,7 @@ def test_worker_host_cut_off_while_holding_leases(
     )
     assert (result.lost, result.unexpected) == (0, 0)
     assert result.duplicated <= held
-    # Fenced: every delivery entered `sent` once, and none went back from where it got to.
-    sent_twice = (
-        DeliveryEvent.objects.filter(status=DeliveryStatus.SENT)
-        .values("delivery")
-        .annotate(n=Count("id"))
-        .filter(n__gt=1)
-    )
-    assert not sent_twice.exists(), list(sent_twice[:5])
-    assert set(Delivery.objects.values_list("status", flat=True)) <= {
-        DeliveryStatus.SENT,
-        DeliveryStatus.DELIVERED,
-        DeliveryStatus.READ,
-    }
-    # worker2 came back and worked again.
+    # Its processes outlived the cut.
     assert all(p.popen.poll() is None for p in cluster.processes["worker2"])
 
 
