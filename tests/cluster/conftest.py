@@ -9,7 +9,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -20,6 +20,7 @@ from tests.chaos.harness import RESULTS
 from tests.cluster.harness import Cluster, require_cluster
 from tests.cluster.net import GATEWAY
 from tests.conftest import Process
+from tests.emulators.base import Emulator
 from tests.emulators.sendgrid import SendGridEmulator
 from tests.emulators.twilio import TwilioEmulator
 from tests.factories import TemplateFactory
@@ -32,6 +33,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 # `timeout`, CI runners and service managers stop a run with SIGTERM, which pytest does not
 # turn into a teardown; as an interrupt it does, and the fixtures remove the cluster.
 signal.signal(signal.SIGTERM, _interrupt)
+
+E = TypeVar("E", bound=Emulator)
 
 CLUSTER_CONTENT = {**CONTENT, "web": {"title": "Cluster {{ ref }}", "body": "{{ ref }}"}}
 
@@ -55,22 +58,22 @@ def cluster(spawn: Callable[..., Process], tmp_path: Path) -> Iterator[Cluster]:
         built.down()
 
 
-@pytest.fixture
-def sendgrid(cluster: Cluster) -> Iterator[SendGridEmulator]:
-    emulator = SendGridEmulator()
+def _on_the_bridge(emulator: E) -> Iterator[E]:
+    """The emulator listening on the machine's bridge address, where the hosts reach it."""
     emulator.host = GATEWAY
     emulator.start()
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture
+def sendgrid(cluster: Cluster) -> Iterator[SendGridEmulator]:
+    yield from _on_the_bridge(SendGridEmulator())
 
 
 @pytest.fixture
 def twilio(cluster: Cluster) -> Iterator[TwilioEmulator]:
-    emulator = TwilioEmulator()
-    emulator.host = GATEWAY
-    emulator.start()
-    yield emulator
-    emulator.stop()
+    yield from _on_the_bridge(TwilioEmulator())
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +68,6 @@ def test_an_interrupted_run_cleans_up(tmp_path: Path) -> None:
     )
     assert probe.poll() is None, (tmp_path / "wait.log").read_text()
     assert namespaces() and links()
-    time.sleep(0.5)
     probe.send_signal(signal.SIGINT)
     assert probe.wait(120) == 2, (tmp_path / "wait.log").read_text()  # pytest: interrupted
     _nothing_left(tmp_path)

@@ -207,6 +207,38 @@ def settle_and_tally(
     )
 
 
+def start_load(
+    owner: Any,
+    cluster: Cluster,
+    env: dict[str, str],
+    in_background: Any,
+    run: str,
+) -> tuple[Ledger, Path, Any, int]:
+    """The whole cluster, and notifications posted through it in the background: returns the
+    ledger, the clients' frames file, the load's join() and how many deliveries it makes."""
+    count, sockets = scale(300, 10_000), scale(30, 200)
+    frames_path = build(cluster, env, recipients(owner, sockets))
+    ledger = Ledger()
+    items = [body(n, run, sockets) for n in range(count)]
+    join = in_background(post_bulk, cluster, api_key_for(owner), items, ledger)
+    return ledger, frames_path, join, count * len(CHANNELS)
+
+
+def fault_while_leases_held(total: int, fault: Any) -> int:
+    """Once a quarter of the deliveries went out and leases are held (which, at the full
+    size, the API's pace makes intermittent), apply the fault; returns the leases in flight.
+    A dead or cut-off host's leases stay in the table until they run out, so counting again
+    after the fault takes in what was leased between the two readings."""
+    wait_until(
+        lambda: progress() >= total // 4 and in_flight() > 0,
+        timeout=scale(120, 600),
+        interval=0.02,
+    )
+    held = in_flight()
+    fault()
+    return max(held, in_flight())
+
+
 def test_worker_host_killed_mid_run(
     owner: Any,
     cluster_template: Any,
@@ -217,26 +249,10 @@ def test_worker_host_killed_mid_run(
     in_background: Any,
 ) -> None:
     """Scenario 1: a worker host loses every process (kill -9) in the middle of the run."""
-    count, sockets = scale(300, 10_000), scale(30, 200)
-    tokens = recipients(owner, sockets)
-    frames_path = build(cluster, provider_env, tokens)
-    api_key = api_key_for(owner)
-    ledger = Ledger()
-    items = [body(n, "host-killed", sockets) for n in range(count)]
-    join = in_background(post_bulk, cluster, api_key, items, ledger)
-    total = count * len(CHANNELS)
-    # Mid-run, and while leases are held (which, at the full size, the API's pace makes
-    # intermittent).
-    wait_until(
-        lambda: progress() >= total // 4 and in_flight() > 0,
-        timeout=scale(120, 600),
-        interval=0.02,
+    ledger, frames_path, join, total = start_load(
+        owner, cluster, provider_env, in_background, "host-killed"
     )
-    held = in_flight()
-    cluster.kill_host("worker2")
-    # The dead host's leases stay in the table until they run out: counted again now, what
-    # was taken between the two readings is in too.
-    held = max(held, in_flight())
+    held = fault_while_leases_held(total, lambda: cluster.kill_host("worker2"))
     join()
     result = settle_and_tally(
         "1 worker host killed",
@@ -249,7 +265,7 @@ def test_worker_host_killed_mid_run(
     )
     assert (result.lost, result.unexpected) == (0, 0)
     assert result.duplicated <= held
-    assert Notification.objects.count() == count
+    assert Notification.objects.count() == total // len(CHANNELS)
 
 
 def post_each(
@@ -392,22 +408,10 @@ def test_worker_host_cut_off_while_holding_leases(
     back. Its leases run out meanwhile (DELIVERY_LEASE_SECONDS 10), the other host sends what
     they held, and when the cut-off host's late results arrive they are fenced by the lease
     token: no second 'sent', no status overwritten."""
-    count, sockets = scale(300, 10_000), scale(30, 200)
-    tokens = recipients(owner, sockets)
-    frames_path = build(cluster, provider_env, tokens)
-    api_key = api_key_for(owner)
-    ledger = Ledger()
-    items = [body(n, "host-cut", sockets) for n in range(count)]
-    join = in_background(post_bulk, cluster, api_key, items, ledger)
-    total = count * len(CHANNELS)
-    wait_until(
-        lambda: progress() >= total // 4 and in_flight() > 0,
-        timeout=scale(120, 600),
-        interval=0.05,
+    ledger, frames_path, join, total = start_load(
+        owner, cluster, provider_env, in_background, "host-cut"
     )
-    held = in_flight()
-    cluster.cut("worker2")
-    held = max(held, in_flight())
+    held = fault_while_leases_held(total, lambda: cluster.cut("worker2"))
     time.sleep(30)
     cluster.restore("worker2")
     join()

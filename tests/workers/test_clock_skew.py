@@ -34,7 +34,7 @@ from workers.transitions import Settle, Settlement, deliveries_claim, deliveries
 SKEW = timedelta(seconds=30)
 
 
-def db_now() -> datetime:
+def database_clock() -> datetime:
     """The database's time now, as Now() reads it (PostgreSQL's CURRENT_TIMESTAMP is the
     transaction's start; SQLite's has whole seconds)."""
     now = (
@@ -50,7 +50,7 @@ def db_now() -> datetime:
     return value
 
 
-def accept(api: Any, n: int) -> Delivery:
+def accept(api: Any, n: int, **extra: Any) -> Delivery:
     response = api.post(
         "/api/v1/notifications",
         {
@@ -58,6 +58,7 @@ def accept(api: Any, n: int) -> Delivery:
             "template": "order_shipped",
             "data": {"order_id": f"A-{n}"},
             "channels": ["email"],
+            **extra,
         },
         format="json",
     )
@@ -118,19 +119,8 @@ def test_a_clock_ahead_neither_claims_nor_publishes_a_retry_before_it_is_due(
 def test_a_clock_ahead_does_not_release_a_scheduled_delivery_early(
     api: Any, template: Any, skewed: Callable[[timedelta], None]
 ) -> None:
-    send_at = db_now() + timedelta(seconds=20)
-    response = api.post(
-        "/api/v1/notifications",
-        {
-            "recipient": {"id": "user-1", "email": "user-1@example.com"},
-            "template": "order_shipped",
-            "data": {"order_id": "A-1"},
-            "channels": ["email"],
-            "send_at": send_at.isoformat(),
-        },
-        format="json",
-    )
-    assert response.status_code == 202
+    send_at = database_clock() + timedelta(seconds=20)
+    accept(api, 1, send_at=send_at.isoformat())
     skewed(SKEW)
 
     assert outbox_publish_due() == 0
@@ -164,7 +154,7 @@ def test_a_clock_behind_writes_leases_and_retries_on_the_database_clock(
     skewed(-SKEW)
     claimed = deliveries_claim(delivery_ids=[retried.pk, deferred.pk])
     assert [d.pk for d in claimed] == [retried.pk, deferred.pk]
-    now = db_now()
+    now = database_clock()
     lease_ends = {d.lease_expires_at for d in Delivery.objects.all()}
     assert len(lease_ends) == 1
     lease_left = (lease_ends.pop() - now).total_seconds()
@@ -182,7 +172,7 @@ def test_a_clock_behind_writes_leases_and_retries_on_the_database_clock(
         ],
         started_at=timezone.now(),
     )
-    now = db_now()
+    now = database_clock()
     for delivery in Delivery.objects.all():
         due_in = (delivery.next_attempt_at - now).total_seconds()
         assert 15 < due_in <= 20, (delivery.pk, due_in)
@@ -287,7 +277,7 @@ def test_a_worker_30s_ahead_steals_no_lease_sends_nothing_early_and_sends_once(
 
     # Until the retry falls due (by the database's clock), the skewed relay, worker and
     # sweeper leave `held`, `retrying` and `published` alone.
-    while db_now() < due_at - timedelta(seconds=2):
+    while database_clock() < due_at - timedelta(seconds=2):
         counts = sent_to()
         assert counts["user-1@example.com"] == 0, "a lease held elsewhere was taken"
         assert counts["user-2@example.com"] == 0, "a retry was sent before it was due"
@@ -303,7 +293,7 @@ def test_a_worker_30s_ahead_steals_no_lease_sends_nothing_early_and_sends_once(
     )
     retried = Delivery.objects.get(pk=retrying.pk)
     assert retried.attempts == 2
-    assert db_now() >= due_at
+    assert database_clock() >= due_at
 
     counts = sent_to()
     assert counts["user-1@example.com"] == 0
