@@ -38,6 +38,27 @@ IDEMPOTENCY_HEADER = OpenApiParameter(
     description="Up to 255 characters; a retry with the same key and body within 24 h "
     "answers 200 with the original body and `Idempotent-Replayed: true`.",
 )
+# The answer headers of an accepted notification (documented, so clients and the fuzz test
+# see them).
+ACCEPTED_HEADERS = [
+    OpenApiParameter(
+        "Location",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        response=[200, 202],
+        required=True,
+        description="The notification's status: GET /api/v1/notifications/{id}.",
+    ),
+    OpenApiParameter(
+        "Idempotent-Replayed",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        response=[200],
+        required=True,
+        enum=["true"],
+        description="An Idempotency-Key replay: the original answer, nothing new sent.",
+    ),
+]
 
 
 def _owner(request: Request) -> Owner:
@@ -101,7 +122,7 @@ class NotificationCreateView(APIView):
     @extend_schema(
         operation_id="notifications_create",
         request=s.NotificationCreateSerializer,
-        parameters=[IDEMPOTENCY_HEADER],
+        parameters=[IDEMPOTENCY_HEADER, *ACCEPTED_HEADERS],
         responses={
             202: s.NotificationAcceptedSerializer,
             200: OpenApiResponse(s.NotificationAcceptedSerializer, "Idempotent replay"),
