@@ -83,6 +83,19 @@ WEBSOCKET_CONNECTIONS = Gauge(
     "Open WebSocket connections, summed over the live server processes.",
     multiprocess_mode="livesum",
 )
+WORKER_STALLS = Counter(
+    "clarion_worker_stalls_total",
+    "Times a worker's stall watchdog acted: its queue held messages and it, with room for "
+    "more, took none for WORKER_STALL_SECONDS (action: reconnect, or exit for a restart).",
+    ["queue", "action"],
+)
+WORKER_STALLED = Gauge(
+    "clarion_worker_stalled",
+    "1 while a worker on the queue is stalled (from its watchdog's first action until it "
+    "takes a message again, or exits).",
+    ["queue"],
+    multiprocess_mode="livemax",
+)
 
 OUTCOME_SENT = "sent"
 OUTCOME_RETRIED = "retried"
@@ -135,6 +148,16 @@ def relay_published(*, channel: str, deliveries: int, messages: int) -> None:
 def relay_lag(*, seconds: Iterable[float]) -> None:
     for value in seconds:
         RELAY_LAG.observe(max(0.0, value))
+
+
+def worker_stall(*, queues: Iterable[str], action: str) -> None:
+    for queue in queues:
+        WORKER_STALLS.labels(queue=queue, action=action).inc()
+
+
+def worker_stalled(*, queues: Iterable[str], stalled: bool) -> None:
+    for queue in queues:
+        WORKER_STALLED.labels(queue=queue).set(1 if stalled else 0)
 
 
 def websocket_connection_opened() -> None:

@@ -29,11 +29,37 @@ QUEUES = tuple(
     Queue(name, Exchange(name, type="direct"), routing_key=name) for name in settings.CELERY_QUEUES
 )
 
+
+def broker_transport_options(url: str) -> dict[str, Any]:
+    """kombu's options for the broker at `url`. On Redis, every connection (the consumer's
+    BRPOP, publishes, acks, the event dispatcher, remote control) gets a deadline, TCP
+    keepalive and a health check, as kombu's Redis transport documentation advises for a
+    broker that can disappear without closing the connection: without a socket timeout a
+    publish on a half-open connection waits forever, and kombu's own checks of the consumer's
+    connections never run (kombu/transport/redis.py, "socket_timeout" and
+    "health_check_interval"). RabbitMQ finds dead connections by heartbeats instead
+    (broker_heartbeat)."""
+    options: dict[str, Any] = {"visibility_timeout": settings.BROKER_VISIBILITY_TIMEOUT}
+    if url.startswith(("redis", "rediss", "sentinel")):
+        options.update(
+            socket_timeout=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT_SECONDS,
+            # TCP keepalive finds a peer that vanished (host down, cable cut) while the
+            # connection is idle; it cannot see a middlebox that still acknowledges, which is
+            # what the timeout and the health check are for. kombu drops it on Unix sockets.
+            socket_keepalive=True,
+            health_check_interval=settings.REDIS_HEALTH_CHECK_SECONDS,
+        )
+    return options
+
+
 app = Celery("clarion")
 app.conf.update(
     broker_url=settings.CELERY_BROKER_URL,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": settings.BROKER_VISIBILITY_TIMEOUT},
+    broker_transport_options=broker_transport_options(settings.CELERY_BROKER_URL),
+    # RabbitMQ only (Redis has no heartbeats; its deadlines are in the transport options).
+    broker_heartbeat=settings.BROKER_HEARTBEAT_SECONDS,
     # At-least-once: a message is acknowledged only after its task finished, and comes back
     # if the worker process dies; tasks are idempotent so redelivery is harmless.
     task_acks_late=True,
@@ -95,6 +121,8 @@ app.conf.update(
     timezone="UTC",
 )
 app.autodiscover_tasks(["workers"])
+# Each worker watches itself for a consumer that stopped taking messages (workers/watchdog.py).
+app.steps["consumer"].add("workers.watchdog:StallWatchdog")
 
 
 @worker_init.connect

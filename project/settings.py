@@ -136,6 +136,24 @@ elif _db["ENGINE"].startswith("django.db.backends.postgresql") and env.bool(
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# --- Connections that go silent -------------------------------------------------------------
+# A connection can go half-open: a NAT or firewall forgets the flow, a load balancer fails
+# over, a VM is paused. Bytes sent are swallowed, nothing is closed, and TCP reports nothing
+# for hours. Every Redis and broker command therefore has a deadline, after which the
+# connection is dropped and the next command opens a new one (redis-py and kombu both do).
+# Commands Clarion sends are sub-millisecond; 5 s is far beyond a slow Redis and short
+# enough that a silent one costs one round of work, not the afternoon.
+REDIS_SOCKET_TIMEOUT_SECONDS = env.float("REDIS_SOCKET_TIMEOUT_SECONDS", default=5.0)
+REDIS_CONNECT_TIMEOUT_SECONDS = env.float("REDIS_CONNECT_TIMEOUT_SECONDS", default=5.0)
+# redis-py PINGs a pooled connection that sat idle longer than this before using it again, so
+# a connection that died while idle fails its PING, not the caller's command. kombu also uses
+# it as the interval of its own checks of the consumer's BRPOP and pub/sub connections: a
+# consumer whose BRPOP went silent reconnects within the poll timeout + 2 x this.
+REDIS_HEALTH_CHECK_SECONDS = env.int("REDIS_HEALTH_CHECK_SECONDS", default=10)
+# RabbitMQ: AMQP heartbeats find a dead connection in two missed intervals (Celery's default
+# of 120 s would take four minutes).
+BROKER_HEARTBEAT_SECONDS = env.int("BROKER_HEARTBEAT_SECONDS", default=30)
+
 # --- Redis: cache, broker, channel layer ----------------------------------------------------
 if "REDIS_URL" in env:
     REDIS_URL = env.str("REDIS_URL")
@@ -156,7 +174,12 @@ CACHES = {
         "BACKEND": "project.redis_cache.SharedPoolRedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "clarion",
-        "OPTIONS": {"socket_timeout": 2, "socket_connect_timeout": 2},
+        # A cache call waits at most 2 s: the API degrades to the database rather than hang.
+        "OPTIONS": {
+            "socket_timeout": 2,
+            "socket_connect_timeout": 2,
+            "health_check_interval": REDIS_HEALTH_CHECK_SECONDS,
+        },
     }
 }
 
@@ -171,7 +194,8 @@ CHANNEL_LAYERS = {
                     # default read timeout is also 5 s, and hitting it ends the consumer, so
                     # an idle socket would drop.
                     "socket_timeout": env.float("CHANNEL_LAYER_SOCKET_TIMEOUT", default=15.0),
-                    "socket_connect_timeout": 5,
+                    "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
+                    "health_check_interval": REDIS_HEALTH_CHECK_SECONDS,
                     # redis-py's asyncio pool refuses a command beyond 100 connections (it
                     # does not wait). Subscribing thousands of sockets at once after a
                     # restart needs more; every one is returned as soon as its command ends.
@@ -369,6 +393,13 @@ RETRY_BACKOFF_BASE_SECONDS = env.float("RETRY_BACKOFF_BASE_SECONDS", default=1.0
 DELIVERY_LEASE_SECONDS = env.int("DELIVERY_LEASE_SECONDS", default=120)
 # A delivery queued longer than this without being taken is assumed lost by the broker.
 SWEEPER_STALE_SECONDS = env.int("SWEEPER_STALE_SECONDS", default=300)
+# On a Redis broker the sweeper can also see the messages consumers hold (workers/selectors.py,
+# broker_held_delivery_ids): a delivery published this long ago, on a channel whose queue is
+# empty, that no consumer holds (for less than DELIVERY_LEASE_SECONDS) and no worker leases,
+# was lost between kombu's BRPOP and its bookkeeping (a connection that failed in between),
+# and goes back to the outbox at once rather than after SWEEPER_STALE_SECONDS. Long enough
+# that a message popped a moment ago has been recorded or claimed.
+SWEEPER_LOST_SECONDS = env.int("SWEEPER_LOST_SECONDS", default=10)
 SWEEPER_INTERVAL_SECONDS = env.float("SWEEPER_INTERVAL_SECONDS", default=30.0)
 SWEEPER_BATCH_SIZE = env.int("SWEEPER_BATCH_SIZE", default=1000)
 # Delivery ids per task: the relay publishes one task per chunk of this many deliveries of one
@@ -397,6 +428,12 @@ BROKER_VISIBILITY_TIMEOUT = env.int("BROKER_VISIBILITY_TIMEOUT", default=3600)
 # The relay's publish retries before it gives up the round (its rows stay in the outbox and the
 # next round, after a back-off, tries again).
 BROKER_PUBLISH_MAX_RETRIES = env.int("BROKER_PUBLISH_MAX_RETRIES", default=2)
+
+# The stall watchdog of each worker (workers/watchdog.py): its queue has held messages this
+# long while the worker, with room for more, received none. It reconnects the consumer; if
+# that does not help within the same time again, or the worker's event loop itself stopped
+# turning, the process exits for its supervisor to start it again. 0 turns it off.
+WORKER_STALL_SECONDS = env.float("WORKER_STALL_SECONDS", default=60.0)
 
 CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
 CIRCUIT_OPEN_SECONDS = env.int("CIRCUIT_OPEN_SECONDS", default=60)

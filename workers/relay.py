@@ -128,7 +128,8 @@ class Relay:
         self.signals = redis.Redis.from_url(
             settings.REDIS_URL,
             socket_timeout=self.poll_seconds + 10,
-            socket_connect_timeout=5,
+            socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT_SECONDS,
+            health_check_interval=settings.REDIS_HEALTH_CHECK_SECONDS,
         )
 
     def stop(self, *args: int | FrameType | None) -> None:

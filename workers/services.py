@@ -16,16 +16,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import Any
 
 import structlog
 from django.conf import settings
-from django.db.models import Q
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from notifications import metrics
 from notifications.db_clock import db_now_plus
 from notifications.logs import scoped_log_context
-from notifications.models import PENDING_STATUSES, Channel, Delivery, Device
+from notifications.models import PENDING_STATUSES, Channel, Delivery, DeliveryQuerySet, Device
 from notifications.suppressions import (
     SUPPRESSIBLE_CHANNELS,
     address_normalize,
@@ -50,7 +51,7 @@ from workers.rate_limiter import (
     rate_limit_spread_seconds,
     rate_limit_take_many,
 )
-from workers.selectors import queue_depths
+from workers.selectors import broker_holdings, queue_depths
 from workers.transitions import (
     Settle,
     Settlement,
@@ -60,6 +61,11 @@ from workers.transitions import (
 )
 
 log = logging.getLogger(__name__)
+
+# A batch that found the rate limiter and breaker unreachable (Redis down or a connection gone
+# silent) is due again after this, with up to a second of jitter: Redis answers again or the
+# next try holds it again, never an attempt spent.
+SHARED_STATE_RETRY_SECONDS = 5.0
 
 
 class ProcessOutcome(enum.StrEnum):
@@ -192,7 +198,15 @@ class _Round:
         if self.opened.is_set():
             return None
         results = send()
-        state = circuit_record(provider=self.provider_name, outcome=_breaker_outcome(results).value)
+        try:
+            state = circuit_record(
+                provider=self.provider_name, outcome=_breaker_outcome(results).value
+            )
+        except (RedisError, OSError) as exc:
+            # The call was made and its result must be settled whatever the breaker's store
+            # says; the breaker misses one outcome.
+            log.warning("breaker of %s not told (Redis unreachable): %s", self.provider_name, exc)
+            return results
         if state is CircuitState.OPEN:
             self.opened.set()
         return results
@@ -346,12 +360,26 @@ def _through(
     breaker asked, the calls made. What is settled goes to `settled`; returns what the next
     provider should take (nothing when this is the `last`) and the milliseconds spent."""
     name = provider.name
-    granted, wait = rate_limit_take_many(
-        channel=channel,
-        provider=name,
-        max_wait=settings.RATE_LIMIT_MAX_SLEEP_SECONDS,
-        want=len(sendable),
-    )
+    try:
+        granted, wait = rate_limit_take_many(
+            channel=channel,
+            provider=name,
+            max_wait=settings.RATE_LIMIT_MAX_SLEEP_SECONDS,
+            want=len(sendable),
+        )
+        closed_in = circuit_allow(provider=name)
+    except (RedisError, OSError) as exc:
+        # No token and no breaker without Redis: nothing is sent, the batch goes back for a
+        # little later without spending an attempt (its lease is released at once, rather
+        # than held until it runs out).
+        log.warning("%s %s deliveries held: Redis unreachable: %s", len(sendable), channel, exc)
+        settled += _held(
+            [delivery for delivery, _ in sendable],
+            delay=lambda i: SHARED_STATE_RETRY_SECONDS + random.uniform(0, 1),
+            why="rate limiter and breaker unreachable",
+            provider_name=name,
+        )
+        return [], 0.0
     if granted < len(sendable):
         # Tokens not granted: the rest goes back for later, spread over the time the bucket
         # needs to refill for them, costing no attempt.
@@ -372,10 +400,9 @@ def _through(
     offsets = rate_limit_offsets(channel=channel, granted=len(sendable), wait=wait)
     if wait > 0:
         metrics.rate_limiter_waited(channel=channel, provider=name, count=len(sendable))
-    closed_in = circuit_allow(provider=name)
     if closed_in > 0:
         # The tokens were not used: give them back to the bucket.
-        rate_limit_refund(channel=channel, provider=name, count=len(sendable))
+        _best_effort(rate_limit_refund, channel=channel, provider=name, count=len(sendable))
         if not last:
             return sendable, 0.0
         # Spread so the held deliveries do not all ask again at once.
@@ -392,7 +419,7 @@ def _through(
     results = [r for r in attempted if r is not None]
     slow_for = max((r.retry_after or 0.0 for r in results if r.throttled), default=0.0)
     if slow_for > 0:
-        rate_limit_slow(channel=channel, provider=name, seconds=slow_for)
+        _best_effort(rate_limit_slow, channel=channel, provider=name, seconds=slow_for)
     next_provider: list[tuple[Delivery, OutboundMessage]] = []
     unsent: list[Delivery] = []
     for (delivery, message), result in zip(sendable, attempted, strict=True):
@@ -408,7 +435,7 @@ def _through(
             settled.append(_judge(delivery, result, name))
     not_called = sum(1 for r in attempted if r is None)
     if not_called:
-        rate_limit_refund(channel=channel, provider=name, count=not_called)
+        _best_effort(rate_limit_refund, channel=channel, provider=name, count=not_called)
     if unsent:
         # The breaker opened during this round: the rest waits for it, costing no attempt.
         settled += _held(
@@ -426,6 +453,15 @@ def _through(
             name,
         )
     return next_provider, latency_ms
+
+
+def _best_effort(update: Callable[..., None], **kwargs: Any) -> None:
+    """A change to the shared rate-limit state after the provider calls were made: their
+    results are settled whether or not Redis takes it."""
+    try:
+        update(**kwargs)
+    except (RedisError, OSError) as exc:
+        log.warning("%s skipped (Redis unreachable): %s", update.__name__, exc)
 
 
 def _settle(
@@ -509,30 +545,84 @@ def delivery_process(*, delivery_id: int) -> ProcessOutcome:
 def deliveries_sweep() -> int:
     """Hand back to the relay the pending deliveries whose message was lost (broker restart,
     worker killed after its lease ran out, a message dropped): due, unleased, and published
-    longer than SWEEPER_STALE_SECONDS ago, all by the database's clock (the relay wrote
-    enqueued_at, workers the leases, on it). Returns how many."""
+    longer than SWEEPER_STALE_SECONDS ago on a channel whose queue is empty, all by the
+    database's clock (the relay wrote enqueued_at, workers the leases, on it). On a Redis
+    broker also those published longer than SWEEPER_LOST_SECONDS ago that the broker shows to
+    be nowhere a worker could still take them from (_lost_by_the_broker). Returns how many."""
+    depths = _queue_depths_or_none()
+    backlog = [channel for channel, depth in (depths or {}).items() if depth > 0]
+    sweepable = Delivery.objects.filter(status__in=PENDING_STATUSES).due().unleased().order_by("id")
     lost = list(
-        Delivery.objects.filter(status__in=PENDING_STATUSES)
-        .due()
-        .unleased()
-        .filter(Q(enqueued_at__lt=db_now_plus(-settings.SWEEPER_STALE_SECONDS)))
+        sweepable
         # A queue with messages waiting is a backlog, not a loss: its stale rows most likely
         # have their message in it, and publishing each again would double the backlog at
         # every sweep.
-        .exclude(channel__in=_channels_with_backlog())
-        .order_by("id")
+        .exclude(channel__in=backlog)
+        .filter(enqueued_at__lt=db_now_plus(-settings.SWEEPER_STALE_SECONDS))
         .values_list("id", flat=True)[: settings.SWEEPER_BATCH_SIZE]
     )
+    room = settings.SWEEPER_BATCH_SIZE - len(lost)
+    if depths is not None and room > 0:
+        lost += _lost_by_the_broker(sweepable, depths=depths, limit=room)
     if lost:
         log.warning("sweeper hands %s deliveries whose messages were lost to the relay", len(lost))
     return deliveries_return_to_outbox(delivery_ids=lost)
 
 
-def _channels_with_backlog() -> list[str]:
-    """Channels whose broker queue holds messages; none when the broker cannot say."""
+def _lost_by_the_broker(
+    sweepable: DeliveryQuerySet, *, depths: dict[str, int], limit: int
+) -> list[int]:
+    """Deliveries published between SWEEPER_LOST_SECONDS and SWEEPER_STALE_SECONDS ago that
+    no consumer holds and no queue can still hold: their channel's queue is empty, or its
+    head (the oldest message waiting) was published after them. A Redis consumer loses a
+    message when its connection fails between taking it and recording it, or when the server
+    answers its BRPOP into a connection that went silent; found here within a sweep, not
+    after SWEEPER_STALE_SECONDS."""
+    recent = list(
+        sweepable.filter(
+            enqueued_at__lt=db_now_plus(-settings.SWEEPER_LOST_SECONDS),
+            enqueued_at__gte=db_now_plus(-settings.SWEEPER_STALE_SECONDS),
+        ).values_list("id", "channel", "enqueued_at")[:limit]
+    )
+    if not recent:
+        return []
+    waiting = sorted({channel for _, channel, _ in recent if depths.get(channel, 0) > 0})
     try:
-        depths = queue_depths()
+        holdings = broker_holdings(
+            queues=waiting, held_younger_than=settings.DELIVERY_LEASE_SECONDS
+        )
+    except Exception as exc:  # noqa: BLE001 - any broker failure: only the slow rule applies
+        log.warning("broker holdings unavailable, sweeping by age alone: %s", exc)
+        return []
+    if holdings is None:
+        return []
+    head_ids = {pk for ids in holdings.heads.values() if ids for pk in ids}
+    published = dict(Delivery.objects.filter(pk__in=head_ids).values_list("id", "enqueued_at"))
+    # When each waiting queue's head was published: what was published before it has left.
+    head_since: dict[str, datetime] = {}
+    for channel, ids in holdings.heads.items():
+        times = [at for pk in ids or () if (at := published.get(pk)) is not None]
+        if times:
+            head_since[channel] = min(times)
+    return [
+        pk
+        for pk, channel, enqueued_at in recent
+        if pk not in holdings.held
+        and (
+            depths.get(channel, 0) == 0
+            or (
+                channel in head_since
+                and enqueued_at is not None
+                and enqueued_at < head_since[channel]
+            )
+        )
+    ]
+
+
+def _queue_depths_or_none() -> dict[str, int] | None:
+    """Messages waiting per queue; None when the broker cannot say."""
+    try:
+        return queue_depths()
     except Exception as exc:  # noqa: BLE001 - any broker failure: sweep as if all were empty
         log.warning("queue depths unavailable, sweeping every channel: %s", exc)
-        return []
-    return [channel for channel, depth in depths.items() if depth > 0]
+        return None

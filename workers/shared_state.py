@@ -12,5 +12,8 @@ from django.conf import settings
 @cache
 def redis_client() -> redis.Redis:
     return redis.Redis.from_url(
-        settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30
+        settings.REDIS_URL,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        health_check_interval=settings.REDIS_HEALTH_CHECK_SECONDS,
     )
