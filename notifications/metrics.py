@@ -225,24 +225,3 @@ def multiprocess_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     ClarionMultiProcessCollector(registry, path=settings.PROMETHEUS_MULTIPROC_DIR)
     return registry
-
-
-# --- Serving this host's counters ------------------------------------------------------------
-
-
-def worker_metrics_server_start() -> None:
-    """For a host with workers and no API server: serve this host's multiprocess directory
-    (counters of every worker process here) on WORKER_METRICS_PORT. Scrape-time gauges stay
-    with the API's /metrics, which reads the broker and the database for every host."""
-    from prometheus_client import start_http_server
-
-    port = settings.WORKER_METRICS_PORT
-    if not port:
-        return
-    try:
-        start_http_server(port, addr=settings.WORKER_METRICS_ADDR, registry=multiprocess_registry())
-    except OSError as exc:
-        # Another worker process on this host serves it already; this one still works.
-        log.error("metrics server not started on port %s: %s", port, exc)
-        return
-    log.info("metrics served on %s:%s", settings.WORKER_METRICS_ADDR, port)

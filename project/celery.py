@@ -209,9 +209,10 @@ def _start_worker_metrics(**kwargs: object) -> None:
     without a clean exit, then, on a host with workers but no API server (multi-host
     deployments), serve this host's directory on WORKER_METRICS_PORT from the main process."""
     from notifications import metrics
+    from workers.liveness import liveness_server_start
 
     metrics.multiprocess_dir_cleanup()
-    metrics.worker_metrics_server_start()
+    liveness_server_start()
 
 
 @worker_process_shutdown.connect

@@ -409,6 +409,9 @@ DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=50)
 # The relay (workers/relay.py) wakes on a signal sent at commit; with no signal it still looks
 # this often, which bounds the delay of a lost signal and of a relay that was down.
 RELAY_POLL_SECONDS = env.float("RELAY_POLL_SECONDS", default=1.0)
+# The relay's /healthz (on WORKER_METRICS_PORT) answers 503 once its rounds have failed this
+# long on end (database or broker unreachable): long enough to ride out a restart of either.
+RELAY_UNHEALTHY_SECONDS = env.float("RELAY_UNHEALTHY_SECONDS", default=60.0)
 # Rows one relay claims per round: one broker round trip publishes them all.
 RELAY_CLAIM_SIZE = env.int("RELAY_CLAIM_SIZE", default=1000)
 # Subscribers a topic fan-out turns into notifications per transaction (notifications/fanout.py):

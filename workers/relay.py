@@ -32,6 +32,7 @@ from notifications.fanout import topic_fanout_step
 from notifications.models import Delivery, DeliveryStatus
 from workers import transitions
 from workers.dispatch import RELAY_WAKE_KEY, batches_publish_rollback_unsafe
+from workers.liveness import liveness_check_register, liveness_server_start
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,10 @@ class Relay:
             poll_seconds if poll_seconds is not None else settings.RELAY_POLL_SECONDS
         )
         self.stopping = False
+        # When a round last reached the database and the broker (monotonic), and what failed
+        # since: the relay's liveness (/healthz, workers/liveness.py).
+        self.last_round_ok = time.monotonic()
+        self.last_error = ""
         # Its own connection: a blocking pop holds it, and must outlast its own timeout.
         self.signals = redis.Redis.from_url(
             settings.REDIS_URL,
@@ -134,6 +139,14 @@ class Relay:
 
     def stop(self, *args: int | FrameType | None) -> None:
         self.stopping = True
+
+    def problem(self) -> str | None:
+        """Rounds have failed for longer than RELAY_UNHEALTHY_SECONDS: the relay cannot reach
+        the database or the broker (it keeps trying; nothing is lost meanwhile)."""
+        failing_for = time.monotonic() - self.last_round_ok
+        if failing_for > settings.RELAY_UNHEALTHY_SECONDS:
+            return f"no relay round succeeded for {failing_for:.0f}s: {self.last_error}"
+        return None
 
     def drain(self) -> int:
         """Publish every due row, a round of RELAY_CLAIM_SIZE at a time; between rounds, fan
@@ -169,17 +182,21 @@ class Relay:
         log.info(
             "relay started (poll %.2fs, batch %s)", self.poll_seconds, settings.DISPATCH_BATCH_SIZE
         )
+        liveness_check_register(self.problem)
+        liveness_server_start()
         backoff = FAILURE_BACKOFF_SECONDS
         while not self.stopping:
             try:
                 close_old_connections()
                 self.drain()
+                self.last_round_ok = time.monotonic()
                 if self.stopping:
                     break
                 self.wait()
                 backoff = FAILURE_BACKOFF_SECONDS
             except (DatabaseError, KombuError, OSError, RedisError) as exc:
                 # Nothing was marked published: the rows wait in the outbox for the next round.
+                self.last_error = f"{exc.__class__.__name__}: {exc}"
                 log.warning("relay round failed, retrying in %.1fs: %s", backoff, exc)
                 time.sleep(backoff)
                 backoff = min(FAILURE_BACKOFF_MAX_SECONDS, backoff * 2)

@@ -17,7 +17,9 @@ reserved than its prefetch allows) and it received none. Then:
    delivery is a database row, and the sweeper hands back what the dead process held.
 
 Each action is logged, counted in clarion_worker_stalls_total and shown by the
-ClarionWorkerStalled alert; clarion_worker_stalled is 1 while a stall lasts."""
+ClarionWorkerStalled alert; clarion_worker_stalled is 1 while a stall lasts, and the worker's
+/healthz (workers/liveness.py) answers 503 meanwhile, as it does while the event loop is
+blocked or the broker has not been reached for WORKER_STALL_SECONDS."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from celery.worker import state as worker_state
 from django.conf import settings
 
 from notifications import metrics
+from workers.liveness import liveness_check_register
 from workers.selectors import queue_depths
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,8 @@ class Watch:
     reconnect_requested: bool = False
     reconnected_at: float | None = None
     stalled: bool = False
+    # The last look that reached the broker.
+    broker_seen: float = field(default_factory=time.monotonic)
 
     def received(self) -> None:
         self.last_received = time.monotonic()
@@ -100,6 +105,7 @@ class Watch:
             # consumer's own reconnect loop (which keeps the event loop from turning) is the
             # remedy.
             return None
+        self.broker_seen = now
         if self.loop_checked and now - self.last_tick > self.stall_seconds:
             return "exit"
         prefetch = self.prefetch()
@@ -122,6 +128,18 @@ class Watch:
             return "reconnect"
         if now - self.reconnected_at >= self.stall_seconds:
             return "exit"
+        return None
+
+    def problem(self, *, now: float | None = None) -> str | None:
+        """What keeps this worker from its work now, for its liveness check (/healthz)."""
+        now = time.monotonic() if now is None else now
+        queues = ",".join(self.queues)
+        if self.stalled:
+            return f"consumer on {queues} stalled: took no waiting message"
+        if self.loop_checked and now - self.last_tick > self.stall_seconds:
+            return f"event loop has not turned for {now - self.last_tick:.0f}s"
+        if now - self.broker_seen > self.stall_seconds:
+            return f"broker not reached for {now - self.broker_seen:.0f}s"
         return None
 
     def _recovered(self) -> None:
@@ -182,6 +200,7 @@ class StallWatchdog(bootsteps.StartStopStep):
                 daemon=True,
             )
             WATCH.queues = sorted(q.name for q in consumer.task_consumer.queues)
+            liveness_check_register(WATCH.problem)
             thread.start()
             log.info(
                 "stall watchdog on %s: reconnects after %.0fs without taking a waiting message",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ from tests.chaos.harness import (
     tally,
     wait_settled,
 )
-from tests.conftest import Process, wait_until
+from tests.conftest import Process, free_port, wait_until
 from tests.emulators.twilio import TwilioEmulator
 from tests.factories import api_key_for
 
@@ -96,6 +98,42 @@ class Load:
     def accepted(self) -> int:
         with self.lock:
             return len(self.accepted_at)
+
+
+@dataclass
+class HealthProbe:
+    """Polls a worker's /healthz twice a second from a thread: each answer and its first
+    problem."""
+
+    port: int
+    seen: list[tuple[int, str]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> HealthProbe:
+        self.thread = threading.Thread(target=self._run, name="healthz", daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.seen.append(self.once())
+
+    def once(self) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return answer.status, ""
+        except urllib.error.HTTPError as exc:
+            return exc.code, (json.loads(exc.read())["problems"] or [""])[0]
+        except OSError as exc:
+            return 0, str(exc)
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
+        self.seen.append(self.once())
 
 
 def _first_taken(twilio: TwilioEmulator) -> dict[str, float]:
@@ -219,6 +257,7 @@ def test_one_workers_connections_half_open_are_healed_by_its_watchdog(
         )
         # The SMS worker alone reaches Redis through the forwarder, and without kombu's check
         # of its BRPOP connection.
+        health_port = free_port()
         (sms,) = start_workers(
             spawn,
             tmp_path,
@@ -228,7 +267,9 @@ def test_one_workers_connections_half_open_are_healed_by_its_watchdog(
             REDIS_URL=forwarder.url(redis_db),
             CELERY_BROKER_URL=forwarder.url(redis_db),
             REDIS_HEALTH_CHECK_SECONDS="0",
+            WORKER_METRICS_PORT=str(health_port),
         )
+        health = HealthProbe(health_port).start()
         load = Load(server, api_key_for(owner)).start()
         try:
             worst, flying = _run_fault(
@@ -239,11 +280,15 @@ def test_one_workers_connections_half_open_are_healed_by_its_watchdog(
             )
         finally:
             load.finish()
+            health.finish()
     finally:
         forwarder.stop()
     result = tally("9b one worker's connections half-open", load.ledger, received(None, twilio))
     log = sms.log()
     assert "reconnecting its consumer" in log
+    # Its liveness said so while it lasted, and is well again.
+    assert (503, "consumer on sms stalled: took no waiting message") in health.seen
+    assert health.seen[-1] == (200, "")
     assert sms.popen.poll() is None  # healed in place: the reconnect was enough
     assert load.errors == []
     assert (result.lost, result.unexpected) == (0, 0)
