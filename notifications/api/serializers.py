@@ -500,6 +500,24 @@ class DeadLetterFilterSerializer(serializers.Serializer):
     )
 
 
+class DeadLetterReplaySerializer(serializers.Serializer):
+    lift_suppression = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="When the address is on the suppression list: lift that suppression and "
+        "replay, rather than answer 409.",
+    )
+
+
+class DeadLetterBulkReplaySerializer(DeadLetterFilterSerializer):
+    lift_suppression = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Lift the suppressions of the matching dead letters' addresses and replay "
+        "them all, rather than leave those open.",
+    )
+
+
 class DeadLetterCountsSerializer(serializers.Serializer):
     channels = serializers.DictField(child=serializers.IntegerField())
     threshold = serializers.IntegerField()
@@ -524,6 +542,39 @@ class SuppressionSerializer(serializers.Serializer):
     detail = serializers.CharField(help_text="The provider's own words.")
     delivery_id = serializers.IntegerField(allow_null=True)
     created_at = serializers.DateTimeField()
+
+
+class DeadLetterReplayedSerializer(DeadLetterSerializer):
+    lifted_suppression = SuppressionSerializer(
+        allow_null=True, help_text="The suppression of the address this replay lifted."
+    )
+
+
+class DeadLetterConflictSerializer(serializers.Serializer):
+    error = serializers.CharField(help_text="conflict, or suppressed")
+    detail = serializers.CharField()
+    suppression = SuppressionSerializer(
+        required=False, help_text="With `suppressed`: the suppression that stops the replay."
+    )
+
+
+class DeadLetterReplayItemSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    status = serializers.ChoiceField(
+        choices=["replayed", "suppressed"],
+        help_text="suppressed: not replayed, the dead letter stays open.",
+    )
+    lifted_suppression = SuppressionSerializer(
+        required=False, allow_null=True, help_text="replayed: the suppression lifted, if any."
+    )
+    suppression = SuppressionSerializer(
+        required=False, help_text="suppressed: the suppression in the way."
+    )
+
+
+class DeadLetterBulkReplayedSerializer(serializers.Serializer):
+    count = serializers.IntegerField(help_text="How many were replayed.")
+    results = DeadLetterReplayItemSerializer(many=True, help_text="Each open match, by id.")
 
 
 class SuppressionFilterSerializer(serializers.Serializer):
