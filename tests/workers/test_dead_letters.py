@@ -4,7 +4,7 @@ admin actions and the management command."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import StringIO
 from typing import Any
 
@@ -15,7 +15,7 @@ from django.test import Client
 from django.urls import reverse
 
 from notifications.models import Delivery, DeliveryStatus, Notification, Suppression
-from tests.conftest import SmtpSink
+from tests.conftest import Process, SmtpSink, wait_until
 from workers.models import DeadLetter
 from workers.providers import provider_for
 from workers.services import ProcessOutcome, delivery_process
@@ -328,3 +328,50 @@ def test_management_command(api: Any, template: Any, smtp: SmtpSink) -> None:
 
     with pytest.raises(CommandError, match="pass --all"):
         call_command("deadletters", "replay")
+
+
+@pytest.mark.pipeline
+@pytest.mark.django_db(transaction=True)
+def test_a_lifted_replay_is_delivered_by_the_real_worker(
+    api: Any,
+    template: Any,
+    smtp_server: SmtpSink,
+    celery_worker_process: Callable[..., Process],
+) -> None:
+    """On real processes: the SMTP server refuses the address (dead, and suppressed); the
+    replay answers 409 until it lifts the suppression, then the worker sends the email."""
+    celery_worker_process(
+        "email", EMAIL_PROVIDER="smtp", SMTP_HOST=smtp_server.host, SMTP_PORT=smtp_server.port
+    )
+    smtp_server.refuse_recipients = True
+    accepted = api.post(
+        "/api/v1/notifications",
+        {
+            "recipient": {"id": "user-0", "email": "user-0@example.com"},
+            "template": "order_shipped",
+            "data": {"order_id": "P-1"},
+            "channels": ["email"],
+        },
+        format="json",
+    )
+    assert accepted.status_code == 202
+    letter = wait_until(DeadLetter.objects.first, timeout=30, message="the dead letter")
+    suppression = _suppression_of(api, "user-0@example.com")
+    smtp_server.refuse_recipients = False
+    held = api.post(f"/api/v1/dead-letters/{letter.pk}/replay", {}, format="json")
+    assert (held.status_code, held.json()["suppression"]) == (409, suppression)
+    lifted = api.post(
+        f"/api/v1/dead-letters/{letter.pk}/replay", {"lift_suppression": True}, format="json"
+    )
+    assert (lifted.status_code, lifted.json()["lifted_suppression"]) == (202, suppression)
+    wait_until(smtp_server.received, timeout=30, message="the replayed email")
+    [message] = smtp_server.received()
+    assert (message["To"], message["Subject"]) == ("user-0@example.com", "Order P-1 shipped")
+
+    def sent() -> Delivery | None:
+        delivery = Delivery.objects.get()
+        return delivery if delivery.status == DeliveryStatus.SENT else None
+
+    delivery = wait_until(sent, timeout=15, message="the delivery to be marked sent")
+    assert delivery.attempts == 1
+    assert api.get("/api/v1/suppressions").json()["results"] == []
