@@ -6,6 +6,7 @@ commands call these; the views only adapt HTTP."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -934,7 +935,12 @@ def notifications_accept_bulk(*, owner: Owner, items: list[BulkItem]) -> list[Bu
                 done.append((taken, 202, outcome.body))
         else:
             results[index] = _bulk_not_written(owner, taken, outcome)
-    idempotency.complete_many(owner_id=owner.pk, done=done)
+    # Remembered once committed: under a transaction of the caller's (an Idempotency-Key on
+    # the whole bulk request, api/idempotent.py), a rollback must not leave Redis replaying
+    # notifications that were never written. With none open, this runs at once.
+    transaction.on_commit(
+        functools.partial(idempotency.complete_many, owner_id=owner.pk, done=done)
+    )
     for index, first in twins:
         first_result = results[first]
         if first_result is not None and first_result.accepted is not None:

@@ -506,3 +506,36 @@ def test_twenty_concurrent_retries_create_one_webhook(api: APIClient) -> None:
             assert (answer["id"], answer["secret"]) == (webhook.pk, webhook.secret)
         else:
             assert (status, answer, replayed) == (409, IN_FLIGHT, None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_keyed_bulk_rolled_back_leaves_no_item_answer_behind(
+    api: APIClient, template: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a key on the whole request, the items' own keys are remembered only once the
+    request's transaction commits: one that rolls back leaves no answer naming a notification
+    that was never written."""
+    assert api.put("/api/v1/recipients/user-1", {}, format="json").status_code == 201
+    item = {
+        "recipient": "user-1",
+        "template": "order_shipped",
+        "data": {"order_id": "B-1"},
+        "idempotency_key": "item-1",
+    }
+
+    def fail(**kwargs: Any) -> None:
+        raise RuntimeError("the database went away before the commit")
+
+    monkeypatch.setattr(idempotency, "record_answer", fail)
+    with pytest.raises(RuntimeError):
+        _post(api, "/api/v1/notifications/bulk", {"notifications": [item]})
+    monkeypatch.undo()
+    assert Notification.objects.count() == 0
+    assert IdempotencyRecord.objects.count() == 0
+    # The item's key is held until IDEMPOTENCY_LOCK_SECONDS end, never answered from Redis.
+    retry = _post(api, "/api/v1/notifications/bulk", {"notifications": [item]}, key="another")
+    assert [r["status"] for r in retry.json()["results"]] == [409]
+    cache.clear()  # the lock ran out
+    retry = _post(api, "/api/v1/notifications/bulk", {"notifications": [item]}, key="a-third")
+    assert [r["status"] for r in retry.json()["results"]] == [202]
+    assert Notification.objects.count() == 1
