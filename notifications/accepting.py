@@ -23,6 +23,7 @@ from notifications.frequency_caps import CapCheck, caps_give_back, caps_take
 from notifications.logs import scoped_log_context
 from notifications.models import (
     CHANNEL_ORDER,
+    FINAL_STATUSES,
     Channel,
     Delivery,
     DeliveryStatus,
@@ -43,6 +44,7 @@ from notifications.selectors import (
 )
 from notifications.services import ValidationFailed, recipient_upsert
 from notifications.suppressions import suppression_binds
+from notifications.webhooks import completion_checks_add
 
 log = logging.getLogger(__name__)
 
@@ -651,6 +653,15 @@ def _notifications_write(
         # them once woken after commit.
         if any(d.status == DeliveryStatus.QUEUED for d in deliveries):
             outbox_wake_on_commit()
+        # A notification accepted with every delivery skipped is complete already: no
+        # worker will ever touch it, so its completion is checked from here.
+        finished = [
+            p.notification.pk
+            for p in prepared
+            if p.deliveries and all(d.status in FINAL_STATUSES for d in p.deliveries)
+        ]
+        if finished:
+            completion_checks_add(owner_id=owner.pk, notification_ids=finished)
         metrics.notifications_accepted_on_commit(
             d.channel
             for d in deliveries

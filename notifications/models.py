@@ -652,3 +652,26 @@ class WebhookMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.msg_id} ({self.status})"
+
+
+class CompletionCheck(models.Model):
+    """A notification that may have just completed: a delivery of it reached a final status
+    (or it was accepted with every delivery final), for an owner with an endpoint that wants
+    `notification.completed`. Written in the same transaction as that status; the webhooks
+    worker decides from the committed deliveries and deletes it (notifications/webhooks.py).
+    Plain rows, several per notification at times: the check written by the last of several
+    concurrent settling transactions is the one that sees every delivery final."""
+
+    # No foreign key constraint and no index: the row is only ever claimed by its primary key
+    # order and deleted, and a constraint would make every insert on the settle path look up
+    # (and key-share lock) the notification row.
+    notification = models.ForeignKey(
+        Notification,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="+",
+    )
+
+    def __str__(self) -> str:
+        return f"completion check of {self.notification_id}"

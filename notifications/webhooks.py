@@ -1,7 +1,8 @@
 """Status webhooks out: an owner registers endpoints for delivery and notification events;
 every status change the delivery log records becomes, in the same transaction, one message
-per subscribed endpoint (the webhooks outbox), which the webhooks worker signs the Standard
-Webhooks way and sends (workers/webhook_sender.py)."""
+per subscribed endpoint (the webhooks outbox), and a final status a completion check from
+which the webhooks worker writes `notification.completed`; that worker signs the messages
+the Standard Webhooks way and sends them (workers/webhook_sender.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import secrets
 import socket
 import urllib.parse
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,11 @@ from django.utils import timezone
 
 from notifications import cache as keys
 from notifications.models import (
+    CHANNEL_ORDER,
     FINAL_STATUSES,
+    CompletionCheck,
     Delivery,
+    Notification,
     Owner,
     Webhook,
     WebhookEventType,
@@ -190,22 +194,32 @@ def _owner_hooks(owner_id: int) -> tuple[tuple[int, frozenset[str]], ...]:
     return keys.cached(hooks_key(owner_id), load, lambda _: settings.CACHE_TTL_PREFERENCES)
 
 
-def webhook_events_emit(events: list[StatusEvent]) -> None:
+def _wants_completed(hooks: tuple[tuple[int, frozenset[str]], ...]) -> bool:
+    return any(WebhookEventType.NOTIFICATION_COMPLETED in types for _, types in hooks)
+
+
+def webhook_events_emit(
+    events: list[StatusEvent], *, completing: Collection[str] | None = None
+) -> None:
     """Turn status events (being written in the caller's transaction) into webhook messages
-    for the endpoints that want them, and a `notification.completed` once every delivery of
-    a notification is final."""
-    wanted = [e for e in events if e.status in STATUS_EVENTS]
+    for the endpoints that want them, and a completion check for each notification that a
+    final status may have completed, when its owner has an endpoint that wants
+    `notification.completed` (the webhooks worker decides, completion_checks_process).
+    `completing` narrows the checks to those notification ids: a caller that knows its
+    deliveries were final before (a provider's report after `sent`) passes none."""
+    wanted = [e for e in events if e.status in STATUS_EVENTS or e.status in FINAL_STATUSES]
     if not wanted:
         return
     hooks = {owner_id: _owner_hooks(owner_id) for owner_id in {e.owner_id for e in wanted}}
     if not any(hooks.values()):
         return
     rows: list[WebhookMessage] = []
-    completed_wanted: dict[str, StatusEvent] = {}
+    checks: set[str] = set()
     for event in wanted:
-        event_type = STATUS_EVENTS[event.status]
-        for webhook_id, types in hooks[event.owner_id]:
-            if event_type in types:
+        owner_hooks = hooks[event.owner_id]
+        event_type = STATUS_EVENTS.get(event.status)
+        for webhook_id, types in owner_hooks:
+            if event_type is not None and event_type in types:
                 rows.append(
                     _message(
                         webhook_id,
@@ -222,39 +236,102 @@ def webhook_events_emit(events: list[StatusEvent]) -> None:
                         },
                     )
                 )
-            if WebhookEventType.NOTIFICATION_COMPLETED in types:
-                completed_wanted[event.notification_id] = event
-    if completed_wanted:
-        # One read of every delivery of these notifications: which are complete, and how.
-        statuses_of: dict[str, dict[str, str]] = {}
-        unfinished: set[str] = set()
-        for nid, channel, status in Delivery.objects.filter(
-            notification_id__in=list(completed_wanted)
-        ).values_list("notification_id", "channel", "status"):
-            statuses_of.setdefault(str(nid), {})[channel] = status
-            if status not in FINAL_STATUSES:
-                unfinished.add(str(nid))
-        for notification_id, event in completed_wanted.items():
-            if notification_id in unfinished:
-                continue
-            statuses = statuses_of.get(notification_id, {})
-            for webhook_id, types in hooks[event.owner_id]:
-                if WebhookEventType.NOTIFICATION_COMPLETED in types:
-                    rows.append(
-                        _message(
-                            webhook_id,
-                            WebhookEventType.NOTIFICATION_COMPLETED,
-                            f"notification.completed:{notification_id}",
-                            {
-                                "notification_id": notification_id,
-                                "recipient": event.recipient_id,
-                                "deliveries": statuses,
-                            },
-                        )
-                    )
+        if (
+            event.status in FINAL_STATUSES
+            and (completing is None or event.notification_id in completing)
+            and _wants_completed(owner_hooks)
+        ):
+            checks.add(event.notification_id)
     if rows:
         WebhookMessage.objects.bulk_create(rows, ignore_conflicts=True)
+    if checks:
+        CompletionCheck.objects.bulk_create(
+            [CompletionCheck(notification_id=nid) for nid in sorted(checks)]
+        )
+    if rows or checks:
         transaction.on_commit(webhooks_wake)
+
+
+def completion_checks_add(*, owner_id: int, notification_ids: list[uuid.UUID]) -> None:
+    """Notifications accepted with every delivery final (all skipped), in the accepting
+    transaction: a completion check each when the owner has an endpoint that wants
+    `notification.completed`. The endpoints come from the cache: no query for the many
+    owners without one."""
+    if not notification_ids or not _wants_completed(_owner_hooks(owner_id)):
+        return
+    CompletionCheck.objects.bulk_create(
+        [CompletionCheck(notification_id=nid) for nid in notification_ids]
+    )
+    transaction.on_commit(webhooks_wake)
+
+
+def completion_checks_process(*, batch_size: int) -> int:
+    """The webhooks worker's step before sending: claim the completion checks (SKIP LOCKED,
+    so several workers share them), and for each of their notifications whose deliveries are
+    all final as committed now, write one `notification.completed` message per endpoint that
+    wants it; delete exactly the checks claimed, in the same transaction. Rounds of
+    `batch_size` until none is left; returns how many checks it handled.
+
+    Exactly once: the check of whichever settling transaction commits last is read after that
+    commit, so it sees every delivery final even when two workers settled two channels at
+    once and each saw the other's row unfinished; a second check that finds the notification
+    complete again writes nothing new, since the event key is unique per endpoint. The
+    deliveries and notifications are read without locks: a settling worker never waits for
+    this, nor this for it. Messages are inserted in (endpoint, notification) order, so two
+    workers inserting the same keys wait for one another in one order, never in a circle."""
+    handled = 0
+    while True:
+        with transaction.atomic():
+            claimed = list(
+                CompletionCheck.objects.select_for_update(skip_locked=True)
+                .order_by("id")
+                .values_list("pk", "notification_id")[:batch_size]
+            )
+            if not claimed:
+                return handled
+            _completions_write({nid for _, nid in claimed})
+            CompletionCheck.objects.filter(pk__in=[pk for pk, _ in claimed]).delete()
+        handled += len(claimed)
+        if len(claimed) < batch_size:
+            return handled
+
+
+def _completions_write(notification_ids: set[uuid.UUID]) -> None:
+    statuses_of: dict[uuid.UUID, dict[str, str]] = {}
+    unfinished: set[uuid.UUID] = set()
+    for nid, channel, status in Delivery.objects.filter(
+        notification_id__in=notification_ids
+    ).values_list("notification_id", "channel", "status"):
+        statuses_of.setdefault(nid, {})[channel] = status
+        if status not in FINAL_STATUSES:
+            unfinished.add(nid)
+    complete = sorted(set(statuses_of) - unfinished)
+    if not complete:
+        return
+    rows: list[WebhookMessage] = []
+    for nid, owner_id, recipient in (
+        Notification.objects.filter(pk__in=complete)
+        .order_by("pk")
+        .values_list("pk", "owner_id", "recipient__external_id")
+    ):
+        statuses = statuses_of[nid]
+        for webhook_id, types in _owner_hooks(owner_id):
+            if WebhookEventType.NOTIFICATION_COMPLETED in types:
+                rows.append(
+                    _message(
+                        webhook_id,
+                        WebhookEventType.NOTIFICATION_COMPLETED,
+                        f"notification.completed:{nid}",
+                        {
+                            "notification_id": str(nid),
+                            "recipient": recipient,
+                            "deliveries": {c: statuses[c] for c in CHANNEL_ORDER if c in statuses},
+                        },
+                    )
+                )
+    if rows:
+        rows.sort(key=lambda row: (row.webhook_id, row.event_key))
+        WebhookMessage.objects.bulk_create(rows, ignore_conflicts=True)
 
 
 def _message(

@@ -240,10 +240,83 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     # No badge from validator.swagger.io: the page stays on this host.
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
-    "ENUM_NAME_OVERRIDES": {"ChannelEnum": ["email", "sms", "push", "web"]},
+    # Enum components named for what they are (a generated client's class names), not for the
+    # first field that used them (ReasonEnum, UnlessEnum).
+    "ENUM_NAME_OVERRIDES": {
+        "ChannelEnum": "notifications.models.CHANNEL_ORDER",
+        "AttemptOutcomeEnum": "notifications.models.AttemptOutcome.values",
+        "DevicePlatformEnum": "notifications.models.DevicePlatform",
+        "EscalationConditionEnum": "notifications.schedules.ESCALATION_CONDITIONS",
+        "SuppressionReasonEnum": "notifications.models.SuppressionReason.values",
+        "WebhookEventTypeEnum": "notifications.models.WebhookEventType.values",
+    },
+    # One tag per resource, in this order in Swagger UI; each operation gets the tag of its
+    # path (notifications.api.schema.tag_by_resource), and a path whose tag is not here fails
+    # the schema.
+    "TAGS": [
+        {
+            "name": "notifications",
+            "description": "Send to a recipient or a topic, or up to 1000 at once; an "
+            "Idempotency-Key makes a retry safe. Read the status of each channel's delivery; "
+            "cancel what has not gone out.",
+        },
+        {
+            "name": "templates",
+            "description": "What is sent on each channel (Jinja over the notification's data), "
+            "with translations, frequency caps, escalation steps and digests.",
+        },
+        {
+            "name": "recipients",
+            "description": "Contact data, preferences (opt-outs, quiet hours), push devices, "
+            "the browser token for the inbox, and erasure.",
+        },
+        {
+            "name": "topics",
+            "description": "Topics and their subscribers: a notification to a topic goes to "
+            "every subscriber.",
+        },
+        {
+            "name": "inbox",
+            "description": "One recipient's in-app inbox, for the recipient's own browser: "
+            "authenticated by the token of POST /api/v1/recipients/{rid}/token, not an API key.",
+        },
+        {
+            "name": "webhooks",
+            "description": "Status webhooks out to your endpoints, signed (Standard Webhooks); "
+            "secret rotation and replay.",
+        },
+        {
+            "name": "suppressions",
+            "description": "Addresses that bounced, complained or replied STOP: nothing is sent "
+            "to them until the suppression is lifted.",
+        },
+        {
+            "name": "dead-letters",
+            "description": "Deliveries that failed for good: list, count, replay or discard.",
+        },
+        {
+            "name": "sandbox",
+            "description": "What the sandbox providers would have sent (no provider account "
+            "needed).",
+        },
+        {
+            "name": "provider-hooks",
+            "description": "Events in from SendGrid and Twilio (delivered, bounced, STOP), "
+            "authenticated by the provider's signature, not an API key.",
+        },
+        {
+            "name": "unsubscribe",
+            "description": "An email's one-click unsubscribe link (RFC 8058): the page that "
+            "asks to confirm, and the POST that unsubscribes.",
+        },
+    ],
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "notifications.api.throttling.document_rate_limit",
+        "notifications.api.schema.tag_by_resource",
+        "notifications.api.schema.document_errors",
+        "notifications.api.schema.require_answered_fields",
+        "notifications.api.schema.share_parameter_enums",
     ],
 }
 

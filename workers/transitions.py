@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,7 @@ from notifications import cache as keys
 from notifications.db_clock import db_now, db_now_plus
 from notifications.models import (
     CHANNEL_ORDER,
+    FINAL_STATUSES,
     INBOX_STATUSES,
     OUTBOX_STATUSES,
     Channel,
@@ -68,11 +70,15 @@ class Settlement:
     record_attempt: bool = True
 
 
-def _statuses_record(events: list[StatusEvent]) -> None:
+def _statuses_record(
+    events: list[StatusEvent], *, completing: Collection[str] | None = None
+) -> None:
     """Every status change goes to the delivery log, and becomes the status webhooks the
-    owner's endpoints asked for, in the caller's transaction."""
+    owner's endpoints asked for (with a completion check for a final status), in the
+    caller's transaction. `completing`: the only notifications these changes may have
+    completed, when the caller knows some of its deliveries were final already."""
     get_delivery_log().record_statuses(events)
-    webhook_events_emit(events)
+    webhook_events_emit(events, completing=completing)
 
 
 def deliveries_claim(*, delivery_ids: list[int]) -> list[Delivery]:
@@ -697,7 +703,9 @@ def delivery_provider_event(*, delivery: Delivery, kind: str, detail: str, at: d
         if status == DeliveryStatus.DELIVERED:
             changes["delivered_at"] = at
         Delivery.objects.filter(pk=delivery.pk).update(**changes)
-        _statuses_record(delivery_status_events([delivery], status, detail=detail))
+        # A report moves a delivery that was final already (sent at least): its notification
+        # was complete, or waits for another delivery, before; it completes nothing.
+        _statuses_record(delivery_status_events([delivery], status, detail=detail), completing=())
         if status == DeliveryStatus.DELIVERED:
             escalations_cancel(
                 notification_ids=[delivery.notification_id],
@@ -707,7 +715,7 @@ def delivery_provider_event(*, delivery: Delivery, kind: str, detail: str, at: d
         return f"{current} -> {status}"
     if status is not None:
         detail = f"{detail} (late: the delivery stays {current})"
-    _statuses_record(delivery_status_events([delivery], kind, detail=detail))
+    _statuses_record(delivery_status_events([delivery], kind, detail=detail), completing=())
     return f"{kind} recorded, stays {current}"
 
 
@@ -760,7 +768,14 @@ def deliveries_inbox_advance(
         Delivery.objects.filter(pk__in=[d.pk for d in deliveries], status__in=from_statuses).update(
             **changes
         )
-        _statuses_record(delivery_status_events(deliveries, to_status, detail=source))
+        # Only a delivery that was not final yet (queued, retrying) can complete its
+        # notification; a sent one moving on to delivered or read was final before.
+        _statuses_record(
+            delivery_status_events(deliveries, to_status, detail=source),
+            completing={
+                str(d.notification_id) for d in deliveries if d.status not in FINAL_STATUSES
+            },
+        )
         escalations_cancel(
             notification_ids=sorted({d.notification_id for d in deliveries}),
             reached=to_status,

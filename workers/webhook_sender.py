@@ -1,4 +1,5 @@
-"""The webhooks worker: claims the due messages of the webhooks outbox under a lease, signs
+"""The webhooks worker: writes the `notification.completed` messages its completion checks
+call for, then claims the due messages of the webhooks outbox under a lease, signs
 each the Standard Webhooks way (every secret still valid, so a receiver can roll over), and
 POSTs it to the endpoint's address as resolved and checked just now (pinned: no second DNS
 answer reaches the connection). A breaker per endpoint host holds messages while the host
@@ -28,6 +29,7 @@ from notifications.db_clock import db_now, db_now_plus
 from notifications.models import Webhook, WebhookMessage, WebhookMessageStatus
 from notifications.webhooks import (
     UnsafeUrl,
+    completion_checks_process,
     hooks_key,
     signing_secrets,
     url_check,
@@ -54,8 +56,10 @@ def breaker_name(url: str) -> str:
 
 
 def webhooks_send_due(*, batch_size: int | None = None) -> int:
-    """Send every due message, a leased batch at a time; returns how many went out."""
+    """Write the `notification.completed` messages the completion checks call for, then send
+    every due message, a leased batch at a time; returns how many went out."""
     size = batch_size or settings.WEBHOOK_BATCH_SIZE
+    completion_checks_process(batch_size=size)
     sent = 0
     while True:
         with transaction.atomic():

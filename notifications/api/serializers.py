@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from notifications.models import (
     CHANNEL_ORDER,
+    AttemptOutcome,
     DevicePlatform,
     Priority,
     SuppressionReason,
     WebhookEventType,
 )
-from notifications.schedules import EscalationStep, RuleError, escalation_parse
+from notifications.schedules import (
+    ESCALATION_CONDITIONS,
+    EscalationStep,
+    RuleError,
+    escalation_parse,
+)
 from notifications.services import RECIPIENT_FIELDS
 from notifications.suppressions import SUPPRESSIBLE_CHANNELS
 
@@ -49,29 +56,11 @@ class RecipientContactSerializer(serializers.Serializer):
 
 
 class InlineRecipientSerializer(RecipientContactSerializer):
+    """A recipient to upsert before sending: its id and contact data."""
+
     id = serializers.CharField(max_length=255)
 
 
-@extend_schema_field(
-    {
-        "oneOf": [
-            {"type": "string", "maxLength": 255, "description": "A recipient id"},
-            {
-                "type": "object",
-                "description": "A recipient to upsert before sending",
-                "properties": {
-                    "id": {"type": "string", "maxLength": 255},
-                    "email": {"type": "string", "format": "email", "nullable": True},
-                    "phone": {"type": "string", "nullable": True},
-                    "locale": {"type": "string", "nullable": True},
-                    "timezone": {"type": "string", "nullable": True},
-                },
-                "required": ["id"],
-                "additionalProperties": False,
-            },
-        ]
-    }
-)
 class RecipientRefField(serializers.Field):
     default_error_messages = {"invalid": "Must be a recipient id or an object with an 'id'."}
 
@@ -96,6 +85,29 @@ class RecipientRefField(serializers.Field):
         return value
 
 
+class RecipientRefFieldSchema(OpenApiSerializerFieldExtension):
+    """A recipient id, or the InlineRecipient component (a named class in generated clients
+    rather than an anonymous `...RecipientType1`)."""
+
+    target_class = RecipientRefField
+
+    def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        inline = auto_schema.resolve_serializer(InlineRecipientSerializer, direction)
+        # RecipientRefField refuses unknown fields.
+        inline.schema["additionalProperties"] = False
+        return {
+            "oneOf": [
+                {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 255,
+                    "description": "A recipient id",
+                },
+                inline.ref,
+            ]
+        }
+
+
 class NotificationCreateSerializer(serializers.Serializer):
     recipient = RecipientRefField(required=False, help_text="Give this or `topic`.")
     topic = serializers.SlugField(
@@ -116,10 +128,10 @@ class NotificationCreateSerializer(serializers.Serializer):
     )
     priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.NORMAL)
     send_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    # No default: an empty key is refused, and the schema's default must be a valid value.
     cancel_key = serializers.CharField(
         required=False,
         max_length=255,
-        default="",
         help_text="A key of the caller's choosing; POST /notifications/cancel with it cancels "
         "every notification created with it that has not gone out yet.",
     )
@@ -172,6 +184,8 @@ class NotificationCreateSerializer(serializers.Serializer):
 
 class BulkItemSerializer(NotificationCreateSerializer):
     recipient = RecipientRefField()
+    # Refused in a bulk item (to_internal_value says why): not part of its documented shape.
+    topic = None  # type: ignore[assignment]
     idempotency_key = serializers.CharField(required=False, max_length=255)
 
     def to_internal_value(self, data: Any) -> Any:
@@ -182,8 +196,14 @@ class BulkItemSerializer(NotificationCreateSerializer):
         return super().to_internal_value(data)
 
 
+@extend_schema_field(BulkItemSerializer(many=True))
+class BulkItemsField(serializers.ListField):
+    """The view validates each item on its own (a bad item is a result, not a 400 for all), so
+    this takes any objects; the schema documents what an item must be."""
+
+
 class BulkCreateSerializer(serializers.Serializer):
-    notifications = serializers.ListField(child=serializers.DictField(), max_length=1000)
+    notifications = BulkItemsField(child=serializers.DictField(), max_length=1000)
 
 
 class DeliveryAcceptedSerializer(serializers.Serializer):
@@ -200,7 +220,7 @@ class DeliveryAcceptedSerializer(serializers.Serializer):
         "recipient's quiet hours, or an escalation's deadline).",
     )
     unless = serializers.ChoiceField(
-        choices=["read", "delivered"],
+        choices=ESCALATION_CONDITIONS,
         required=False,
         help_text="An escalation step: sent at scheduled_for unless another delivery of the "
         "notification was read (or delivered) by then.",
@@ -258,12 +278,28 @@ class CancelByKeyAnswerSerializer(serializers.Serializer):
     notifications = NotificationCancelledSerializer(many=True)
 
 
+# errors.error_body's shape; the schema gives it to each 4xx answer
+# (notifications.api.schema.document_errors).
+class ErrorSerializer(serializers.Serializer):
+    """The body of every error answer."""
+
+    error = serializers.CharField(help_text="A stable code: validation_error, not_found, …")
+    detail = serializers.CharField()
+    # DRF's metaclass takes declared fields off the class, so this does not shadow
+    # Serializer.fields.
+    fields = serializers.DictField(  # type: ignore[assignment]
+        child=serializers.ListField(child=serializers.CharField()),
+        required=False,
+        help_text='Invalid fields and their messages: {"data.order_id": ["Missing."]}.',
+    )
+
+
 class BulkItemResultSerializer(serializers.Serializer):
     index = serializers.IntegerField()
     status = serializers.IntegerField(help_text="The status this item alone would have had.")
     id = serializers.UUIDField(required=False)
     deliveries = DeliveryAcceptedSerializer(many=True, required=False)
-    error = serializers.DictField(required=False)
+    error = ErrorSerializer(required=False)
 
 
 class BulkResultSerializer(serializers.Serializer):
@@ -275,7 +311,7 @@ class BulkResultSerializer(serializers.Serializer):
 class AttemptSerializer(serializers.Serializer):
     number = serializers.IntegerField()
     provider = serializers.CharField()
-    outcome = serializers.ChoiceField(choices=["ok", "transient", "permanent"])
+    outcome = serializers.ChoiceField(choices=AttemptOutcome.values)
     status_code = serializers.IntegerField(allow_null=True)
     provider_message_id = serializers.CharField(allow_null=True)
     error = serializers.CharField(allow_null=True)

@@ -26,6 +26,27 @@ ERRORS = {
     401: OpenApiResponse(description="Missing or invalid API key"),
     404: OpenApiResponse(description="Not found for this API key's owner"),
 }
+# The answer headers of an accepted notification (documented, so clients and the fuzz test
+# see them).
+ACCEPTED_HEADERS = [
+    OpenApiParameter(
+        "Location",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        response=[200, 202],
+        required=True,
+        description="The notification's status: GET /api/v1/notifications/{id}.",
+    ),
+    OpenApiParameter(
+        "Idempotent-Replayed",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        response=[200],
+        required=True,
+        enum=["true"],
+        description="An Idempotency-Key replay: the original answer, nothing new sent.",
+    ),
+]
 
 
 def _owner(request: Request) -> Owner:
@@ -81,6 +102,7 @@ class NotificationCreateView(APIView):
     @extend_schema(
         operation_id="notifications_create",
         request=s.NotificationCreateSerializer,
+        parameters=ACCEPTED_HEADERS,
         responses={
             202: s.NotificationAcceptedSerializer,
             200: OpenApiResponse(s.NotificationAcceptedSerializer, "Idempotent replay"),

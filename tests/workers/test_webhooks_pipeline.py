@@ -1,0 +1,102 @@
+"""Status webhooks on the real pipeline: an email worker process and an SMS worker process
+settle the two channels of many notifications at the same moments, in their own
+transactions, and a webhooks worker process turns their completion checks into
+`notification.completed`: every notification completes once, signed, with both statuses."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from notifications.models import (
+    CompletionCheck,
+    Delivery,
+    DeliveryStatus,
+    WebhookMessage,
+    WebhookMessageStatus,
+)
+from tests.conftest import Process, wait_until
+from tests.emulators.webhook_receiver import WebhookReceiver
+
+pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
+
+COMPLETED = "notification.completed"
+
+
+def test_two_workers_settling_two_channels_at_once_complete_each_notification_once(
+    api: Any, template: Any, celery_worker_process: Callable[..., Process], settings: Any
+) -> None:
+    total = 300
+    settings.WEBHOOK_ALLOW_PRIVATE = True
+    receiver = WebhookReceiver().start()
+    try:
+        registered = api.post(
+            "/api/v1/webhooks",
+            {"url": f"{receiver.url}/hooks", "event_types": [COMPLETED]},
+            format="json",
+        )
+        assert registered.status_code == 201, registered.content
+        secret = registered.json()["secret"]
+        env = {
+            "WEBHOOK_ALLOW_PRIVATE": "true",
+            "EMAIL_PROVIDER": "sandbox",
+            "SMS_PROVIDER": "sandbox",
+            # Small batches, no pacing: the two pools take the same notifications' channels
+            # in the same order and settle them side by side.
+            "DISPATCH_BATCH_SIZE": "5",
+            "RATE_LIMITS": "email=100000/s,sms=100000/s",
+        }
+        celery_worker_process("email", name="email", concurrency=2, **env)
+        celery_worker_process("sms", name="sms", concurrency=2, relay=False, **env)
+        celery_worker_process("webhooks", name="webhooks", concurrency=2, relay=False, **env)
+        answer = api.post(
+            "/api/v1/notifications/bulk",
+            {
+                "notifications": [
+                    {
+                        "recipient": {
+                            "id": f"user-{n}",
+                            "email": f"user-{n}@example.com",
+                            "phone": "+14155550100",
+                        },
+                        "template": "order_shipped",
+                        "data": {"order_id": f"A-{n}"},
+                        "channels": ["email", "sms"],
+                    }
+                    for n in range(total)
+                ]
+            },
+            format="json",
+        )
+        assert answer.json()["accepted"] == total, answer.content
+        recipient_of = {r["id"]: f"user-{n}" for n, r in enumerate(answer.json()["results"])}
+
+        def every_one_arrived() -> bool:
+            return (
+                len(receiver.ids()) >= total
+                and not CompletionCheck.objects.exists()
+                and not WebhookMessage.objects.exclude(status=WebhookMessageStatus.SENT).exists()
+            )
+
+        wait_until(every_one_arrived, timeout=120, interval=0.2, message="every completion")
+        assert Delivery.objects.filter(status=DeliveryStatus.SENT).count() == 2 * total
+        got = receiver.verified(secret)
+        assert Counter(g["type"] for g in got) == Counter({COMPLETED: total})
+        assert Counter(g["data"]["notification_id"] for g in got) == Counter(
+            dict.fromkeys(recipient_of, 1)
+        )
+        assert {g["data"]["notification_id"]: g["data"] for g in got} == {
+            nid: {
+                "notification_id": nid,
+                "recipient": rid,
+                "deliveries": {"email": "sent", "sms": "sent"},
+            }
+            for nid, rid in recipient_of.items()
+        }
+        assert max(receiver.ids().values()) == 1
+        assert WebhookMessage.objects.count() == total
+    finally:
+        receiver.stop()
