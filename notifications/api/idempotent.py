@@ -45,6 +45,18 @@ KEY_REUSED = OpenApiResponse(
 Handler = Callable[..., Response]
 
 
+def _replayed_header(statuses: list[int]) -> OpenApiParameter:
+    return OpenApiParameter(
+        REPLAYED_HEADER,
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        response=statuses,
+        enum=["true"],
+        description="Sent with an Idempotency-Key replay: the first answer again, nothing "
+        "done twice.",
+    )
+
+
 def key_of(request: Request) -> str | None:
     """The request's Idempotency-Key; None without one, 400 for an empty or overlong one."""
     key = request.headers.get("Idempotency-Key")
@@ -68,8 +80,20 @@ def replayed(body: Any, status_code: int, headers: dict[str, str] | None = None)
 
 def _as_json(data: Any) -> Any:
     """The body as the JSON renderer writes it (datetimes, UUIDs, decimals as text), so the
-    answer kept in Redis and the database reads back as the one first sent."""
-    return json.loads(json.dumps(data, cls=JSONEncoder))
+    answer kept in Redis and the database reads back as the one first sent; a NUL character
+    (an error echoing a client's field name), which PostgreSQL's JSON cannot hold, becomes
+    U+FFFD in both."""
+    return _without_nul(json.loads(json.dumps(data, cls=JSONEncoder)))
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
 
 
 def documented(handler: Handler) -> Handler:
@@ -83,7 +107,16 @@ def documented(handler: Handler) -> Handler:
 
     class IdempotentSchema(base):  # type: ignore[valid-type,misc]
         def get_override_parameters(self) -> list[Any]:
-            return [*super().get_override_parameters(), HEADER]
+            parameters = [*super().get_override_parameters(), HEADER]
+            if any(getattr(p, "name", "") == REPLAYED_HEADER for p in parameters):
+                return parameters  # the handler documents it itself
+            responses = super().get_response_serializers()
+            successes = [
+                code
+                for code in (responses if isinstance(responses, dict) else {})
+                if isinstance(code, int) and 200 <= code < 300
+            ]
+            return [*parameters, _replayed_header(successes)]
 
         def get_response_serializers(self) -> Any:
             responses = super().get_response_serializers()
@@ -142,6 +175,7 @@ def idempotent(handler: Handler) -> Handler:
                     idempotency.record_answer(
                         record=record, status_code=response.status_code, body=body
                     )
+                    response.data = body  # sent as it is kept
             except _Refused as refused:
                 response, body = refused.response, refused.body
             first.append(response)

@@ -515,6 +515,10 @@ class DeadLetterSerializer(serializers.Serializer):
     resolved_at = serializers.DateTimeField(allow_null=True)
 
 
+# A dead letter's status, or any (one enum in the schema for the list and the bulk replay).
+DEAD_LETTER_FILTER_STATUSES = ["open", "replayed", "discarded", "any"]
+
+
 class DeadLetterFilterSerializer(serializers.Serializer):
     channel = serializers.ChoiceField(choices=CHANNEL_CHOICES, required=False)
     error = serializers.CharField(required=False, max_length=200, help_text="Substring")
@@ -532,7 +536,7 @@ class DeadLetterFilterSerializer(serializers.Serializer):
         help_text="Dead for at most this many seconds",
     )
     status = serializers.ChoiceField(
-        choices=["open", "replayed", "discarded", "any"], required=False, default="open"
+        choices=DEAD_LETTER_FILTER_STATUSES, required=False, default="open"
     )
 
 

@@ -412,10 +412,20 @@ def test_every_such_operation_documents_the_header_409_and_422(api: APIClient) -
                 p["name"] for p in operation.get("parameters", []) if p.get("in") == "header"
             ]
             if "Idempotency-Key" in headers:
-                documented[operation["operationId"]] = sorted(
-                    code for code in operation["responses"] if code in ("409", "422")
+                responses = operation["responses"]
+                documented[operation["operationId"]] = (
+                    sorted(code for code in responses if code in ("409", "422")),
+                    # The replay's answer header, on every success the operation answers.
+                    all(
+                        "Idempotent-Replayed" in answer.get("headers", {})
+                        for code, answer in responses.items()
+                        if code.startswith("2")
+                    ),
                 )
-    assert documented == {name: ["409", "422"] for name in [*CASES, "notifications_create"]}
+    assert documented == {
+        name: (["409", "422"], name != "notifications_create")
+        for name in [*CASES, "notifications_create"]
+    }
     replay = schema["paths"]["/api/v1/dead-letters/{dead_letter_id}/replay"]["post"]
     assert replay["responses"]["409"]["description"] == (
         "Already replayed or discarded ({error: conflict}); or its address is on the "
@@ -538,4 +548,26 @@ def test_a_keyed_bulk_rolled_back_leaves_no_item_answer_behind(
     cache.clear()  # the lock ran out
     retry = _post(api, "/api/v1/notifications/bulk", {"notifications": [item]}, key="a-third")
     assert [r["status"] for r in retry.json()["results"]] == [202]
+    assert Notification.objects.count() == 1
+
+
+def test_an_answer_echoing_a_nul_character_is_kept_and_replayed_as_sent(
+    api: APIClient, template: Any
+) -> None:
+    """PostgreSQL's JSON holds no NUL: an answer that echoes one (a bulk item's error naming
+    the client's field) is sent and kept with U+FFFD in its place, and replayed the same."""
+    assert api.put("/api/v1/recipients/user-1", {}, format="json").status_code == 201
+    items = [
+        {"recipient": "user-1", "template": "order_shipped", "data": {"order_id": "N-1"}},
+        {"recipient": {"id": "user-1", "to\x00": 1}, "template": "order_shipped", "data": {}},
+    ]
+    first = _post(api, "/api/v1/notifications/bulk", {"notifications": items})
+    assert first.status_code == 200
+    assert [r["status"] for r in first.json()["results"]] == [202, 400]
+    assert first.json()["results"][1]["error"]["fields"] == {
+        "recipient.to\ufffd": ["Unknown field."]
+    }
+    retry = _post(api, "/api/v1/notifications/bulk", {"notifications": items})
+    assert (retry.json(), retry["Idempotent-Replayed"]) == (first.json(), "true")
+    assert IdempotencyRecord.objects.get().response == first.json()
     assert Notification.objects.count() == 1
