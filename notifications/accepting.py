@@ -860,9 +860,9 @@ def notification_accept_once(
     if idempotency_key is None:
         return Accepted(202, notification_accept(owner=owner, request=request))
 
-    def accept(claim: idempotency.Proceed) -> idempotency.Replay:
+    def accept(claim: idempotency.Proceed) -> idempotency.Done:
         keyed = replace(request, idempotency=_claim_from(claim))
-        return idempotency.Replay(202, notification_accept(owner=owner, request=keyed))
+        return idempotency.Done(202, notification_accept(owner=owner, request=keyed))
 
     done = idempotency.once(
         owner_id=owner.pk, key=idempotency_key, fp=fingerprint, operation=accept, limit=limit

@@ -80,7 +80,7 @@ class RecordExists(Exception):
 
 @dataclass(frozen=True)
 class Done:
-    """What once() answers: the operation's answer, or the first answer again (replayed)."""
+    """An answer: an operation's, or the first one given again (replayed)."""
 
     status_code: int
     body: Any
@@ -310,13 +310,13 @@ def once(
     owner_id: int,
     key: str,
     fp: str,
-    operation: Callable[[Proceed], Replay],
+    operation: Callable[[Proceed], Done],
     limit: RateLimit | None = None,
 ) -> Done:
     """Run `operation` at most once under the key: take the key (one Redis round trip, which
     takes `limit`'s token too), run it, remember a kept answer (one more) or give the key
-    back; or answer the first request's answer again. `operation` returns its status and
-    JSON body, and writes the key's record in the same transaction as its work (the create
+    back; or answer the first request's answer again. `operation` returns its answer (status
+    and JSON body), and writes the key's record in the same transaction as its work (the create
     path in its own statement; others with record_hold and record_answer), so a lost Redis
     entry cannot let it run twice: RecordExists from it is answered from that record.
     Raises InFlight (409), Mismatch (422), RateLimited (429), and whatever `operation`
@@ -347,7 +347,7 @@ def once(
         complete(owner_id=owner_id, claim=claim, status_code=answer.status_code, body=answer.body)
     else:
         release(owner_id=owner_id, claim=claim)
-    return Done(answer.status_code, answer.body)
+    return answer
 
 
 def forget(*, owner_id: int, keys: list[str]) -> None:

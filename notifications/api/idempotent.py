@@ -33,9 +33,9 @@ HEADER = OpenApiParameter(
     description="Up to 255 characters, one namespace per API key owner, kept "
     "IDEMPOTENCY_TTL_SECONDS (24 h). A retry with the same key and body answers the first "
     "answer's body again, with `Idempotent-Replayed: true` and nothing done twice: with the "
-    "first status (the two send endpoints answer a replay with 200). The same key with "
-    "another body, or on another endpoint, is a 422; while the first request is still in "
-    "flight, a 409. Only a success is kept: after a refusal (4xx) the key is free again.",
+    "first status (a send's replay answers 200 where the first answer was 202). The same key "
+    "with another body, or on another endpoint, is a 422; while the first request is still "
+    "in flight, a 409. Only a success is kept: after a refusal (4xx) the key is free again.",
 )
 IN_FLIGHT = "the same Idempotency-Key is still in flight"
 KEY_REUSED = OpenApiResponse(
@@ -163,7 +163,7 @@ def idempotent(handler: Handler) -> Handler:
         owner_id = cast(Owner, request.auth).pk
         first: list[Response] = []
 
-        def operation(claim: idempotency.Proceed) -> idempotency.Replay:
+        def operation(claim: idempotency.Proceed) -> idempotency.Done:
             first.clear()
             try:
                 with transaction.atomic():
@@ -179,7 +179,7 @@ def idempotent(handler: Handler) -> Handler:
             except _Refused as refused:
                 response, body = refused.response, refused.body
             first.append(response)
-            return idempotency.Replay(response.status_code, body)
+            return idempotency.Done(response.status_code, body)
 
         fp = idempotency.fingerprint(
             method=request.method or "", path=request.path, body=request.data
