@@ -1,11 +1,12 @@
 """Accepting notifications, single and bulk: render, route, write the notification with its
 deliveries (the outbox), their first events and the idempotency record in one transaction,
-and the whole Idempotency-Key protocol around it (the key taken in Redis, the database record
-as the backstop, replay, the key given back on refusal). The API views, the admin and the
-management commands call these; the views only adapt HTTP."""
+and the Idempotency-Key around it (notifications.idempotency's protocol, with the record
+written in the notification's own statement). The API views, the admin and the management
+commands call these; the views only adapt HTTP."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -158,10 +159,6 @@ class IdempotencyClaim:
 
     key: str
     fingerprint: str
-
-
-class IdempotencyRecordExists(Exception):
-    """Another request committed the same idempotency key first."""
 
 
 @dataclass
@@ -724,7 +721,7 @@ def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[s
         caps_give_back(prepared.caps)
         claim = request.idempotency
         if claim is not None and _idempotency_record_exists(owner, [claim.key]):
-            raise IdempotencyRecordExists from exc
+            raise idempotency.RecordExists from exc
         raise
     except BaseException:
         caps_give_back(prepared.caps)
@@ -847,25 +844,6 @@ def _claim_from(taken: idempotency.Proceed | None) -> IdempotencyClaim | None:
     return IdempotencyClaim(key=taken.key, fingerprint=taken.fingerprint)
 
 
-def _recorded(owner: Owner, claim: idempotency.Proceed) -> idempotency.Replay | None:
-    """Redis had lost the key and the database refused the write: answer as the request that
-    wrote the record did (None when that record had expired and is gone now). Raises
-    idempotency.Mismatch (after giving the key back) for a different body."""
-    try:
-        replay = idempotency.replay_from_database(
-            owner_id=owner.pk, key=claim.key, fp=claim.fingerprint
-        )
-    except idempotency.Mismatch:
-        idempotency.release(owner_id=owner.pk, claim=claim)
-        raise
-    if replay is None:
-        return None
-    idempotency.complete(
-        owner_id=owner.pk, claim=claim, status_code=replay.status_code, body=replay.body
-    )
-    return replay
-
-
 def notification_accept_once(
     *,
     owner: Owner,
@@ -874,43 +852,23 @@ def notification_accept_once(
     fingerprint: str = "",
     limit: idempotency.RateLimit | None = None,
 ) -> Accepted:
-    """Accept one notification under an optional Idempotency-Key: take the key (one Redis
-    round trip, which also takes `limit`'s token), write, remember the answer; or replay the
-    first answer. Raises ValidationFailed (the key is given back), idempotency.InFlight
-    (409), idempotency.Mismatch (422) and idempotency.RateLimited (429; only with a key)."""
-    taken: idempotency.Proceed | None = None
-    if idempotency_key is not None:
-        answer = idempotency.begin(
-            owner_id=owner.pk, key=idempotency_key, fp=fingerprint, limit=limit
-        )
-        if isinstance(answer, idempotency.Replay):
-            return Accepted(200, answer.body)
-        taken = answer
-    keyed = replace(request, idempotency=_claim_from(taken))
-    try:
-        # A second try only when an expired record, gone now, refused the first.
-        for _ in range(2):
-            try:
-                body = notification_accept(owner=owner, request=keyed)
-            except IdempotencyRecordExists:
-                if taken is None:
-                    raise
-                replay = _recorded(owner, taken)
-                if replay is not None:
-                    return Accepted(200, replay.body)
-                continue
-            break
-        else:
-            raise idempotency.InFlight
-    except idempotency.Mismatch:
-        raise
-    except BaseException:
-        if taken is not None:
-            idempotency.release(owner_id=owner.pk, claim=taken)
-        raise
-    if taken is not None:
-        idempotency.complete(owner_id=owner.pk, claim=taken, status_code=202, body=body)
-    return Accepted(202, body)
+    """Accept one notification under an optional Idempotency-Key, through idempotency.once():
+    the key taken in one Redis round trip (with `limit`'s token), the record written in the
+    notification's own statement, the answer remembered; or the first answer replayed. Raises
+    ValidationFailed (the key is given back), idempotency.InFlight (409),
+    idempotency.Mismatch (422) and idempotency.RateLimited (429; only with a key)."""
+    if idempotency_key is None:
+        return Accepted(202, notification_accept(owner=owner, request=request))
+
+    def accept(claim: idempotency.Proceed) -> idempotency.Done:
+        keyed = replace(request, idempotency=_claim_from(claim))
+        return idempotency.Done(202, notification_accept(owner=owner, request=keyed))
+
+    done = idempotency.once(
+        owner_id=owner.pk, key=idempotency_key, fp=fingerprint, operation=accept, limit=limit
+    )
+    # A replay answers 200 with the first body (the send endpoints' documented contract).
+    return Accepted(200 if done.replayed else done.status_code, done.body)
 
 
 @dataclass(frozen=True)
@@ -988,7 +946,12 @@ def notifications_accept_bulk(*, owner: Owner, items: list[BulkItem]) -> list[Bu
                 done.append((taken, 202, outcome.body))
         else:
             results[index] = _bulk_not_written(owner, taken, outcome)
-    idempotency.complete_many(owner_id=owner.pk, done=done)
+    # Remembered once committed: under a transaction of the caller's (an Idempotency-Key on
+    # the whole bulk request, api/idempotent.py), a rollback must not leave Redis replaying
+    # notifications that were never written. With none open, this runs at once.
+    transaction.on_commit(
+        functools.partial(idempotency.complete_many, owner_id=owner.pk, done=done)
+    )
     for index, first in twins:
         first_result = results[first]
         if first_result is not None and first_result.accepted is not None:
@@ -1009,7 +972,7 @@ def _bulk_not_written(
     if taken is None or not outcome.idempotency_record_exists:
         return BulkResult(error=idempotency.InFlight())
     try:
-        replay = _recorded(owner, taken)
+        replay = idempotency.recorded(owner_id=owner.pk, claim=taken)
     except idempotency.Mismatch as exc:
         return BulkResult(error=exc)
     if replay is None:

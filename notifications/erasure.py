@@ -1,11 +1,14 @@
 """Erasure of a recipient: its contact data, preferences, devices, topic subscriptions, the
-suppressions of its addresses, its inbox content and its dead letters go, and its pending
-deliveries are cancelled. Its notifications and deliveries stay only as anonymous counts
-(channel, status, template, times), in the database and in the delivery log, under an id
-that names nobody. Audited in the admin log."""
+suppressions of its addresses, its inbox content, its dead letters and the kept
+Idempotency-Key answers that name it go, and its pending deliveries are cancelled. Its
+notifications and deliveries stay only as anonymous counts (channel, status, template,
+times), in the database and in the delivery log, under an id that names nobody. Audited in
+the admin log."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from notifications import cache as keys
+from notifications import idempotency
 from notifications.models import (
     Channel,
     Delivery,
@@ -96,9 +100,15 @@ def recipient_erase(
         TopicSubscription.objects.filter(recipient=locked).delete()
         DeadLetter.objects.filter(notification__recipient=locked).delete()
         SandboxMessage.objects.filter(notification__recipient=locked).delete()
-        IdempotencyRecord.objects.filter(
-            owner_id=locked.owner_id, response__id__in=[str(pk) for pk in notification_ids]
-        ).delete()
+        records = IdempotencyRecord.objects.filter(
+            _answers_naming(locked, notification_ids), owner_id=locked.owner_id
+        )
+        forgotten = list(records.values_list("key", flat=True))
+        records.delete()
+        if forgotten:
+            transaction.on_commit(
+                functools.partial(idempotency.forget, owner_id=locked.owner_id, keys=forgotten)
+            )
         Delivery.objects.filter(notification__recipient=locked).update(
             address="", content={}, provider_message_id="", last_error="", updated_at=now
         )
@@ -132,6 +142,17 @@ def recipient_erase(
         erased.cancelled,
     )
     return erased
+
+
+def _answers_naming(recipient: Recipient, notification_ids: list[uuid.UUID]) -> Q:
+    """The kept Idempotency-Key answers that name the recipient: its notifications' 202s, and
+    any answer holding its id, email address or phone number as a JSON string (a recipient
+    token's, a dead letter's, a lifted suppression's; case aside, as addresses are kept)."""
+    named = Q(response__id__in=[str(pk) for pk in notification_ids])
+    for value in (recipient.external_id, recipient.email, recipient.phone):
+        if value:
+            named |= Q(response__icontains=json.dumps(value, ensure_ascii=False))
+    return named
 
 
 def _audit(erased: Erased, *, owner_name: str, actor: str, user_id: int | None) -> None:

@@ -28,9 +28,8 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Max
 from django.utils import timezone
 
-from notifications import templating, unsubscribe
+from notifications import idempotency, templating, unsubscribe
 from notifications.accepting import (
-    IdempotencyRecordExists,
     NotificationRequest,
     PreparedNotification,
     _caps_apply,
@@ -136,7 +135,7 @@ def topic_notification_accept(*, owner: Owner, request: NotificationRequest) -> 
     """Accept a notification to a topic's subscribers: check the topic and the template, then
     write the one topic notification (and its idempotency record) and wake the relay, which
     fans it out. Returns the 202 body; raises ValidationFailed for an unknown topic or
-    template or a missing variable, IdempotencyRecordExists when the key was recorded."""
+    template or a missing variable, idempotency.RecordExists when the key was recorded."""
     from workers.dispatch import outbox_wake_on_commit
 
     topic = Topic.objects.filter(owner=owner, key=request.topic).first()
@@ -191,7 +190,7 @@ def topic_notification_accept(*, owner: Owner, request: NotificationRequest) -> 
             claim is not None
             and IdempotencyRecord.objects.filter(owner=owner, key=claim.key).exists()
         ):
-            raise IdempotencyRecordExists from exc
+            raise idempotency.RecordExists from exc
         raise
     log.info(
         "topic notification %s accepted for %s subscribers of %s",

@@ -1,9 +1,10 @@
 """Idempotency-Key handling with the semantics of Stripe and the IETF draft: a Redis fast path
 (one SET NX per request) over the database's unique record, which survives a Redis flush.
-With Redis unreachable the database record alone keeps a key to one notification: the request
+With Redis unreachable the database record alone keeps a key to one answer: the request
 proceeds, a twin racing it is refused by the record's unique key and answered from it, and
 nothing is remembered in Redis (the API key's rate limit is not enforced meanwhile, as
-elsewhere)."""
+elsewhere). once() is the whole protocol for one request; the API's idempotent views and the
+create path both run through it."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db import IntegrityError
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -66,7 +69,29 @@ class InFlight(Exception):
 
 
 class Mismatch(Exception):
-    """The key was used with a different request body (422)."""
+    """The key was used with another request: a different body, or another method or path
+    (422)."""
+
+
+class RecordExists(Exception):
+    """The database already holds a record under the key: a request that Redis let through
+    (its entry lost or unreachable) raced one that committed first."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """An answer: an operation's, or the first one given again (replayed)."""
+
+    status_code: int
+    body: Any
+    replayed: bool = False
+
+
+def kept(status_code: int) -> bool:
+    """Whether an answer is remembered under its key. Only a success is: every refusal of the
+    API (a 4xx) changes nothing, so its key is given back and a corrected retry with the same
+    key runs (as Stripe does for a request that fails validation)."""
+    return 200 <= status_code < 300
 
 
 def fingerprint(*, method: str, path: str, body: Any) -> str:
@@ -241,3 +266,94 @@ def release(*, owner_id: int, claim: Proceed) -> None:
 def replay_from_database(*, owner_id: int, key: str, fp: str) -> Replay | None:
     """After the database refused a duplicate record: what the winner answered."""
     return _from_database(owner_id, key, fp)
+
+
+def record_hold(*, owner_id: int, claim: Proceed) -> IdempotencyRecord:
+    """The key's database record, inserted first in the caller's transaction and given its
+    answer by record_answer() before commit (no one sees it before). A twin that Redis let
+    through (its entry lost or unreachable) inserts the same row: it waits for this
+    transaction, then fails with RecordExists and is answered from the record."""
+    try:
+        return IdempotencyRecord.objects.create(
+            owner_id=owner_id,
+            key=claim.key,
+            fingerprint=claim.fingerprint,
+            status_code=0,
+            response={},
+        )
+    except IntegrityError as exc:
+        raise RecordExists from exc
+
+
+def record_answer(*, record: IdempotencyRecord, status_code: int, body: Any) -> None:
+    record.status_code = status_code
+    record.response = body
+    record.save(update_fields=["status_code", "response"])
+
+
+def recorded(*, owner_id: int, claim: Proceed) -> Replay | None:
+    """After RecordExists: answer as the request that wrote the record did, and remember that
+    in Redis (None when the record had expired and is gone now). Raises Mismatch (after
+    giving the key back) for another body."""
+    try:
+        replay = replay_from_database(owner_id=owner_id, key=claim.key, fp=claim.fingerprint)
+    except Mismatch:
+        release(owner_id=owner_id, claim=claim)
+        raise
+    if replay is not None:
+        complete(owner_id=owner_id, claim=claim, status_code=replay.status_code, body=replay.body)
+    return replay
+
+
+def once(
+    *,
+    owner_id: int,
+    key: str,
+    fp: str,
+    operation: Callable[[Proceed], Done],
+    limit: RateLimit | None = None,
+) -> Done:
+    """Run `operation` at most once under the key: take the key (one Redis round trip, which
+    takes `limit`'s token too), run it, remember a kept answer (one more) or give the key
+    back; or answer the first request's answer again. `operation` returns its answer (status
+    and JSON body), and writes the key's record in the same transaction as its work (the create
+    path in its own statement; others with record_hold and record_answer), so a lost Redis
+    entry cannot let it run twice: RecordExists from it is answered from that record.
+    Raises InFlight (409), Mismatch (422), RateLimited (429), and whatever `operation`
+    raises (the key given back)."""
+    begun = begin(owner_id=owner_id, key=key, fp=fp, limit=limit)
+    if isinstance(begun, Replay):
+        return Done(begun.status_code, begun.body, replayed=True)
+    claim = begun
+    try:
+        # A second run only when an expired record, deleted by recorded(), refused the first.
+        for _ in range(2):
+            try:
+                answer = operation(claim)
+            except RecordExists:
+                replay = recorded(owner_id=owner_id, claim=claim)
+                if replay is not None:
+                    return Done(replay.status_code, replay.body, replayed=True)
+                continue
+            break
+        else:
+            raise InFlight
+    except Mismatch:
+        raise  # recorded() gave the key back
+    except BaseException:
+        release(owner_id=owner_id, claim=claim)
+        raise
+    if kept(answer.status_code):
+        complete(owner_id=owner_id, claim=claim, status_code=answer.status_code, body=answer.body)
+    else:
+        release(owner_id=owner_id, claim=claim)
+    return answer
+
+
+def forget(*, owner_id: int, keys: list[str]) -> None:
+    """Drop the Redis copies of these keys' answers (their records are being deleted)."""
+    if keys:
+        try:
+            cache.delete_many([_cache_key(owner_id, key) for key in keys])
+        except RedisError as exc:  # they expire after IDEMPOTENCY_TTL_SECONDS
+            log.warning("answers not forgotten in Redis, unavailable: %s", exc)

@@ -93,6 +93,27 @@ def suppression_delete(*, suppression: Suppression) -> None:
     )
 
 
+def suppressions_delete(*, suppressions: list[Suppression]) -> None:
+    """suppression_delete() for several at once; the objects keep their ids, so a caller can
+    still say which it lifted."""
+    if not suppressions:
+        return
+    with transaction.atomic():
+        Suppression.objects.filter(pk__in=[s.pk for s in suppressions]).delete()
+        for suppression in suppressions:
+            _contexts_invalidate(
+                owner_id=suppression.owner_id,
+                channel=suppression.channel,
+                address=suppression.address,
+            )
+    for suppression in suppressions:
+        log.info(
+            "suppression of %s address lifted for owner %s",
+            suppression.channel,
+            suppression.owner_id,
+        )
+
+
 def suppressions_list(
     *,
     owner: Owner,
@@ -115,25 +136,45 @@ def suppressed_reasons(
 ) -> dict[tuple[int, str, str], str]:
     """(owner id, channel, address) → the reason it is suppressed, for those that are; one
     query for all of them."""
-    keys = {
-        (owner_id, channel, address_normalize(channel=channel, address=address))
-        for owner_id, channel, address in wanted
-        if channel in SUPPRESSIBLE_CHANNELS and address
-    }
-    if not keys:
+    where = _matching(wanted)
+    if where is None:
         return {}
-    by_scope: dict[tuple[int, str], list[str]] = {}
-    for owner_id, channel, address in keys:
-        by_scope.setdefault((owner_id, channel), []).append(address)
-    where = Q()
-    for (owner_id, channel), addresses in by_scope.items():
-        where |= Q(owner_id=owner_id, channel=channel, address__in=addresses)
     return {
         (owner_id, channel, address): reason
         for owner_id, channel, address, reason in Suppression.objects.filter(where).values_list(
             "owner_id", "channel", "address", "reason"
         )
     }
+
+
+def suppressions_matching(
+    wanted: Iterable[tuple[int, str, str]],
+) -> dict[tuple[int, str, str], Suppression]:
+    """(owner id, channel, address) → its suppression, for those that are suppressed; one
+    query for all of them."""
+    where = _matching(wanted)
+    if where is None:
+        return {}
+    return {(s.owner_id, s.channel, s.address): s for s in Suppression.objects.filter(where)}
+
+
+def _matching(wanted: Iterable[tuple[int, str, str]]) -> Q | None:
+    """The filter of the suppressions of these (owner id, channel, address); None when no
+    address among them can be suppressed."""
+    keys = {
+        (owner_id, channel, address_normalize(channel=channel, address=address))
+        for owner_id, channel, address in wanted
+        if channel in SUPPRESSIBLE_CHANNELS and address
+    }
+    if not keys:
+        return None
+    by_scope: dict[tuple[int, str], list[str]] = {}
+    for owner_id, channel, address in keys:
+        by_scope.setdefault((owner_id, channel), []).append(address)
+    where = Q()
+    for (owner_id, channel), addresses in by_scope.items():
+        where |= Q(owner_id=owner_id, channel=channel, address__in=addresses)
+    return where
 
 
 def suppression_binds(*, reason: str, priority: str) -> bool:

@@ -268,6 +268,7 @@ SPECTACULAR_SETTINGS = {
     # first field that used them (ReasonEnum, UnlessEnum).
     "ENUM_NAME_OVERRIDES": {
         "ChannelEnum": "notifications.models.CHANNEL_ORDER",
+        "DeadLetterFilterStatusEnum": "notifications.api.serializers.DEAD_LETTER_FILTER_STATUSES",
         "AttemptOutcomeEnum": "notifications.models.AttemptOutcome.values",
         "DevicePlatformEnum": "notifications.models.DevicePlatform",
         "EscalationConditionEnum": "notifications.schedules.ESCALATION_CONDITIONS",

@@ -12,7 +12,12 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 
 from notifications import admin_views
-from workers.dead_letters import dead_letter_groups, dead_letters_discard, dead_letters_replay
+from workers.dead_letters import (
+    DeadLetterReplay,
+    dead_letter_groups,
+    dead_letters_discard,
+    dead_letters_replay,
+)
 from workers.models import DeadLetter, DeadLetterStatus, ProviderEvent, SandboxMessage
 
 # Groups shown above the dead-letter list; the rest stay reachable through the filters.
@@ -125,13 +130,30 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.action(description="Replay selected dead letters")
     def replay(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        count = dead_letters_replay(letters=queryset)
-        self.message_user(request, f"Replayed {count} dead letter(s).", messages.SUCCESS)
+        done = dead_letters_replay(letters=queryset)
+        replayed = sum(1 for d in done if d.replayed)
+        self.message_user(request, f"Replayed {replayed} dead letter(s).", messages.SUCCESS)
+        held = [d for d in done if not d.replayed]
+        if held:
+            self.message_user(
+                request,
+                f"{len(held)} not replayed, their address is suppressed: "
+                + ", ".join(f"#{d.dead_letter_id} ({_held_by(d)})" for d in held)
+                + ". Lift the suppression first (Suppressions), then replay.",
+                messages.WARNING,
+            )
 
     @admin.action(description="Discard selected dead letters")
     def discard(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
         count = dead_letters_discard(letters=queryset)
         self.message_user(request, f"Discarded {count} dead letter(s).", messages.SUCCESS)
+
+
+def _held_by(done: DeadLetterReplay) -> str:
+    suppression = done.suppression
+    if suppression is None:
+        return "suppressed"
+    return f"suppression #{suppression.pk}, {suppression.reason}"
 
 
 @admin.register(ProviderEvent)

@@ -1,5 +1,7 @@
 """The dead-letter queue: deliveries that failed for good are kept with their history, and
-replayed (back onto the normal path with fresh attempts) or discarded by an operator."""
+replayed (back onto the normal path with fresh attempts) or discarded by an operator. A dead
+letter whose address is suppressed is not replayed (the worker would only skip it) unless the
+suppression is lifted with it."""
 
 from __future__ import annotations
 
@@ -12,7 +14,13 @@ from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from notifications.models import Owner
+from notifications.models import Delivery, Owner, Suppression
+from notifications.suppressions import (
+    address_normalize,
+    suppression_binds,
+    suppressions_delete,
+    suppressions_matching,
+)
 from workers.models import DeadLetter, DeadLetterStatus
 
 # A dead letter is made by the Delivery's transition to `dead` (workers.transitions.
@@ -46,28 +54,81 @@ def dead_letters_list(*, owner: Owner | None, where: DeadLetterFilter) -> QueryS
     return letters
 
 
-def dead_letter_replay(*, dead_letter: DeadLetter) -> bool:
-    """Send the delivery again from scratch; False when it is no longer open."""
-    return dead_letters_replay(letters=DeadLetter.objects.filter(pk=dead_letter.pk)) == 1
+@dataclass(frozen=True)
+class DeadLetterReplay:
+    """What replaying one open dead letter did. `suppression` is the suppression of its
+    address that would stop the send: lifted when `replayed`, in the way when not."""
+
+    dead_letter_id: int
+    replayed: bool
+    suppression: Suppression | None = None
 
 
-def dead_letters_replay(*, letters: QuerySet[DeadLetter]) -> int:
-    """Replay every open dead letter in `letters`; returns how many."""
+def dead_letter_replay(
+    *, dead_letter: DeadLetter, lift_suppression: bool = False
+) -> DeadLetterReplay | None:
+    """Send the delivery again from scratch; None when it is no longer open."""
+    done = dead_letters_replay(
+        letters=DeadLetter.objects.filter(pk=dead_letter.pk), lift_suppression=lift_suppression
+    )
+    return done[0] if done else None
 
+
+def dead_letters_replay(
+    *, letters: QuerySet[DeadLetter], lift_suppression: bool = False
+) -> list[DeadLetterReplay]:
+    """Replay every open dead letter in `letters`, but those whose address is suppressed
+    (for their notification's priority), which stay open; with `lift_suppression`, those
+    suppressions are lifted and every one is replayed. One answer per open dead letter, in
+    id order."""
     now = timezone.now()
     with transaction.atomic():
-        chosen = list(
+        chosen = sorted(
             letters.filter(status=DeadLetterStatus.OPEN)
             .select_for_update()
             .values_list("pk", "delivery_id")
         )
         if not chosen:
-            return 0
-        DeadLetter.objects.filter(pk__in=[pk for pk, _ in chosen]).update(
-            status=DeadLetterStatus.REPLAYED, resolved_at=now
+            return []
+        in_the_way = _suppressions_in_the_way([delivery_id for _, delivery_id in chosen])
+        if lift_suppression:
+            suppressions_delete(suppressions=list({s.pk: s for s in in_the_way.values()}.values()))
+        go = [(pk, d) for pk, d in chosen if lift_suppression or d not in in_the_way]
+        if go:
+            DeadLetter.objects.filter(pk__in=[pk for pk, _ in go]).update(
+                status=DeadLetterStatus.REPLAYED, resolved_at=now
+            )
+            deliveries_replay(delivery_ids=[delivery_id for _, delivery_id in go], now=now)
+    return [
+        DeadLetterReplay(
+            dead_letter_id=pk,
+            replayed=lift_suppression or delivery_id not in in_the_way,
+            suppression=in_the_way.get(delivery_id),
         )
-        deliveries_replay(delivery_ids=[delivery_id for _, delivery_id in chosen], now=now)
-    return len(chosen)
+        for pk, delivery_id in chosen
+    ]
+
+
+def _suppressions_in_the_way(delivery_ids: list[int]) -> dict[int, Suppression]:
+    """delivery id → the suppression that would make the worker skip it (workers.services
+    checks the same address, owner and priority when it sends)."""
+    deliveries = list(
+        Delivery.objects.filter(pk__in=delivery_ids).values_list(
+            "pk", "channel", "address", "notification__owner_id", "notification__priority"
+        )
+    )
+    found = suppressions_matching(
+        (owner_id, channel, address) for _, channel, address, owner_id, _ in deliveries
+    )
+    in_the_way = {}
+    for pk, channel, address, owner_id, priority in deliveries:
+        normal = address_normalize(channel=channel, address=address)
+        suppression = found.get((owner_id, channel, normal))
+        if suppression is not None and suppression_binds(
+            reason=suppression.reason, priority=priority
+        ):
+            in_the_way[pk] = suppression
+    return in_the_way
 
 
 def dead_letters_discard(*, letters: QuerySet[DeadLetter]) -> int:

@@ -1,5 +1,6 @@
 """Dead-letter queue endpoints: list with filters, replay or discard one, replay in bulk by
-filter, and the open count per channel for alerting."""
+filter, and the open count per channel for alerting. A replay whose address is suppressed
+says so (409, or per item) instead of sending a delivery the worker would only skip."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from notifications.api import serializers as s
+from notifications.api.errors import error_body
+from notifications.api.idempotent import idempotent
 from notifications.api.views import ERRORS, _owner, _validated
+from notifications.models import Suppression
 from workers import dead_letters
 from workers.models import DeadLetter
 
@@ -22,7 +26,10 @@ LIST_LIMIT = 500
 
 
 def _filter(params: Any) -> dead_letters.DeadLetterFilter:
-    values = _validated(s.DeadLetterFilterSerializer, params)
+    return _where(_validated(s.DeadLetterFilterSerializer, params))
+
+
+def _where(values: dict[str, Any]) -> dead_letters.DeadLetterFilter:
     now = timezone.now()
     status = values.get("status", "open")
     return dead_letters.DeadLetterFilter(
@@ -64,25 +71,47 @@ class DeadLetterListView(APIView):
         return Response(s.DeadLetterSerializer(letters, many=True).data)
 
 
+def _suppression(suppression: Suppression | None) -> dict[str, Any] | None:
+    return None if suppression is None else dict(s.SuppressionSerializer(suppression).data)
+
+
 class DeadLetterReplayView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="dead_letters_replay",
-        request=None,
+        request=s.DeadLetterReplaySerializer,
         responses={
-            202: s.DeadLetterSerializer,
-            409: OpenApiResponse(description="Already replayed or discarded"),
+            202: s.DeadLetterReplayedSerializer,
+            409: OpenApiResponse(
+                s.DeadLetterConflictSerializer,
+                "Already replayed or discarded ({error: conflict}); or its address is on the "
+                "suppression list ({error: suppressed, suppression}), the dead letter stays open",
+            ),
             **ERRORS,
         },
+        description="Send the delivery again from scratch. When its address is on the "
+        "suppression list (for its notification's priority), the answer is a 409 that names "
+        'the suppression; `{"lift_suppression": true}` lifts it and replays in one call '
+        "(`lifted_suppression` in the answer).",
     )
     def post(self, request: Request, dead_letter_id: int) -> Response:
         letter = _letter(request, dead_letter_id)
-        if not dead_letters.dead_letter_replay(dead_letter=letter):
+        lift = _validated(s.DeadLetterReplaySerializer, request.data)["lift_suppression"]
+        done = dead_letters.dead_letter_replay(dead_letter=letter, lift_suppression=lift)
+        if done is None:
             return _not_open(letter)
+        if not done.replayed:
+            return _suppressed(done.suppression)
         letter.refresh_from_db()
-        return Response(s.DeadLetterSerializer(letter).data, status=202)
+        body = {
+            **s.DeadLetterSerializer(letter).data,
+            "lifted_suppression": _suppression(done.suppression),
+        }
+        return Response(body, status=202)
 
 
 class DeadLetterDiscardView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="dead_letters_discard",
         request=None,
@@ -101,26 +130,57 @@ class DeadLetterDiscardView(APIView):
 
 
 def _not_open(letter: DeadLetter) -> Response:
-    from notifications.api.errors import error_body
-
     return Response(
         error_body("conflict", f"This dead letter is already {letter.status}."), status=409
     )
 
 
+def _suppressed(suppression: Suppression | None) -> Response:
+    if suppression is None:  # a replay held back always names its suppression
+        raise ValueError("a dead letter held back by no suppression")
+    body = error_body(
+        "suppressed",
+        f"Not replayed: the {suppression.channel} address is on the suppression list "
+        f"(suppression {suppression.pk}, {suppression.reason}), so the delivery would be "
+        f"skipped. Lift it with DELETE /api/v1/suppressions/{suppression.pk}, or replay with "
+        '{"lift_suppression": true}.',
+    )
+    return Response({**body, "suppression": _suppression(suppression)}, status=409)
+
+
 class DeadLetterBulkReplayView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="dead_letters_replay_bulk",
-        request=s.DeadLetterFilterSerializer,
-        responses={202: s.CountSerializer, **ERRORS},
-        description="Replay every open dead letter that matches the filter.",
+        request=s.DeadLetterBulkReplaySerializer,
+        responses={202: s.DeadLetterBulkReplayedSerializer, **ERRORS},
+        description="Replay every open dead letter that matches the filter, but those whose "
+        "address is on the suppression list, which stay open (`suppressed` in `results`, "
+        "with the suppression) unless `lift_suppression` lifts their suppressions too.",
     )
     def post(self, request: Request) -> Response:
-        where = _filter(request.data)
-        count = dead_letters.dead_letters_replay(
-            letters=dead_letters.dead_letters_list(owner=_owner(request), where=where)
+        values = _validated(s.DeadLetterBulkReplaySerializer, request.data)
+        done = dead_letters.dead_letters_replay(
+            letters=dead_letters.dead_letters_list(owner=_owner(request), where=_where(values)),
+            lift_suppression=values["lift_suppression"],
         )
-        return Response({"count": count}, status=202)
+        results = [
+            {
+                "id": d.dead_letter_id,
+                "status": "replayed",
+                "lifted_suppression": _suppression(d.suppression),
+            }
+            if d.replayed
+            else {
+                "id": d.dead_letter_id,
+                "status": "suppressed",
+                "suppression": _suppression(d.suppression),
+            }
+            for d in done
+        ]
+        return Response(
+            {"count": sum(1 for d in done if d.replayed), "results": results}, status=202
+        )
 
 
 class DeadLetterCountsView(APIView):

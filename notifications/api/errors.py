@@ -53,7 +53,9 @@ class Conflict(exceptions.APIException):
 class IdempotencyMismatch(exceptions.APIException):
     status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
     default_code = "idempotency_key_reused"
-    default_detail = "This Idempotency-Key was used with a different request body."
+    default_detail = (
+        "This Idempotency-Key was used with another request: a different body or endpoint."
+    )
 
 
 _CODES = {

@@ -20,6 +20,7 @@ from rest_framework.views import APIView
 from channels_app.tokens import recipient_token_issue
 from notifications import selectors, services
 from notifications.api import serializers as s
+from notifications.api.idempotent import idempotent
 from notifications.api.views import (
     ERRORS,
     _owner,
@@ -38,6 +39,7 @@ INBOX_ERRORS = {
 
 
 class RecipientTokenView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="recipients_token_create",
         request=None,

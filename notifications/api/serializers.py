@@ -515,6 +515,10 @@ class DeadLetterSerializer(serializers.Serializer):
     resolved_at = serializers.DateTimeField(allow_null=True)
 
 
+# A dead letter's status, or any (one enum in the schema for the list and the bulk replay).
+DEAD_LETTER_FILTER_STATUSES = ["open", "replayed", "discarded", "any"]
+
+
 class DeadLetterFilterSerializer(serializers.Serializer):
     channel = serializers.ChoiceField(choices=CHANNEL_CHOICES, required=False)
     error = serializers.CharField(required=False, max_length=200, help_text="Substring")
@@ -532,7 +536,25 @@ class DeadLetterFilterSerializer(serializers.Serializer):
         help_text="Dead for at most this many seconds",
     )
     status = serializers.ChoiceField(
-        choices=["open", "replayed", "discarded", "any"], required=False, default="open"
+        choices=DEAD_LETTER_FILTER_STATUSES, required=False, default="open"
+    )
+
+
+class DeadLetterReplaySerializer(serializers.Serializer):
+    lift_suppression = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="When the address is on the suppression list: lift that suppression and "
+        "replay, rather than answer 409.",
+    )
+
+
+class DeadLetterBulkReplaySerializer(DeadLetterFilterSerializer):
+    lift_suppression = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Lift the suppressions of the matching dead letters' addresses and replay "
+        "them all, rather than leave those open.",
     )
 
 
@@ -560,6 +582,39 @@ class SuppressionSerializer(serializers.Serializer):
     detail = serializers.CharField(help_text="The provider's own words.")
     delivery_id = serializers.IntegerField(allow_null=True)
     created_at = serializers.DateTimeField()
+
+
+class DeadLetterReplayedSerializer(DeadLetterSerializer):
+    lifted_suppression = SuppressionSerializer(
+        allow_null=True, help_text="The suppression of the address this replay lifted."
+    )
+
+
+class DeadLetterConflictSerializer(serializers.Serializer):
+    error = serializers.CharField(help_text="conflict, or suppressed")
+    detail = serializers.CharField()
+    suppression = SuppressionSerializer(
+        required=False, help_text="With `suppressed`: the suppression that stops the replay."
+    )
+
+
+class DeadLetterReplayItemSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    status = serializers.ChoiceField(
+        choices=["replayed", "suppressed"],
+        help_text="suppressed: not replayed, the dead letter stays open.",
+    )
+    lifted_suppression = SuppressionSerializer(
+        required=False, allow_null=True, help_text="replayed: the suppression lifted, if any."
+    )
+    suppression = SuppressionSerializer(
+        required=False, help_text="suppressed: the suppression in the way."
+    )
+
+
+class DeadLetterBulkReplayedSerializer(serializers.Serializer):
+    count = serializers.IntegerField(help_text="How many were replayed.")
+    results = DeadLetterReplayItemSerializer(many=True, help_text="Each open match, by id.")
 
 
 class SuppressionFilterSerializer(serializers.Serializer):

@@ -17,13 +17,8 @@ from rest_framework.views import APIView
 from notifications import accepting, erasure, idempotency, selectors, services
 from notifications.api import serializers as s
 from notifications.api import throttling
-from notifications.api.errors import (
-    Conflict,
-    FieldErrors,
-    IdempotencyMismatch,
-    describe,
-    error_body,
-)
+from notifications.api.errors import FieldErrors, describe, error_body
+from notifications.api.idempotent import documented, idempotent, key_of, refusal, replayed
 from notifications.models import Owner, Recipient
 
 ERRORS = {
@@ -31,13 +26,6 @@ ERRORS = {
     401: OpenApiResponse(description="Missing or invalid API key"),
     404: OpenApiResponse(description="Not found for this API key's owner"),
 }
-IDEMPOTENCY_HEADER = OpenApiParameter(
-    "Idempotency-Key",
-    OpenApiTypes.STR,
-    OpenApiParameter.HEADER,
-    description="Up to 255 characters; a retry with the same key and body within 24 h "
-    "answers 200 with the original body and `Idempotent-Replayed: true`.",
-)
 # The answer headers of an accepted notification (documented, so clients and the fuzz test
 # see them).
 ACCEPTED_HEADERS = [
@@ -98,37 +86,27 @@ def _api_error(exc: Exception) -> APIException:
     """The API's answer for an error of the accept services."""
     if isinstance(exc, services.ValidationFailed):
         return FieldErrors(exc.fields)
-    if isinstance(exc, idempotency.Mismatch):
-        return IdempotencyMismatch()
-    if isinstance(exc, idempotency.InFlight):
-        return Conflict()
+    if isinstance(exc, (idempotency.Mismatch, idempotency.InFlight)):
+        return refusal(exc)
     raise exc
-
-
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not key or len(key) > idempotency.MAX_KEY_LENGTH:
-        raise FieldErrors({"Idempotency-Key": ["Must be 1 to 255 characters."]})
-    return key
 
 
 class NotificationCreateView(APIView):
     # With an Idempotency-Key, the API key's rate-limit token is taken in the same Redis
-    # round trip as the key (throttling.deferred_limit).
+    # round trip as the key (throttling.deferred_limit). The key's protocol runs in
+    # accepting.notification_accept_once rather than through @idempotent: there the record
+    # is written in the notification's own statement, not in a transaction of its own.
     rate_limit_with_claim = True
 
+    @documented
     @extend_schema(
         operation_id="notifications_create",
         request=s.NotificationCreateSerializer,
-        parameters=[IDEMPOTENCY_HEADER, *ACCEPTED_HEADERS],
+        parameters=ACCEPTED_HEADERS,
         responses={
             202: s.NotificationAcceptedSerializer,
             200: OpenApiResponse(s.NotificationAcceptedSerializer, "Idempotent replay"),
-            409: OpenApiResponse(description="Same Idempotency-Key still in flight"),
             413: OpenApiResponse(description="Body too large"),
-            422: OpenApiResponse(description="Same Idempotency-Key, different body"),
             **ERRORS,
         },
         description="To one recipient (`recipient`), or to every subscriber of a topic "
@@ -137,7 +115,7 @@ class NotificationCreateView(APIView):
         "rendered as a single send to it would be. An unknown topic is a 400.",
     )
     def post(self, request: Request) -> Response:
-        idem_key = _idempotency_key(request)
+        idem_key = key_of(request)
         limit = throttling.deferred_limit(request, self)
         try:
             payload = _validated(s.NotificationCreateSerializer, request.data)
@@ -161,11 +139,12 @@ class NotificationCreateView(APIView):
             raise _api_error(exc) from exc
         headers = {"Location": f"/api/v1/notifications/{accepted.body['id']}"}
         if accepted.replayed:
-            headers["Idempotent-Replayed"] = "true"
+            return replayed(accepted.body, accepted.status_code, headers)
         return Response(accepted.body, status=accepted.status_code, headers=headers)
 
 
 class NotificationBulkView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="notifications_bulk_create",
         request=s.BulkCreateSerializer,
@@ -175,7 +154,8 @@ class NotificationBulkView(APIView):
             **ERRORS,
         },
         description="Up to 1000 notifications; each item is validated and accepted on its "
-        "own and may carry its own `idempotency_key`.",
+        "own and may carry its own `idempotency_key`, which works as the header does for a "
+        "single send. The `Idempotency-Key` header keys the whole request and its answer.",
     )
     def post(self, request: Request) -> Response:
         items = _validated(s.BulkCreateSerializer, request.data)["notifications"]
@@ -233,6 +213,7 @@ class NotificationDetailView(APIView):
 
 
 class NotificationCancelView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="notifications_cancel",
         description="Cancel every delivery of the notification that has not been handed to a "
@@ -258,6 +239,7 @@ class NotificationCancelView(APIView):
 
 
 class NotificationCancelByKeyView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="notifications_cancel_by_key",
         description="Cancel, as POST /notifications/{id}/cancel does, every notification "
@@ -389,6 +371,7 @@ class TemplateListView(APIView):
         templates = selectors.template_list(owner=_owner(request))
         return Response(s.TemplateSerializer(templates, many=True).data)
 
+    @idempotent
     @extend_schema(
         operation_id="templates_create",
         request=s.TemplateSerializer,

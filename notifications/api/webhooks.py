@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from notifications import webhooks
 from notifications.api import serializers as s
 from notifications.api.errors import FieldErrors
+from notifications.api.idempotent import idempotent
 from notifications.api.views import ERRORS, _owner, _validated
 from notifications.models import Owner, Webhook, WebhookMessageStatus
 
@@ -59,6 +60,7 @@ class WebhookListView(APIView):
     def get(self, request: Request) -> Response:
         return Response([_body(w) for w in _with_counts(_owner(request))])
 
+    @idempotent
     @extend_schema(
         operation_id="webhooks_create",
         request=s.WebhookCreateSerializer,
@@ -91,6 +93,7 @@ class WebhookDetailView(APIView):
 
 
 class WebhookRotateView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="webhooks_rotate_secret",
         request=None,
@@ -104,6 +107,7 @@ class WebhookRotateView(APIView):
 
 
 class WebhookReplayView(APIView):
+    @idempotent
     @extend_schema(
         operation_id="webhooks_replay",
         request=None,

@@ -154,6 +154,7 @@ def test_enum_components_are_named_for_what_they_are(served: dict[str, Any]) -> 
         "AttemptOutcomeEnum": ["ok", "transient", "permanent"],
         "ChannelEnum": ["email", "sms", "push", "web"],
         "DeadLetterFilterStatusEnum": ["open", "replayed", "discarded", "any"],
+        "DeadLetterReplayItemStatusEnum": ["replayed", "suppressed"],
         "DevicePlatformEnum": ["fcm"],
         "EscalationConditionEnum": ["read", "delivered"],
         "FrequencyCapScopeEnum": ["template", "category"],
@@ -201,8 +202,12 @@ def test_every_error_answer_has_a_body_schema(served: dict[str, Any]) -> None:
     }
     assert len(bodies) > 150
     others = {key: content for key, content in bodies.items() if content != error}
-    # The unsubscribe page answers a bad link with a page, not JSON.
+    # The unsubscribe page answers a bad link with a page, not JSON; a dead letter's replay
+    # held back by a suppression answers the error body with that suppression.
     assert others == {
+        ("dead_letters_replay", "409"): {
+            "application/json": {"schema": {"$ref": "#/components/schemas/DeadLetterConflict"}}
+        },
         ("unsubscribe", "400"): {"text/html": {"schema": {"type": "string"}}},
         ("unsubscribe_confirm", "400"): {"text/html": {"schema": {"type": "string"}}},
     }
@@ -305,6 +310,8 @@ def test_answer_fields_are_optional_only_where_an_answer_may_leave_them_out(
     assert {name: fields for name, fields in optional.items() if fields} == {
         "BulkItemResult": ["id", "deliveries", "error"],
         "CancelledDelivery": ["reason"],
+        "DeadLetterConflict": ["suppression"],
+        "DeadLetterReplayItem": ["lifted_suppression", "suppression"],
         "DeliveryAccepted": ["reason", "scheduled_for", "unless"],
         "Error": ["fields"],
         "NotificationAccepted": ["topic", "recipients_total"],

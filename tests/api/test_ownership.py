@@ -317,7 +317,7 @@ def test_lists_and_filters_of_another_owner_show_none_of_the_first_owners_object
         "/api/v1/webhooks": (200, []),
     }
     assert sum(counts["channels"].values()) == 0
-    assert (bulk.status_code, bulk.json()) == (202, {"count": 0})
+    assert (bulk.status_code, bulk.json()) == (202, {"count": 0, "results": []})
     assert DeadLetter.objects.get(pk=acme["dead_letter_id"]).status == DeadLetterStatus.OPEN
     assert _snapshot(acme) == before
 

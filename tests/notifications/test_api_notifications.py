@@ -236,7 +236,8 @@ class TestIdempotency:
         assert response.status_code == 422
         assert response.json() == {
             "error": "idempotency_key_reused",
-            "detail": "This Idempotency-Key was used with a different request body.",
+            "detail": "This Idempotency-Key was used with another request: a different body or "
+            "endpoint.",
         }
         assert Notification.objects.count() == 1
 
@@ -315,7 +316,7 @@ class TestIdempotency:
     def test_unique_record_stops_a_twin_that_redis_let_through(
         self, owner: Any, template: Any
     ) -> None:
-        from notifications import accepting
+        from notifications import accepting, idempotency
 
         claim = accepting.IdempotencyClaim(key="k4", fingerprint="f" * 64)
         args = {
@@ -326,7 +327,7 @@ class TestIdempotency:
             "idempotency": claim,
         }
         accepting.notification_create(**args)
-        with pytest.raises(accepting.IdempotencyRecordExists):
+        with pytest.raises(idempotency.RecordExists):
             accepting.notification_create(**args)
         assert Notification.objects.count() == 1
 

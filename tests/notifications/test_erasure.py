@@ -223,3 +223,36 @@ def test_an_erased_recipient_is_sent_nothing_more(
         format="json",
     )
     assert unknown.status_code == 400
+
+
+def test_erasure_takes_the_kept_answers_that_name_the_person(
+    api: APIClient, person: dict[str, Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    """Idempotency-Key answers kept for a day hold a recipient's id (a token), its address and
+    content (a dead letter): they go with the person, in the database and in Redis."""
+    token = api.post(f"/api/v1/recipients/{PERSON['id']}/token", HTTP_IDEMPOTENCY_KEY="t-ada")
+    letter = DeadLetter.objects.get()
+    discarded = api.post(
+        f"/api/v1/dead-letters/{letter.pk}/discard", HTTP_IDEMPOTENCY_KEY="discard-ada"
+    )
+    bobs = api.post("/api/v1/recipients/user-7/token", HTTP_IDEMPOTENCY_KEY="t-bob")
+    assert (token.status_code, discarded.status_code, bobs.status_code) == (200, 200, 200)
+    assert discarded.json()["recipient"] == PERSON["id"]
+    assert set(IdempotencyRecord.objects.values_list("key", flat=True)) == {
+        "order-A-1-ada",
+        "t-ada",
+        "discard-ada",
+        "t-bob",
+    }
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api.delete(f"/api/v1/recipients/{PERSON['id']}").status_code == 204
+    assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["t-bob"]
+    # Redis forgot them too: the same key is new again (the person's id names nobody now).
+    assert (
+        api.post(
+            f"/api/v1/recipients/{PERSON['id']}/token", HTTP_IDEMPOTENCY_KEY="t-ada"
+        ).status_code
+        == 404
+    )
+    replayed = api.post("/api/v1/recipients/user-7/token", HTTP_IDEMPOTENCY_KEY="t-bob")
+    assert (replayed.json(), replayed["Idempotent-Replayed"]) == (bobs.json(), "true")

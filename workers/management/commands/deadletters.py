@@ -25,6 +25,12 @@ class Command(BaseCommand):
         parser.add_argument("--older-than", type=int, help="Seconds since the delivery died")
         parser.add_argument("--all", action="store_true", help="Every open one that matches")
         parser.add_argument("--limit", type=int, default=100, help="Rows to list")
+        parser.add_argument(
+            "--lift-suppression",
+            action="store_true",
+            help="replay: lift the suppression of an address that has one, instead of leaving "
+            "its dead letter open",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         owner = None
@@ -53,11 +59,25 @@ class Command(BaseCommand):
         if not options["ids"] and not options["all"]:
             raise CommandError("Name dead letter ids, or pass --all to act on every match")
         if options["action"] == "replay":
-            count = dead_letters.dead_letters_replay(letters=letters)
-        else:
-            count = dead_letters.dead_letters_discard(letters=letters)
-        verb = "Replayed" if options["action"] == "replay" else "Discarded"
-        self.stdout.write(f"{verb} {count} dead letter(s)")
+            self._replay(letters, lift_suppression=options["lift_suppression"])
+            return
+        count = dead_letters.dead_letters_discard(letters=letters)
+        self.stdout.write(f"Discarded {count} dead letter(s)")
+
+    def _replay(self, letters: Any, *, lift_suppression: bool) -> None:
+        done = dead_letters.dead_letters_replay(letters=letters, lift_suppression=lift_suppression)
+        self.stdout.write(f"Replayed {sum(1 for d in done if d.replayed)} dead letter(s)")
+        for held in done:
+            if held.suppression is None:
+                continue
+            suppression = held.suppression
+            what = "lifted" if held.replayed else "not replayed, its address has"
+            self.stdout.write(
+                f"{held.dead_letter_id}\t{what} suppression {suppression.pk} "
+                f"({suppression.channel} {suppression.reason})"
+            )
+        if any(not d.replayed for d in done):
+            self.stdout.write("Lift those suppressions, or replay with --lift-suppression.")
 
     def _row(self, letter: DeadLetter) -> None:
         self.stdout.write(
