@@ -28,12 +28,13 @@ run: migrate
 	$(BIN)/python manage.py run_banner
 	$(BIN)/honcho start --procfile Procfile --port $(PORT)
 
-# Debian tools some tests need: libfaketime (a worker whose clock runs ahead), HAProxy and
-# socat (the cluster of tests/cluster). Installed when missing and running as root.
-CLUSTER_TOOLS := haproxy socat faketime
+# Debian tools some tests need, as command:package: libfaketime (a worker whose clock runs
+# ahead), HAProxy and socat (the cluster of tests/cluster), promtool (the alert rules' unit
+# tests, docker/prometheus/alerts.test.yml). Installed when missing and running as root.
+TEST_TOOLS := haproxy:haproxy socat:socat faketime:faketime promtool:prometheus
 .PHONY: tools
 tools:
-	@missing=""; for tool in $(CLUSTER_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for pair in $(TEST_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

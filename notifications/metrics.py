@@ -150,6 +150,18 @@ def relay_lag(*, seconds: Iterable[float]) -> None:
         RELAY_LAG.observe(max(0.0, value))
 
 
+WORKER_STALL_ACTIONS = ("reconnect", "exit")
+
+
+def worker_stalls_known(*, queues: Iterable[str]) -> None:
+    """Export the stall counters at 0 from a worker's start: Prometheus' increase() does not
+    count a series' first sample, so a counter that appeared at 1 would never alert."""
+    for queue in queues:
+        for action in WORKER_STALL_ACTIONS:
+            WORKER_STALLS.labels(queue=queue, action=action)
+        WORKER_STALLED.labels(queue=queue).set(0)
+
+
 def worker_stall(*, queues: Iterable[str], action: str) -> None:
     for queue in queues:
         WORKER_STALLS.labels(queue=queue, action=action).inc()

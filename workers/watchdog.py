@@ -201,6 +201,7 @@ class StallWatchdog(bootsteps.StartStopStep):
             )
             WATCH.queues = sorted(q.name for q in consumer.task_consumer.queues)
             liveness_check_register(WATCH.problem)
+            metrics.worker_stalls_known(queues=WATCH.queues)
             thread.start()
             log.info(
                 "stall watchdog on %s: reconnects after %.0fs without taking a waiting message",

@@ -7,6 +7,9 @@ from __future__ import annotations
 import base64
 import json
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +19,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus
+from tests.conftest import Process, free_port, wait_until
 from workers import dispatch
 from workers.relay import outbox_next_due, outbox_publish_due
 
@@ -194,3 +198,48 @@ def test_a_crash_between_publish_and_commit_gives_a_duplicate_message_and_one_se
     assert set(first.values()) == {ProcessOutcome.SENT}
     assert set(second.values()) == {ProcessOutcome.NOT_CLAIMED}
     assert SandboxMessage.objects.count() == 2
+
+
+@pytest.mark.pipeline
+@pytest.mark.django_db(transaction=True)
+def test_the_relays_healthz_is_503_while_its_rounds_fail_and_200_again(
+    api: Any, template: Any, relay_process: Callable[..., Process]
+) -> None:
+    """The relay answers /healthz beside its metrics on WORKER_METRICS_PORT: 503, with the
+    last error, once its rounds have failed for RELAY_UNHEALTHY_SECONDS (its broker refuses
+    connections and there is a row to publish); 200 again once a round succeeds (another
+    relay published the row, so there is nothing left for it to publish)."""
+    failing_port, healthy_port = free_port(), free_port()
+    relay_process(
+        name="failing",
+        WORKER_METRICS_PORT=failing_port,
+        RELAY_UNHEALTHY_SECONDS=1,
+        CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    assert _healthz(failing_port) == (200, [])
+    accept(api, 1, channels=["email"])
+    wait_until(
+        lambda: _healthz(failing_port)[0] == 503, timeout=30, message="the failing relay's 503"
+    )
+    status, problems = _healthz(failing_port)
+    assert status == 503
+    assert len(problems) == 1
+    assert problems[0].startswith("no relay round succeeded for ")
+    assert "Connection refused" in problems[0]
+
+    relay_process(name="healthy", WORKER_METRICS_PORT=healthy_port, RELAY_UNHEALTHY_SECONDS=1)
+    wait_until(
+        lambda: not Delivery.objects.outbox().exists(), timeout=30, message="the row published"
+    )
+    assert _healthz(healthy_port) == (200, [])
+    wait_until(
+        lambda: _healthz(failing_port) == (200, []), timeout=30, message="the failing relay well"
+    )
+
+
+def _healthz(port: int) -> tuple[int, list[str]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return answer.status, json.loads(answer.read())["problems"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["problems"]
