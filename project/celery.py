@@ -30,7 +30,7 @@ QUEUES = tuple(
 )
 
 
-def broker_transport_options(url: str) -> dict[str, Any]:
+def broker_transport_options(url: str, *, consumer: bool = False) -> dict[str, Any]:
     """kombu's options for the broker at `url`. On Redis, every connection (the consumer's
     BRPOP, publishes, acks, the event dispatcher, remote control) gets a deadline, TCP
     keepalive and a health check, as kombu's Redis transport documentation advises for a
@@ -38,7 +38,11 @@ def broker_transport_options(url: str) -> dict[str, Any]:
     publish on a half-open connection waits forever, and kombu's own checks of the consumer's
     connections never run (kombu/transport/redis.py, "socket_timeout" and
     "health_check_interval"). RabbitMQ finds dead connections by heartbeats instead
-    (broker_heartbeat)."""
+    (broker_heartbeat).
+
+    A `consumer` (a worker process) also has its idle BRPOP wait BROKER_POLL_SECONDS on the
+    server instead of kombu's 1 s. Only workers: kombu's synchronous drain_events (Flower's
+    event capture) sleeps that long after an empty read."""
     options: dict[str, Any] = {"visibility_timeout": settings.BROKER_VISIBILITY_TIMEOUT}
     if url.startswith(("redis", "rediss", "sentinel")):
         options.update(
@@ -50,6 +54,9 @@ def broker_transport_options(url: str) -> dict[str, Any]:
             socket_keepalive=True,
             health_check_interval=settings.REDIS_HEALTH_CHECK_SECONDS,
         )
+        if consumer:
+            # kombu 5.6+: the BRPOP's server-side timeout (how often an idle consumer asks).
+            options["polling_interval"] = settings.BROKER_POLL_SECONDS
     return options
 
 
@@ -123,6 +130,14 @@ app.conf.update(
 app.autodiscover_tasks(["workers"])
 # Each worker watches itself for a consumer that stopped taking messages (workers/watchdog.py).
 app.steps["consumer"].add("workers.watchdog:StallWatchdog")
+
+
+@worker_init.connect
+def _consume_at_rest(**kwargs: object) -> None:
+    """Before the worker's consumer connects: its idle BRPOP waits BROKER_POLL_SECONDS."""
+    app.conf.broker_transport_options = broker_transport_options(
+        settings.CELERY_BROKER_URL, consumer=True
+    )
 
 
 @worker_init.connect

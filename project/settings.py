@@ -150,6 +150,11 @@ REDIS_CONNECT_TIMEOUT_SECONDS = env.float("REDIS_CONNECT_TIMEOUT_SECONDS", defau
 # it as the interval of its own checks of the consumer's BRPOP and pub/sub connections: a
 # consumer whose BRPOP went silent reconnects within the poll timeout + 2 x this.
 REDIS_HEALTH_CHECK_SECONDS = env.int("REDIS_HEALTH_CHECK_SECONDS", default=10)
+# Redis broker: an idle worker's BRPOP waits this long on the server before it asks again. A
+# message wakes it at once, so this is no delay; it is how often an idle worker wakes (kombu's
+# default of 1 s costs each idle worker a round trip a second). kombu's check of a silent
+# BRPOP connection then acts after this + REDIS_HEALTH_CHECK_SECONDS.
+BROKER_POLL_SECONDS = env.float("BROKER_POLL_SECONDS", default=10.0)
 # RabbitMQ: AMQP heartbeats find a dead connection in two missed intervals (Celery's default
 # of 120 s would take four minutes).
 BROKER_HEARTBEAT_SECONDS = env.int("BROKER_HEARTBEAT_SECONDS", default=30)
@@ -384,6 +389,9 @@ WS_SENT_IDS_MAX = env.int("WS_SENT_IDS_MAX", default=5000)
 WS_GC_FREEZE_SECONDS = env.float("WS_GC_FREEZE_SECONDS", default=5.0)
 WS_GC_FULL_COLLECT_SECONDS = env.float("WS_GC_FULL_COLLECT_SECONDS", default=60.0)
 WS_GC_FULL_COLLECT_GROWTH = env.int("WS_GC_FULL_COLLECT_GROWTH", default=1_000_000)
+# A full collection that falls due is skipped while fewer objects than this were frozen since
+# the last: an idle server makes no garbage to find, and each costs a pause.
+WS_GC_FULL_COLLECT_MIN_GROWTH = env.int("WS_GC_FULL_COLLECT_MIN_GROWTH", default=1_000)
 INBOX_PAGE_SIZE = env.int("INBOX_PAGE_SIZE", default=50)
 
 # --- Delivery -------------------------------------------------------------------------------
@@ -407,9 +415,11 @@ SWEEPER_BATCH_SIZE = env.int("SWEEPER_BATCH_SIZE", default=1000)
 # channel, and a worker claims, sends and settles them together. 50 amortises the claim and the
 # settle transaction (docs/benchmarks.md) while a batch stays well inside one lease.
 DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=50)
-# The relay (workers/relay.py) wakes on a signal sent at commit; with no signal it still looks
-# this often, which bounds the delay of a lost signal and of a relay that was down.
-RELAY_POLL_SECONDS = env.float("RELAY_POLL_SECONDS", default=1.0)
+# The relay (workers/relay.py) wakes on a signal sent at commit (every writer sends one, also
+# for a retry or deferral, which moves the next due time) and when the next row falls due;
+# with no signal it still looks this often, which bounds the delay of a lost signal only. An
+# idle relay's three queries a look are most of its idle cost.
+RELAY_POLL_SECONDS = env.float("RELAY_POLL_SECONDS", default=5.0)
 # The relay's /healthz (on WORKER_METRICS_PORT) answers 503 once its rounds have failed this
 # long on end (database or broker unreachable): long enough to ride out a restart of either.
 RELAY_UNHEALTHY_SECONDS = env.float("RELAY_UNHEALTHY_SECONDS", default=60.0)
@@ -537,8 +547,11 @@ WEBHOOK_RETRY_MAX_DELAY_SECONDS = env.float("WEBHOOK_RETRY_MAX_DELAY_SECONDS", d
 WEBHOOK_DISABLE_AFTER_SECONDS = env.int("WEBHOOK_DISABLE_AFTER_SECONDS", default=5 * 86400)
 # After a secret rotation the old secret signs too, for this long.
 WEBHOOK_SECRET_ROLLOVER_SECONDS = env.int("WEBHOOK_SECRET_ROLLOVER_SECONDS", default=86400)
-# The schedule's backstop: due messages (retries, lost wake-ups) are sent within this.
-WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=2.0)
+# The schedule's backstop: messages whose wake-up was lost are sent within this. A message is
+# sent when its status change commits (a wake-up then), and a retry when it falls due (the
+# sender asks for a wake at that time, workers/webhook_sender.py); a short sweep only makes an
+# idle service busy (a task every 2 s was a quarter of its idle CPU).
+WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=30.0)
 
 # --- Dead letters ---------------------------------------------------------------------------
 # Dead letters per channel above this raise the alert (seed diagram 11: 10k).

@@ -21,13 +21,15 @@ from datetime import datetime, timedelta
 import urllib3
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import DurationField, ExpressionWrapper, F, Min, Q
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from notifications import cache as keys
 from notifications.db_clock import db_now, db_now_plus
 from notifications.models import Webhook, WebhookMessage, WebhookMessageStatus
 from notifications.webhooks import (
+    WAKE_TASK,
     UnsafeUrl,
     completion_checks_process,
     hooks_key,
@@ -35,12 +37,18 @@ from notifications.webhooks import (
     url_check,
     webhook_signatures,
 )
+from project.celery import app as celery_app
 from workers import retry
 from workers.circuit_breaker import circuit_allow, circuit_record
+from workers.shared_state import redis_client
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "Clarion-Webhooks/1"
+# When the next wake asked for by webhooks_wake_when_due comes (epoch seconds), and how much
+# later a due time may be and still count as covered by it.
+NEXT_WAKE_KEY = "clarion:webhooks:next-wake"
+WAKE_SLACK_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,16 @@ def breaker_name(url: str) -> str:
 
 def webhooks_send_due(*, batch_size: int | None = None) -> int:
     """Write the `notification.completed` messages the completion checks call for, then send
-    every due message, a leased batch at a time; returns how many went out."""
+    every due message, a leased batch at a time, and ask to be woken when the next one that
+    waits falls due; returns how many went out."""
     size = batch_size or settings.WEBHOOK_BATCH_SIZE
     completion_checks_process(batch_size=size)
+    sent = _send_rounds(size)
+    webhooks_wake_when_due()
+    return sent
+
+
+def _send_rounds(size: int) -> int:
     sent = 0
     while True:
         with transaction.atomic():
@@ -85,6 +100,44 @@ def webhooks_send_due(*, batch_size: int | None = None) -> int:
         sent += sum(1 for r in results if r.kind == "sent")
         if len(batch) < size:
             return sent
+
+
+def webhooks_next_due() -> float | None:
+    """Seconds until the earliest pending message that is not due yet falls due (a retry, a
+    held one, a lease that runs out), by the database's clock; None if none waits."""
+    wait = WebhookMessage.objects.filter(
+        status=WebhookMessageStatus.PENDING, next_attempt_at__gt=db_now()
+    ).aggregate(
+        wait=Min(ExpressionWrapper(F("next_attempt_at") - db_now(), output_field=DurationField()))
+    )["wait"]
+    return None if wait is None else max(0.0, wait.total_seconds())
+
+
+def webhooks_wake_when_due() -> None:
+    """A message due before the schedule's next sweep (WEBHOOK_SWEEP_SECONDS) gets a wake of
+    its own at its time, so a retry goes out when its backoff says, while an idle service
+    sweeps rarely. One wake per due time: a wake already asked for as early is not asked for
+    again (Redis remembers when the next one comes)."""
+    wait = webhooks_next_due()
+    if wait is None or wait >= settings.WEBHOOK_SWEEP_SECONDS:
+        return
+    due_at = time.time() + wait
+    try:
+        client = redis_client()
+        asked = client.get(NEXT_WAKE_KEY)
+        # A wake still to come, no later than this due time, covers it (one that has come is
+        # this very round, or one before it).
+        if asked is not None and time.time() < float(asked) <= due_at + WAKE_SLACK_SECONDS:
+            return
+        client.set(NEXT_WAKE_KEY, repr(due_at), px=int((wait + WAKE_SLACK_SECONDS) * 1000) + 1)
+    except (RedisError, OSError) as exc:
+        log.warning("webhooks: next wake not recorded (the schedule sends them): %s", exc)
+        return
+    try:
+        celery_app.send_task(WAKE_TASK, queue="webhooks", countdown=wait, retry=False)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the schedule sends them
+        client.delete(NEXT_WAKE_KEY)
+        log.warning("webhooks: could not ask for a wake in %.1fs: %s", wait, exc)
 
 
 def _send(message: WebhookMessage) -> _Result:

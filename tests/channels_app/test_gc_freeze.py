@@ -57,7 +57,9 @@ def test_the_full_collection_frees_a_cycle_that_was_frozen(unfrozen: None) -> No
 
 
 def test_the_freezer_keeps_survivors_frozen_and_collects_them_when_due(unfrozen: None) -> None:
-    freezer = GcFreezer(full_collect_seconds=600, full_collect_growth=10**9)
+    freezer = GcFreezer(
+        full_collect_seconds=600, full_collect_growth=10**9, full_collect_min_growth=0
+    )
     assert freezer.tick(now=0.0) is None  # the first freeze: after warm-up
     assert freezer.frozen_since is not None and freezer.frozen_since > 10_000
 
@@ -83,6 +85,27 @@ def test_the_freezer_keeps_survivors_frozen_and_collects_them_when_due(unfrozen:
     assert long_lived() is None
     assert freezer.collected_at == 600.0
     assert freezer.frozen_since is not None and freezer.frozen_since > 10_000
+
+
+def test_an_idle_server_skips_the_full_collection_until_something_was_frozen(
+    unfrozen: None,
+) -> None:
+    """Due, but next to nothing frozen since the last one: nothing can have died frozen, so
+    the pause is skipped; once enough was frozen, the next tick collects."""
+    freezer = GcFreezer(
+        full_collect_seconds=60, full_collect_growth=10**9, full_collect_min_growth=1000
+    )
+    freezer.tick(now=0.0)
+    assert freezer.tick(now=60.0) is None
+    assert freezer.tick(now=120.0) is None
+    assert freezer.collected_at == 0.0
+    held = [Node() for _ in range(1500)]
+
+    result = freezer.tick(now=125.0)
+
+    assert result is not None
+    assert freezer.collected_at == 125.0
+    assert len(held) == 1500
 
 
 def test_the_freezer_collects_early_when_frozen_objects_grew_too_much(unfrozen: None) -> None:

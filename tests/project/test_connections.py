@@ -22,6 +22,11 @@ def test_the_broker_connections_have_deadlines_keepalive_and_a_health_check() ->
         "socket_keepalive": True,
         "health_check_interval": 10,
     }
+    # A worker's idle consumer waits BROKER_POLL_SECONDS on the server between asks.
+    assert broker_transport_options("redis://broker:6379/0", consumer=True) == {
+        **options,
+        "polling_interval": 10.0,
+    }
     # RabbitMQ takes no Redis options (py-amqp would refuse them) and finds dead connections
     # by its heartbeats.
     assert broker_transport_options("amqp://guest@rabbit//") == {

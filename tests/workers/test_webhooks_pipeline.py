@@ -19,6 +19,7 @@ from notifications.models import (
     WebhookMessageStatus,
 )
 from tests.conftest import Process, wait_until
+from tests.emulators.base import Response
 from tests.emulators.webhook_receiver import WebhookReceiver
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
@@ -98,5 +99,57 @@ def test_two_workers_settling_two_channels_at_once_complete_each_notification_on
         }
         assert max(receiver.ids().values()) == 1
         assert WebhookMessage.objects.count() == total
+    finally:
+        receiver.stop()
+
+
+def test_a_retry_goes_out_at_its_backoff_without_the_schedule(
+    api: Any, template: Any, celery_worker_process: Callable[..., Process], settings: Any
+) -> None:
+    """No beat runs (an idle service sweeps only every WEBHOOK_SWEEP_SECONDS): a message that
+    failed twice is sent again at each backoff step, because the sender asks for a wake when
+    the retry falls due, once per due time."""
+    settings.WEBHOOK_ALLOW_PRIVATE = True
+    receiver = WebhookReceiver().start()
+    try:
+        registered = api.post(
+            "/api/v1/webhooks",
+            {"url": f"{receiver.url}/hooks", "event_types": ["delivery.sent"]},
+            format="json",
+        )
+        assert registered.status_code == 201, registered.content
+        receiver.fail_next(Response(503, {}), Response(503, {}))
+        env = {
+            "WEBHOOK_ALLOW_PRIVATE": "true",
+            "EMAIL_PROVIDER": "sandbox",
+            "RETRY_BACKOFF_BASE_SECONDS": "1",
+            "WEBHOOK_SWEEP_SECONDS": "3600",
+        }
+        celery_worker_process("email", name="email", **env)
+        celery_worker_process("webhooks", name="webhooks", relay=False, **env)
+        answer = api.post(
+            "/api/v1/notifications",
+            {
+                "recipient": {"id": "u1", "email": "u1@example.com"},
+                "template": "order_shipped",
+                "data": {"order_id": "A-1"},
+                "channels": ["email"],
+            },
+            format="json",
+        )
+        assert answer.status_code == 202, answer.content
+        wait_until(
+            lambda: sum(receiver.ids().values()) == 1,
+            timeout=30,
+            message="the third try answered 200",
+        )
+        tries = [request.at for request in receiver.requests()]
+        assert len(tries) == 3
+        # Backoff 1 s then 2 s (with jitter): each retry went out near its due time, not after
+        # a sweep an hour away.
+        assert 0.5 <= tries[1] - tries[0] <= 4
+        assert 1 <= tries[2] - tries[1] <= 6
+        message = WebhookMessage.objects.get()
+        assert (message.status, message.attempts) == (WebhookMessageStatus.SENT, 3)
     finally:
         receiver.stop()
