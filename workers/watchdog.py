@@ -212,9 +212,8 @@ class StallWatchdog(bootsteps.StartStopStep):
         WATCH.prefetch = lambda: int(consumer.qos.value or 0)
         WATCH.loop_checked = type(consumer.pool).__module__ == "celery.concurrency.prefork"
         WATCH.tick()
-        self.timer_entry = consumer.timer.call_repeatedly(
-            min(1.0, stall / LOOKS_PER_PERIOD), WATCH.tick
-        )
+        # As often as the thread looks: a requested reconnect waits at most one look.
+        self.timer_entry = consumer.timer.call_repeatedly(stall / LOOKS_PER_PERIOD, WATCH.tick)
 
     def stop(self, consumer: Any) -> None:
         if self.timer_entry is not None:
