@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import resource
+import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -189,3 +192,25 @@ def install_signal_handlers(budget_seconds: int) -> None:
         signal.signal(sig, leave)
     signal.signal(signal.SIGALRM, out_of_time)
     signal.alarm(budget_seconds)
+
+
+def procfile_commands(path: Path, env: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """The Procfile's processes, `$VAR` and `${VAR:-default}` expanded from `env`, the venv's
+    executables taken from this interpreter's venv (the bench and the tests start them as
+    `make run` does)."""
+
+    def expand(match: re.Match[str]) -> str:
+        name = match[1] or match[3]
+        return env.get(name) or (match[2] or "")
+
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, command = line.partition(":")
+        command = re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", expand, command)
+        argv = shlex.split(command)
+        if argv[0].startswith(".venv/bin/"):
+            argv[0] = str(Path(sys.executable).parent / argv[0].removeprefix(".venv/bin/"))
+        out.append((name.strip(), argv))
+    return out

@@ -23,7 +23,6 @@ import os
 import random
 import re
 import secrets
-import shlex
 import shutil
 import socket
 import subprocess
@@ -51,7 +50,7 @@ from bench.loadgen import (
     open_loop,
     percentile,
 )
-from bench.procs import Proc, ProcessSet
+from bench.procs import Proc, ProcessSet, procfile_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -1990,27 +1989,6 @@ def parse_wrk(output: str) -> dict[str, Any]:
 
 def _num(value: Any) -> str:
     return "?" if value is None else f"{value:g}"
-
-
-def procfile_commands(path: Path, env: dict[str, str]) -> list[tuple[str, list[str]]]:
-    """The Procfile's processes, `$VAR` and `${VAR:-default}` expanded from `env`, the venv's
-    executables taken from this interpreter's venv."""
-
-    def expand(match: re.Match[str]) -> str:
-        name = match[1] or match[3]
-        return env.get(name) or (match[2] or "")
-
-    out = []
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        name, _, command = line.partition(":")
-        command = re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", expand, command)
-        argv = shlex.split(command)
-        if argv[0].startswith(".venv/bin/"):
-            argv[0] = str(BIN / argv[0].removeprefix(".venv/bin/"))
-        out.append((name.strip(), argv))
-    return out
 
 
 def message_delivery_ids(raw: bytes) -> list[int]:

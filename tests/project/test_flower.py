@@ -1,10 +1,12 @@
-"""Flower, as `make run` starts it: basic auth from FLOWER_BASIC_AUTH, and every channel
-queue of a running worker visible through its API."""
+"""Flower, as `make run` starts it: basic auth from FLOWER_BASIC_AUTH, every channel queue of
+a running worker visible through its API, and the Procfile's workers online with their
+tasks."""
 
 from __future__ import annotations
 
 import base64
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BIN, Process, free_port, process_env, wait_until
+from bench.procs import procfile_commands
+from tests.conftest import BIN, ROOT, Process, free_port, process_env, wait_until
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
 
@@ -75,3 +78,65 @@ def test_flower_behind_basic_auth_lists_every_queue(
         "maintenance",
     }
     assert worker.popen.poll() is None
+
+
+def test_flower_shows_the_procfiles_workers_online_and_their_tasks(
+    api: Any, template: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    """The worker pools and Flower exactly as the Procfile starts them (no gossip, no mingle,
+    a heartbeat every 10 s, an idle BRPOP of 10 s: what keeps an idle service idle): Flower
+    shows every worker online, still after two heartbeat periods, and the tasks they ran."""
+    port = free_port()
+    env = process_env(tmp_path, FLOWER_PORT=port, FLOWER_BASIC_AUTH="ops:s3cret")
+    pools = {"email", "sms", "push", "inapp", "maintenance", "webhooks"}
+    started = [
+        spawn(name, argv, env)
+        for name, argv in procfile_commands(ROOT / "Procfile", env)
+        if name in pools | {"relay", "flower"}
+    ]
+    assert len(started) == len(pools) + 2
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: fetch(f"{base}/healthcheck")[0] == 200, timeout=60, message="Flower")
+
+    def online() -> dict[str, bool]:
+        status, body = fetch(f"{base}/api/workers?status=1", auth="ops:s3cret")
+        return json.loads(body) if status == 200 else {}
+
+    expected = {"email", "sms", "push", "web", "maintenance", "webhooks"}
+    names = wait_until(
+        lambda: {n.split("@")[0] for n, alive in online().items() if alive} == expected,
+        timeout=60,
+        interval=1,
+        message="every worker online in Flower",
+    )
+    assert names
+    response = api.post(
+        "/api/v1/notifications",
+        {
+            "recipient": {"id": "u1", "email": "u1@example.com", "phone": "+14155550100"},
+            "template": "order_shipped",
+            "data": {"order_id": "A-1"},
+        },
+        format="json",
+    )
+    assert response.status_code == 202, response.content
+
+    def tasks() -> set[tuple[str, str]]:
+        status, body = fetch(f"{base}/api/tasks", auth="ops:s3cret")
+        if status != 200:
+            return set()
+        return {(t["name"], t["state"]) for t in json.loads(body).values()}
+
+    wait_until(
+        lambda: (
+            {("clarion.deliver.email", "SUCCESS"), ("clarion.deliver.sms", "SUCCESS")} <= tasks()
+        ),
+        timeout=60,
+        interval=1,
+        message="the delivery tasks in Flower",
+    )
+    # Two heartbeat periods later, with nothing to do, every worker is still online.
+    time.sleep(25)
+    assert {n.split("@")[0]: alive for n, alive in online().items()} == dict.fromkeys(
+        expected, True
+    )
