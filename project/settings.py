@@ -135,6 +135,13 @@ elif _db["ENGINE"].startswith("django.db.backends.postgresql") and env.bool(
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Each process re-reads the database's clock this often, off the request path, for the due
+# times it computes in Python (notifications/db_clock.py): its estimate then drifts by no more
+# than the monotonic clock does in that time (microseconds), at one short connection a period.
+DB_CLOCK_REFRESH_SECONDS = env.float("DB_CLOCK_REFRESH_SECONDS", default=30.0)
+# A host whose wall clock is this far from the database's says so in its log: due times do
+# not follow it, but its log lines and informational stamps are off by as much.
+DB_CLOCK_WARN_SECONDS = env.float("DB_CLOCK_WARN_SECONDS", default=1.0)
 
 # --- Connections that go silent -------------------------------------------------------------
 # A connection can go half-open: a NAT or firewall forgets the flow, a load balancer fails
