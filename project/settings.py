@@ -223,7 +223,11 @@ CHANNEL_LAYERS = {
             # Nothing relies on the layer alone: the database is the inbox and a client gets
             # what it missed when it reconnects with `since`.
             "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=10_000),
-            "expiry": env.int("CHANNEL_LAYER_EXPIRY_SECONDS", default=60),
+            # The library stamps a frame with its sender's wall clock, and every later sender
+            # to the same list drops what is older than this by its own: a host 30 s ahead
+            # dropped the frames a host 30 s behind had just queued (measured in tests/cluster
+            # at 60 s). 120 s keeps a frame across host clocks up to a minute apart.
+            "expiry": env.int("CHANNEL_LAYER_EXPIRY_SECONDS", default=120),
         },
     }
 }

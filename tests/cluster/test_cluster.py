@@ -71,12 +71,20 @@ def record(ledger: Ledger, result: dict[str, Any], ref: str) -> None:
         ledger.accept(channel, ref if channel == "sms" else result["id"])
 
 
-def post_bulk(cluster: Cluster, api_key: str, items: list[dict[str, Any]], ledger: Ledger) -> None:
+def post_bulk(
+    cluster: Cluster,
+    api_key: str,
+    items: list[dict[str, Any]],
+    ledger: Ledger,
+    posted: dict[str, float] | None = None,
+) -> None:
     """Through the load balancer, in chunks, each retried with its Idempotency-Key until
-    answered."""
+    answered; `posted` gets the wall time each item's chunk was first sent, by ref."""
     for start in range(0, len(items), BULK_CHUNK):
         chunk = items[start : start + BULK_CHUNK]
         key = str(uuid.uuid4())
+        if posted is not None:
+            posted.update(dict.fromkeys((item["data"]["ref"] for item in chunk), time.time()))
         for _ in range(20):
             status, _, raw = http(
                 "POST",
@@ -122,11 +130,12 @@ def build(
     workers: tuple[str, ...] = ("worker1", "worker2"),
     worker_env: dict[str, dict[str, str]] | None = None,
     relay_env: dict[str, str] | None = None,
+    api_env: dict[str, dict[str, str]] | None = None,
 ) -> Path:
     """The whole of Clarion across the hosts; returns the clients' frames file."""
     cluster.up(hosts or EVERY_HOST)
     for api in ("api1", "api2"):
-        cluster.start_api(api, **env)
+        cluster.start_api(api, **{**env, **(api_env or {}).get(api, {})})
     cluster.start_lb(["api1", "api2"])
     cluster.start_workers("sched", [("maintenance", 1)], beat=True, **env)
     for worker in workers:
@@ -432,10 +441,12 @@ def test_worker_host_cut_off_while_holding_leases(
 
 
 SKEW_SECONDS = 30
+# The odd notifications of scenario 5 escalate to SMS after this (nobody reads in-app there).
+ESCALATE_AFTER_SECONDS = 40
 
 
 @pytest.mark.cluster_full
-def test_worker_host_clock_ahead(
+def test_hosts_with_clocks_ahead_and_behind(
     owner: Any,
     cluster_template: Any,
     cluster: Cluster,
@@ -443,41 +454,66 @@ def test_worker_host_clock_ahead(
     twilio: TwilioEmulator,
     provider_env: dict[str, str],
 ) -> None:
-    """Scenario 5: worker2's wall clock runs 30 s ahead (libfaketime; a time namespace would
-    not move the wall clock). Leases are 10 s, so by its own clock every lease the other
-    host holds has run out; half the notifications are scheduled 20 s ahead, and the first
-    SMS attempts fail and are retried. Leases, due times and the sweeper are all judged on
-    the database's clock: nothing is sent twice and nothing before its time."""
+    """Scenario 5: wall clocks off by 30 s (libfaketime; a time namespace would not move the
+    wall clock): api1 and worker2 ahead, api2 behind. Leases are 10 s, so by worker2's clock
+    every lease the other host holds has run out. Half the notifications are scheduled 20 s
+    ahead (api1 would see that time as past), the other half escalate to SMS after 40 s (api2
+    would place that deadline 30 s early), and the first SMS attempts fail and are retried.
+    Leases, due times, the accept's routing and the sweeper all follow the database's clock:
+    nothing is sent twice and nothing before its time."""
     count, sockets = scale(300, 10_000), scale(30, 200)
     tokens = recipients(owner, sockets)
-    skew = skewed_env(SKEW_SECONDS)
-    frames_path = build(cluster, provider_env, tokens, worker_env={"worker2": skew})
-    # The skew is real: worker2's processes read a wall clock 30 s ahead of this one.
-    ahead = cluster.clock_offset("worker2", **skew)
-    assert abs(ahead - SKEW_SECONDS) < 2, ahead
+    ahead, behind = skewed_env(SKEW_SECONDS), skewed_env(-SKEW_SECONDS)
+    frames_path = build(
+        cluster,
+        provider_env,
+        tokens,
+        worker_env={"worker2": ahead},
+        api_env={"api1": ahead, "api2": behind},
+    )
+    # The skew is real: these hosts' processes read a wall clock 30 s off this one's.
+    for host, env, skew in (
+        ("worker2", ahead, SKEW_SECONDS),
+        ("api1", ahead, SKEW_SECONDS),
+        ("api2", behind, -SKEW_SECONDS),
+    ):
+        off = cluster.clock_offset(host, **env)
+        assert abs(off - skew) < 2, (host, off)
     # A few failed attempts to retry (not so many that the breaker opens).
     twilio.fail_next(*[twilio.server_error(503)] * 3)
     api_key = api_key_for(owner)
     ledger = Ledger()
+    # This host's clock is the database's (the same machine).
     send_at = timezone.now() + timedelta(seconds=20)
     items = [body(n, "skew", sockets) for n in range(count)]
     for item in items[::2]:
         item["send_at"] = send_at.isoformat()
+    for item in items[1::2]:
+        item["escalation"] = [
+            {"after": f"{ESCALATE_AFTER_SECONDS}s", "unless": "read", "channel": "sms"}
+        ]
+    posted: dict[str, float] = {}
     started_wall, started_monotonic = time.time(), time.monotonic()
-    post_bulk(cluster, api_key, items, ledger)
+    post_bulk(cluster, api_key, items, ledger, posted)
     result = settle_and_tally(
-        "5 worker clock 30 s ahead",
+        "5 clocks 30 s off (api1, worker2 ahead; api2 behind)",
         ledger,
         sendgrid,
         twilio,
         frames_path,
-        note=f"{count // 2} scheduled 20 s ahead, the first SMS attempts answered 503",
+        note=f"{count // 2} scheduled 20 s ahead, {count - count // 2} escalating to SMS after "
+        f"{ESCALATE_AFTER_SECONDS} s, the first SMS attempts answered 503",
         timeout=scale(180, 900),
     )
     assert (result.lost, result.duplicated, result.unexpected) == (0, 0, 0)
-    # Nothing scheduled went out before its time, on any channel (this host's clock, which
-    # is the database's).
     scheduled = {item["data"]["ref"] for item in items[::2]}
+    escalated = {item["data"]["ref"] for item in items[1::2]}
+
+    def wall(at: float) -> float:
+        return started_wall + (at - started_monotonic)
+
+    # Nothing scheduled went out before its time, on any channel, and no escalation step
+    # before its deadline (this host's clock, which is the database's).
     earliest = send_at.timestamp() - 0.5
     scheduled_ids = set(
         Notification.objects.filter(data__ref__in=scheduled).values_list("id", flat=True)
@@ -489,7 +525,7 @@ def test_worker_host_clock_ahead(
             (twilio, "body", scheduled),
         )
         for r in emulator.accepted_requests()
-        if started_wall + (r.at - started_monotonic) < earliest
+        if wall(r.at) < earliest
         for value in emulator.trace_ids(r, key)
         if value in traces
     ]
@@ -498,6 +534,30 @@ def test_worker_host_clock_ahead(
         for line in map(json.loads, frames_path.read_text().splitlines())
         if line["at"] < earliest and uuid.UUID(line["id"]) in scheduled_ids
     ]
-    assert not early and not early_frames, (len(early), len(early_frames))
+    early_steps = [
+        ref
+        for r in twilio.accepted_requests()
+        for ref in twilio.trace_ids(r, "body")
+        if ref in escalated and wall(r.at) < posted[ref] + ESCALATE_AFTER_SECONDS - 0.5
+    ]
+    assert not early and not early_frames and not early_steps, (
+        len(early),
+        len(early_frames),
+        len(early_steps),
+    )
+    # Every delivery of a send_at was accepted as `scheduled`, and every escalation step.
+    first_scheduled = DeliveryEvent.objects.filter(status=DeliveryStatus.SCHEDULED)
+    assert first_scheduled.filter(delivery__notification__data__ref__in=scheduled).count() == len(
+        scheduled
+    ) * len(CHANNELS)
+    assert first_scheduled.filter(
+        delivery__notification__data__ref__in=escalated, delivery__channel="sms"
+    ).count() == len(escalated)
+    # Both API hosts accepted, and each read the database's clock 30 s off its own.
+    logs = {name: cluster.processes[name][0].log() for name in ("api1", "api2")}
+    for name, side in (("api1", "ahead of"), ("api2", "behind")):
+        assert " accepted: " in logs[name], name
+        read = re.search(rf"wall clock is (\d+\.\d+) s {side} the database's", logs[name])
+        assert read is not None and abs(float(read.group(1)) - SKEW_SECONDS) < 1, name
     # worker2 took its share of the work.
     assert any(" sent via " in p.log() for p in cluster.processes["worker2"])
