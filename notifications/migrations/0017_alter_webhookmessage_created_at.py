@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('notifications', '0015_webhooks'),
+        ('notifications', '0016_completion_check'),
     ]
 
     operations = [
