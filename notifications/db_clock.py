@@ -102,6 +102,13 @@ def now() -> datetime:
     return reading.now()
 
 
+def read_in_background() -> None:
+    """Take the first reading now, off any request: what a server process calls as it starts,
+    so its first request finds one (a request that comes sooner waits for it)."""
+    if connections[DEFAULT_DB_ALIAS].vendor == "postgresql":
+        threading.Thread(target=_start, name="db-clock-first", daemon=True).start()
+
+
 def reading() -> Reading | None:
     """The current reading (None before the first measurement, and on SQLite)."""
     return _reading

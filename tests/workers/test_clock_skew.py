@@ -9,6 +9,7 @@ and the webhooks' give-up and disable checks are judged on that clock too."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -620,7 +621,16 @@ def test_api_processes_30s_ahead_and_behind_schedule_on_the_database_clock(
     servers = {}
     for label, offset in offsets.items():
         env = skewed_env(int(offset.total_seconds()))
-        servers[label] = start_api_server(spawn, tmp_path, name=f"api-{label}", **env)[1]
+        process, servers[label] = start_api_server(spawn, tmp_path, name=f"api-{label}", **env)
+        # The server read the database's clock as it started, before any request, and found
+        # its own wall clock 30 s off it.
+        wait_until(
+            lambda process=process: "database clock read" in process.log(),
+            timeout=10,
+            message=f"the {label} server's reading of the database's clock",
+        )
+        read = re.search(r"database clock read: ([+-]\d+\.\d+) s", process.log())
+        assert read is not None and abs(float(read.group(1)) + offset.total_seconds()) < 1
         # The skew took hold in the server's interpreter.
         off = subprocess.run(
             [sys.executable, "-c", "import time; print(time.time())"],
