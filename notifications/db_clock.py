@@ -14,12 +14,13 @@ Two ways onto that clock, each where it costs nothing:
   end, quiet hours on the recipient's wall clock, which a CASE in the INSERT could not read.
   A `SELECT now()` per request would add a round trip to the hot path, so each process keeps
   an estimate instead, NTP-style: it reads the database's clock (several samples, the one with
-  the shortest round trip kept) on first use and then every DB_CLOCK_REFRESH_SECONDS from a
-  thread of its own, off the request path, and counts forward from that reading on the
-  monotonic clock. The error is at most half that round trip plus the monotonic clock's drift
-  since the reading (parts per million), and this host's wall clock, stepped or skewed, plays
-  no part. On SQLite (the embedded default) the database is a file on this host and its clock
-  is this host's: `now()` is `timezone.now()`.
+  the shortest round trip kept) as an API server starts, or on first use in any other
+  process, then every DB_CLOCK_REFRESH_SECONDS from a thread of its own, off the request
+  path, and counts forward from that reading on the monotonic clock. The error is at most
+  half that round trip plus the monotonic clock's drift since the reading (parts per
+  million), and this host's wall clock, stepped or skewed, plays no part. On SQLite (the
+  embedded default) the database is a file on this host and its clock is this host's:
+  `now()` is `timezone.now()`.
 
 Timestamps that only record when something happened here (sent_at, updated_at, an attempt's
 start, a status event's time) stay on the host's clock; docs/operations.md ("Clocks") lists
