@@ -188,7 +188,7 @@ def settle_and_tally(
     wait_settled(ledger.accepted, timeout=timeout, message=f"{scenario} settled")
     # An in-app delivery is settled once a worker pushed it (`sent`); its frame reaches the
     # clients' file when the socket's server process relays it, which on a loaded machine
-    # took more than 15 s (scenario 5, 2 of 12 runs). What is still missing after a minute is
+    # took more than 15 s (scenario 5, 2 of 10 runs). What is still missing after a minute is
     # counted as lost.
     web = len(ledger.expected.get("web", ()))
     deadline = time.monotonic() + 60
