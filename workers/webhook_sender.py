@@ -121,13 +121,16 @@ def webhooks_wake_when_due() -> None:
     wait = webhooks_next_due()
     if wait is None or wait >= settings.WEBHOOK_SWEEP_SECONDS:
         return
-    due_at = time.time() + wait
+    # The wake asked for is remembered as a time that every webhooks worker, on any host,
+    # compares with its own due time: on the database's clock, as the due times are.
+    now = db_clock.now().timestamp()
+    due_at = now + wait
     try:
         client = redis_client()
         asked = client.get(NEXT_WAKE_KEY)
         # A wake still to come, no later than this due time, covers it (one that has come is
         # this very round, or one before it).
-        if asked is not None and time.time() < float(asked) <= due_at + WAKE_SLACK_SECONDS:
+        if asked is not None and now < float(asked) <= due_at + WAKE_SLACK_SECONDS:
             return
         client.set(NEXT_WAKE_KEY, repr(due_at), px=int((wait + WAKE_SLACK_SECONDS) * 1000) + 1)
     except (RedisError, OSError) as exc:

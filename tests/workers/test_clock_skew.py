@@ -47,8 +47,9 @@ from workers.models import ProviderEvent
 from workers.provider_events import provider_events_apply
 from workers.relay import outbox_next_due, outbox_publish_due
 from workers.services import ProcessOutcome, deliveries_sweep
+from workers.shared_state import redis_client
 from workers.transitions import Settle, Settlement, deliveries_claim, deliveries_settle
-from workers.webhook_sender import webhooks_send_due
+from workers.webhook_sender import NEXT_WAKE_KEY, webhooks_send_due, webhooks_wake_when_due
 
 SKEW = timedelta(seconds=30)
 
@@ -468,6 +469,47 @@ def test_a_webhook_sender_30s_off_gives_up_and_disables_on_the_database_clock(
     webhook.refresh_from_db()
     assert (webhook.disabled_at is None) is ahead
     assert len(failing_receiver.requests()) == 2
+
+
+@pytest.mark.django_db
+def test_webhook_wakes_are_asked_for_on_the_database_clock(
+    api: Any,
+    failing_receiver: WebhookReceiver,
+    on_postgresql: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A webhooks worker asks for a wake at a retry's due time and remembers it in Redis, and
+    another worker, on another host, skips asking when that wake comes soon enough. Were the
+    remembered time on the first host's wall clock (10 s behind here), the second would take
+    a wake 25 s away for one 15 s away, and its retry due in 20 s would wait 5 s longer."""
+    answer = api.post(
+        "/api/v1/webhooks",
+        {"url": f"{failing_receiver.url}/hook", "event_types": ["delivery.sent"]},
+        format="json",
+    )
+    webhook = Webhook.objects.get(pk=answer.json()["id"])
+
+    def pending(key: str, due_in: float) -> None:
+        WebhookMessage.objects.create(
+            webhook=webhook,
+            msg_id=f"msg_{key}",
+            event_type="delivery.sent",
+            event_key=key,
+            payload={},
+            next_attempt_at=Now() + timedelta(seconds=due_in),
+        )
+
+    real_time = time.time
+    pending("later", 25)
+    monkeypatch.setattr(time, "time", lambda: real_time() - 10)  # a host 10 s behind
+    webhooks_wake_when_due()
+    monkeypatch.setattr(time, "time", real_time)  # another host, its clock right
+    pending("sooner", 20)
+    webhooks_wake_when_due()
+
+    asked = float(redis_client().get(NEXT_WAKE_KEY) or 0)
+    due = database_clock().timestamp() + 20
+    assert abs(asked - due) < 1, asked - due
 
 
 # --- A real Celery worker (and its relay) 30 s ahead under libfaketime -----------------------
