@@ -10,15 +10,14 @@ import functools
 import json
 import logging
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from django.conf import settings
 from django.db import IntegrityError, connection, connections, models, transaction
-from django.utils import timezone
 
-from notifications import idempotency, metrics, templating, unsubscribe
+from notifications import db_clock, idempotency, metrics, templating, unsubscribe
 from notifications.frequency_caps import CapCheck, caps_give_back, caps_take
 from notifications.logs import scoped_log_context
 from notifications.models import (
@@ -711,7 +710,9 @@ def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[s
         from notifications.fanout import topic_notification_accept
 
         return topic_notification_accept(owner=owner, request=request)
-    now = timezone.now()
+    # Routing sets due times (send_at, escalation, digest, quiet hours) that the relay will
+    # judge on the database's clock: they are computed on it (notifications/db_clock.py).
+    now = db_clock.now()
     prepared = _notification_prepare(owner=owner, request=request, now=now, templates={})
     structlog.contextvars.bind_contextvars(notification_id=str(prepared.notification.pk))
     _caps_apply([prepared])
@@ -752,7 +753,7 @@ def notifications_create_bulk(
     one broker connection after it commits. An item whose idempotency record is already in the
     database (Redis lost its key) makes the whole write fall back to one transaction per item;
     that item's outcome then says its record exists, for the caller to answer from it."""
-    now = timezone.now()
+    now = db_clock.now()  # as notification_accept() routes
     templates: dict[str, TemplateSnapshot | None] = {}
     contexts = recipient_contexts_get_many(
         owner_id=owner.pk,
@@ -817,8 +818,9 @@ def _bulk_write_one(owner: Owner, item: PreparedNotification, now: datetime) -> 
 
 def idempotency_records_purge(*, older_than_seconds: int | None = None) -> int:
     ttl = older_than_seconds if older_than_seconds is not None else settings.IDEMPOTENCY_TTL_SECONDS
-    cutoff = timezone.now() - timedelta(seconds=ttl)
-    deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=cutoff).delete()
+    deleted, _ = IdempotencyRecord.objects.filter(
+        created_at__lt=db_clock.db_now_plus(-ttl)
+    ).delete()
     return deleted
 
 

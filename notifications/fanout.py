@@ -28,7 +28,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Max
 from django.utils import timezone
 
-from notifications import idempotency, templating, unsubscribe
+from notifications import db_clock, idempotency, templating, unsubscribe
 from notifications.accepting import (
     NotificationRequest,
     PreparedNotification,
@@ -36,7 +36,6 @@ from notifications.accepting import (
     _notification_prepare,
     _notifications_write,
 )
-from notifications.db_clock import db_now
 from notifications.frequency_caps import CapCheck, caps_give_back
 from notifications.models import (
     CHANNEL_ORDER,
@@ -267,7 +266,9 @@ def _children_publish(due: list[int]) -> None:
         else:
             rows = Delivery.objects.filter(pk__in=due, enqueued_at__isnull=True)
             marked = list(rows.select_for_update().values_list("pk", "channel"))
-            Delivery.objects.filter(pk__in=[pk for pk, _ in marked]).update(enqueued_at=db_now())
+            Delivery.objects.filter(pk__in=[pk for pk, _ in marked]).update(
+                enqueued_at=db_clock.db_now()
+            )
         by_channel: dict[str, list[int]] = defaultdict(list)
         for pk, channel in sorted(marked):
             by_channel[channel].append(pk)
@@ -280,7 +281,9 @@ def topic_fanout_step(*, chunk_size: int | None = None) -> bool:
     Returns False when no topic notification was waiting (or all were being fanned out by
     other processes)."""
     chunk_size = chunk_size or settings.FANOUT_CHUNK_SIZE
-    now = timezone.now()
+    # The children are routed here, on the relay's host: their due times (send_at,
+    # escalation, digest, quiet hours) on the database's clock, as an API host's are.
+    now = db_clock.now()
     taken: list[CapCheck] = []
     due: list[int] = []
     try:

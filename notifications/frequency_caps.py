@@ -14,10 +14,10 @@ from functools import cache
 from typing import Any
 
 from django.db.models import Q
-from django.utils import timezone
 from redis.commands.core import Script
 from redis.exceptions import RedisError
 
+from notifications.db_clock import db_now_plus
 from notifications.models import Delivery, DeliveryStatus
 from workers.shared_state import redis_client
 
@@ -83,7 +83,9 @@ def _window_ms(check: CapCheck) -> int:
 
 def _database_members(check: CapCheck) -> list[tuple[int, str]]:
     """(epoch ms, member) of the deliveries the database counts for this check's window."""
-    since = timezone.now() - check.window
+    # The window runs back from the database's now, as everything else that is due or
+    # expired across hosts does (notifications/db_clock.py).
+    since = db_now_plus(-check.window.total_seconds())
     scope_kind, _, scope_name = check.scope.partition(":")
     scope = (
         Q(notification__category=scope_name)

@@ -20,9 +20,9 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError
-from django.utils import timezone
 from redis.exceptions import RedisError
 
+from notifications import db_clock
 from notifications.models import IdempotencyRecord
 from workers.rate_limiter import token_bucket_answer, token_bucket_args, token_bucket_script
 
@@ -104,7 +104,8 @@ def _cache_key(owner_id: int, key: str) -> str:
 
 
 def _from_database(owner_id: int, key: str, fp: str) -> Replay | None:
-    cutoff = timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
+    # On the clock the purge judges the TTL on (idempotency_records_purge).
+    cutoff = db_clock.now() - timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
     record = IdempotencyRecord.objects.filter(owner_id=owner_id, key=key).first()
     if record is None:
         return None

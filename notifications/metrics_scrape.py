@@ -12,11 +12,11 @@ from datetime import datetime
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.utils import timezone
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from notifications import db_clock
 from notifications.api.errors import error_body
 from notifications.api.middleware import client_ip
 from notifications.metrics import multiprocess_dir_cleanup, multiprocess_registry
@@ -39,7 +39,9 @@ def queue_oldest_ages(*, now: datetime | None = None) -> dict[str, float]:
     """Per channel, seconds the oldest queued delivery that is due has been waiting: since it
     was enqueued, or since its next_attempt_at came. Two index seeks per channel on the
     partial index delivery_queued_lag."""
-    now = now or timezone.now()
+    # Both times it reads were written on the database's clock (the relay's published mark,
+    # a due time): ages on this host's clock would be off by its skew.
+    now = now or db_clock.now()
     queued = Delivery.objects.filter(status=DeliveryStatus.QUEUED)
     ages = {}
     for channel in CHANNEL_ORDER:

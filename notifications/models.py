@@ -7,6 +7,7 @@ import uuid
 
 from django.db import models
 
+from notifications import db_clock
 from notifications.db_clock import db_now
 
 
@@ -635,7 +636,9 @@ class WebhookMessage(models.Model):
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     last_status_code = models.IntegerField(null=True, blank=True)
     last_error = models.TextField(blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
+    # On the database's clock: the sender gives up WEBHOOK_RETRY_FOR_SECONDS after it, judged
+    # on that clock (notifications/db_clock.py).
+    created_at = models.DateTimeField(default=db_clock.now, editable=False)
     sent_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

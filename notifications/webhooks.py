@@ -25,6 +25,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from notifications import cache as keys
+from notifications import db_clock
+from notifications.db_clock import db_now
 from notifications.models import (
     CHANNEL_ORDER,
     FINAL_STATUSES,
@@ -113,7 +115,8 @@ def webhook_delete(*, webhook: Webhook) -> None:
 def webhook_rotate_secret(*, webhook: Webhook) -> Webhook:
     """A new secret; the old one keeps signing for WEBHOOK_SECRET_ROLLOVER_SECONDS."""
     webhook.previous_secret = webhook.secret
-    webhook.previous_secret_expires_at = timezone.now() + timedelta(
+    # On the database's clock, as the sender judges it (workers/webhook_sender.py).
+    webhook.previous_secret_expires_at = db_clock.now() + timedelta(
         seconds=settings.WEBHOOK_SECRET_ROLLOVER_SECONDS
     )
     webhook.secret = secret_new()
@@ -142,7 +145,8 @@ def webhook_messages_replay(*, webhook: Webhook) -> int:
             status=WebhookMessageStatus.PENDING,
             attempts=0,
             next_attempt_at=None,
-            created_at=timezone.now(),
+            # Its retries run for WEBHOOK_RETRY_FOR_SECONDS from now, on the database's clock.
+            created_at=db_now(),
         )
         if count:
             transaction.on_commit(webhooks_wake)

@@ -12,8 +12,9 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-from channels_app.gc_freeze import gc_freezer_start_in_server  # noqa: E402
+from channels_app.gc_freeze import asgi_server_process, gc_freezer_start_in_server  # noqa: E402
 from channels_app.routing import websocket_urlpatterns  # noqa: E402
+from notifications import db_clock  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -26,3 +27,8 @@ application = ProtocolTypeRouter(
 # p99 tail); channels_app/gc_freeze.py says how and why. Only in a server process: importing
 # this module (tests, tools) leaves the collector alone.
 gc_freezer_start_in_server()
+
+# The accept path routes on this process's reading of the database's clock
+# (notifications/db_clock.py): taken as the server starts, not by its first request.
+if asgi_server_process():
+    db_clock.read_in_background()

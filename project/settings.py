@@ -135,6 +135,13 @@ elif _db["ENGINE"].startswith("django.db.backends.postgresql") and env.bool(
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Each process re-reads the database's clock this often, off the request path, for the due
+# times it computes in Python (notifications/db_clock.py): its estimate then drifts by no more
+# than the monotonic clock does in that time (microseconds), at one short connection a period.
+DB_CLOCK_REFRESH_SECONDS = env.float("DB_CLOCK_REFRESH_SECONDS", default=30.0)
+# A host whose wall clock is this far from the database's says so in its log: due times do
+# not follow it, but its log lines and informational stamps are off by as much.
+DB_CLOCK_WARN_SECONDS = env.float("DB_CLOCK_WARN_SECONDS", default=1.0)
 
 # --- Connections that go silent -------------------------------------------------------------
 # A connection can go half-open: a NAT or firewall forgets the flow, a load balancer fails
@@ -216,7 +223,11 @@ CHANNEL_LAYERS = {
             # Nothing relies on the layer alone: the database is the inbox and a client gets
             # what it missed when it reconnects with `since`.
             "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=10_000),
-            "expiry": env.int("CHANNEL_LAYER_EXPIRY_SECONDS", default=60),
+            # The library stamps a frame with its sender's wall clock, and every later sender
+            # to the same list drops what is older than this by its own: a host 30 s ahead
+            # dropped the frames a host 30 s behind had just queued (measured in tests/cluster
+            # at 60 s). 120 s keeps a frame across host clocks up to a minute apart.
+            "expiry": env.int("CHANNEL_LAYER_EXPIRY_SECONDS", default=120),
         },
     }
 }

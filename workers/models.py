@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from django.db import models
 
+from notifications import db_clock
+
 
 class SandboxMessage(models.Model):
     owner = models.ForeignKey("notifications.Owner", on_delete=models.CASCADE)
@@ -81,7 +83,9 @@ class ProviderEvent(models.Model):
     address = models.CharField(max_length=254, blank=True)
     payload = models.JSONField(default=dict)
     occurred_at = models.DateTimeField()
-    received_at = models.DateTimeField(auto_now_add=True)
+    # On the database's clock: the event is applied anyway PROVIDER_EVENTS_WAIT_SECONDS after
+    # it, judged on that clock (notifications/db_clock.py).
+    received_at = models.DateTimeField(default=db_clock.now, editable=False)
     # Not applied yet while NULL; `result` says what applying it did.
     processed_at = models.DateTimeField(null=True, blank=True)
     result = models.CharField(max_length=200, blank=True)

@@ -8,7 +8,7 @@ that arrives before its delivery is settled waits for it."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
@@ -98,7 +98,8 @@ def provider_events_apply(*, limit: int | None = None) -> int:
 
 
 def _apply(event: ProviderEvent, now: datetime) -> bool:
-    """Apply one event (its row locked); False when it has to wait for its delivery."""
+    """Apply one event (its row locked); False when it has to wait for its delivery. `now`
+    stamps processed_at."""
     if event.kind in ("stop", "start"):
         result = _sms_opt(event)
     elif event.kind == "ignored":
@@ -107,7 +108,7 @@ def _apply(event: ProviderEvent, now: datetime) -> bool:
         delivery = _delivery_of(event)
         if delivery is None:
             result = "no such delivery"
-        elif delivery.status in _NOT_SETTLED and not _given_up(event, now):
+        elif delivery.status in _NOT_SETTLED and not _given_up(event):
             event.tries += 1
             ProviderEvent.objects.filter(pk=event.pk).update(
                 tries=event.tries,
@@ -137,9 +138,13 @@ def _apply(event: ProviderEvent, now: datetime) -> bool:
     return True
 
 
-def _given_up(event: ProviderEvent, now: datetime) -> bool:
-    """An event whose delivery stays unsettled for this long is applied anyway."""
-    return event.received_at < now - timedelta(seconds=settings.PROVIDER_EVENTS_WAIT_SECONDS)
+def _given_up(event: ProviderEvent) -> bool:
+    """An event whose delivery stays unsettled for PROVIDER_EVENTS_WAIT_SECONDS is applied
+    anyway. Judged on the database's clock, which received_at was written on, in SQL: only an
+    event that found its delivery unsettled (a callback racing our own commit) asks."""
+    return ProviderEvent.objects.filter(
+        pk=event.pk, received_at__lt=db_now_plus(-settings.PROVIDER_EVENTS_WAIT_SECONDS)
+    ).exists()
 
 
 def _detail(event: ProviderEvent) -> str:

@@ -26,7 +26,7 @@ from django.utils import timezone
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from notifications import metrics
+from notifications import db_clock, metrics
 from notifications.db_clock import db_now
 from notifications.fanout import topic_fanout_step
 from notifications.models import Delivery, DeliveryStatus
@@ -50,7 +50,7 @@ def outbox_publish_due(*, limit: int | None = None) -> int:
 
     Due, and the published mark the sweeper reads, are by the database's clock: a relay
     whose own clock runs ahead must not release retries, scheduled sends, escalation steps or
-    digests early. This host's `now` only stamps updated_at and the lag metric."""
+    digests early. This host's `now` only stamps updated_at."""
     now = timezone.now()
     limit = limit or settings.RELAY_CLAIM_SIZE
     with transaction.atomic():
@@ -85,9 +85,10 @@ def outbox_publish_due(*, limit: int | None = None) -> int:
             pk__in=[row[0] for row in rows] + [pk for ids in flushed.values() for pk in ids]
         ).update(enqueued_at=db_now())
         messages = batches_publish_rollback_unsafe(by_channel)
-    # The lag metric compares this host's clock with times written on others (created_at,
-    # next_attempt_at): a skewed relay reports a skewed lag, and publishes nothing early.
-    published_at = timezone.now()
+    # The lag runs from a due time (the database's clock) or an accept's stamp (the API
+    # host's), measured on the database's clock: a relay whose own clock is off reports no lag
+    # of its own making.
+    published_at = db_clock.now()
     metrics.relay_lag(
         seconds=(
             (published_at - max(created_at, next_attempt_at or created_at)).total_seconds()

@@ -16,7 +16,6 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 
 import urllib3
 from django.conf import settings
@@ -26,6 +25,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from notifications import cache as keys
+from notifications import db_clock
 from notifications.db_clock import db_now, db_now_plus
 from notifications.models import Webhook, WebhookMessage, WebhookMessageStatus
 from notifications.webhooks import (
@@ -121,13 +121,16 @@ def webhooks_wake_when_due() -> None:
     wait = webhooks_next_due()
     if wait is None or wait >= settings.WEBHOOK_SWEEP_SECONDS:
         return
-    due_at = time.time() + wait
+    # The wake asked for is remembered as a time that every webhooks worker, on any host,
+    # compares with its own due time: on the database's clock, as the due times are.
+    now = db_clock.now().timestamp()
+    due_at = now + wait
     try:
         client = redis_client()
         asked = client.get(NEXT_WAKE_KEY)
         # A wake still to come, no later than this due time, covers it (one that has come is
         # this very round, or one before it).
-        if asked is not None and time.time() < float(asked) <= due_at + WAKE_SLACK_SECONDS:
+        if asked is not None and now < float(asked) <= due_at + WAKE_SLACK_SECONDS:
             return
         client.set(NEXT_WAKE_KEY, repr(due_at), px=int((wait + WAKE_SLACK_SECONDS) * 1000) + 1)
     except (RedisError, OSError) as exc:
@@ -159,7 +162,8 @@ def _send(message: WebhookMessage) -> _Result:
         "webhook-id": message.msg_id,
         "webhook-timestamp": str(timestamp),
         "webhook-signature": webhook_signatures(
-            secrets_=signing_secrets(webhook, timezone.now()),
+            # The rollover's end was written on the database's clock (webhook_rotate_secret).
+            secrets_=signing_secrets(webhook, db_clock.now()),
             msg_id=message.msg_id,
             timestamp=timestamp,
             body=body,
@@ -213,12 +217,15 @@ def _post(url: str, address: str, headers: dict[str, str], body: bytes) -> _Resu
 
 
 def _settle(batch: list[WebhookMessage], results: list[_Result]) -> None:
-    # This host's clock stamps sent_at and judges the give-up and disable thresholds (hours
-    # and days, where a skew of seconds does not matter); due times are the database's.
+    # This host's clock stamps sent_at; the give-up and disable checks compare times written
+    # on the database's clock (created_at, failing_since) with it, in SQL.
     now = timezone.now()
     recovered: set[int] = set()
     failing: set[int] = set()
     with transaction.atomic():
+        too_old = _too_old(
+            [m.pk for m, r in zip(batch, results, strict=True) if r.kind == "failed"]
+        )
         for message, result in zip(batch, results, strict=True):
             mine = WebhookMessage.objects.filter(pk=message.pk, status=WebhookMessageStatus.PENDING)
             if result.kind == "sent":
@@ -236,7 +243,7 @@ def _settle(batch: list[WebhookMessage], results: list[_Result]) -> None:
                     next_attempt_at=db_now_plus(result.delay),
                     last_error=result.error,
                 )
-            elif result.kind == "dead" or _too_old(message, now):
+            elif result.kind == "dead" or message.pk in too_old:
                 mine.update(
                     status=WebhookMessageStatus.DEAD,
                     next_attempt_at=None,
@@ -262,22 +269,31 @@ def _settle(batch: list[WebhookMessage], results: list[_Result]) -> None:
         failing -= recovered
         if failing:
             Webhook.objects.filter(pk__in=failing, failing_since__isnull=True).update(
-                failing_since=now
+                failing_since=db_now()
             )
-            _disable_the_long_failing(failing, now)
+            _disable_the_long_failing(failing)
 
 
-def _too_old(message: WebhookMessage, now: datetime) -> bool:
-    return message.created_at < now - timedelta(seconds=settings.WEBHOOK_RETRY_FOR_SECONDS)
+def _too_old(message_ids: list[int]) -> set[int]:
+    """The messages among these first queued WEBHOOK_RETRY_FOR_SECONDS ago or more: no retry."""
+    if not message_ids:
+        return set()
+    return set(
+        WebhookMessage.objects.filter(
+            pk__in=message_ids,
+            created_at__lt=db_now_plus(-settings.WEBHOOK_RETRY_FOR_SECONDS),
+        ).values_list("pk", flat=True)
+    )
 
 
-def _disable_the_long_failing(webhook_ids: set[int], now: datetime) -> None:
-    since = now - timedelta(seconds=settings.WEBHOOK_DISABLE_AFTER_SECONDS)
+def _disable_the_long_failing(webhook_ids: set[int]) -> None:
     for webhook in Webhook.objects.filter(
-        pk__in=webhook_ids, failing_since__lt=since, disabled_at__isnull=True
-    ):
-        days = (now - webhook.failing_since).total_seconds() / 86400 if webhook.failing_since else 0
+        pk__in=webhook_ids,
+        failing_since__lt=db_now_plus(-settings.WEBHOOK_DISABLE_AFTER_SECONDS),
+        disabled_at__isnull=True,
+    ).annotate(failing_for=ExpressionWrapper(db_now() - F("failing_since"), DurationField())):
+        days = webhook.failing_for.total_seconds() / 86400
         reason = f"every call failed for {days:.1f} days"
-        Webhook.objects.filter(pk=webhook.pk).update(disabled_at=now, disabled_reason=reason)
+        Webhook.objects.filter(pk=webhook.pk).update(disabled_at=db_now(), disabled_reason=reason)
         keys.invalidate_on_commit(hooks_key(webhook.owner_id))
         log.warning("webhook %s disabled: %s", webhook.pk, reason)
