@@ -28,6 +28,9 @@ from rest_framework.test import APIClient
 from tests.factories import OwnerFactory, TemplateFactory, api_key_for
 
 ROOT = Path(__file__).resolve().parent.parent
+# The idle BRPOP's wait on the server outside the tests (BROKER_POLL_SECONDS); process_env
+# shortens it, and the tests of idle and stall behaviour put it back.
+PRODUCTION_BROKER_POLL_SECONDS = "10"
 BIN = Path(sys.executable).parent
 
 
@@ -183,6 +186,10 @@ def process_env(tmp_path: Path, **overrides: Any) -> dict[str, str]:
         # each process checks the cache version on every read. The default's lag of up to
         # 0.1 s is tested in tests/notifications/test_cache.py.
         CACHE_LOCAL_CHECK_SECONDS="0",
+        # A worker's warm shutdown waits for its idle BRPOP to return (kombu reads the reply
+        # rather than lose a message): the default 10 s would add seconds to every test that
+        # stops a worker. Tests of the idle and stall behaviour pass the default themselves.
+        BROKER_POLL_SECONDS="1",
         PYTHONUNBUFFERED="1",
     )
     env.update({k: str(v) for k, v in overrides.items()})

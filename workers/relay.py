@@ -12,10 +12,12 @@ published again: a duplicate message, which the worker's lease turns into a no-o
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from types import FrameType
 
 import redis
@@ -118,6 +120,10 @@ def outbox_next_due() -> float | None:
     return max(0.0, wait.total_seconds())
 
 
+class _Stopped(Exception):
+    """Raised by the stop signal's handler to end a wait at once."""
+
+
 class Relay:
     """The relay's loop: drain the outbox, then sleep until woken, polled, or the next due."""
 
@@ -126,6 +132,8 @@ class Relay:
             poll_seconds if poll_seconds is not None else settings.RELAY_POLL_SECONDS
         )
         self.stopping = False
+        # True while it only waits (between rounds): a stop signal may cut that short.
+        self.sleeping = False
         # When a round last reached the database and the broker (monotonic), and what failed
         # since: the relay's liveness (/healthz, workers/liveness.py).
         self.last_round_ok = time.monotonic()
@@ -140,6 +148,10 @@ class Relay:
 
     def stop(self, *args: int | FrameType | None) -> None:
         self.stopping = True
+        if self.sleeping:
+            # Waiting for a signal (up to RELAY_POLL_SECONDS), or backing off: nothing is
+            # half done, so leave at once rather than at the end of the wait.
+            raise _Stopped
 
     def problem(self) -> str | None:
         """Rounds have failed for longer than RELAY_UNHEALTHY_SECONDS: the relay cannot reach
@@ -172,10 +184,19 @@ class Relay:
             return
         try:
             # BLPOP takes fractions of a second since Redis 6; at least 10 ms.
-            self.signals.blpop([RELAY_WAKE_KEY], timeout=max(0.01, timeout))
+            self._sleeping(lambda: self.signals.blpop([RELAY_WAKE_KEY], timeout=max(0.01, timeout)))
         except (RedisError, OSError) as exc:
             log.warning("relay signal unavailable, polling: %s", exc)
-            time.sleep(timeout)
+            self._sleeping(lambda: time.sleep(timeout))
+
+    def _sleeping(self, wait: Callable[[], object]) -> None:
+        if self.stopping:
+            return
+        self.sleeping = True
+        try:
+            wait()
+        finally:
+            self.sleeping = False
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
@@ -186,19 +207,23 @@ class Relay:
         liveness_check_register(self.problem)
         liveness_server_start()
         backoff = FAILURE_BACKOFF_SECONDS
-        while not self.stopping:
-            try:
-                close_old_connections()
-                self.drain()
-                self.last_round_ok = time.monotonic()
-                if self.stopping:
-                    break
-                self.wait()
-                backoff = FAILURE_BACKOFF_SECONDS
-            except (DatabaseError, KombuError, OSError, RedisError) as exc:
-                # Nothing was marked published: the rows wait in the outbox for the next round.
-                self.last_error = f"{exc.__class__.__name__}: {exc}"
-                log.warning("relay round failed, retrying in %.1fs: %s", backoff, exc)
-                time.sleep(backoff)
-                backoff = min(FAILURE_BACKOFF_MAX_SECONDS, backoff * 2)
+        try:
+            while not self.stopping:
+                try:
+                    close_old_connections()
+                    self.drain()
+                    self.last_round_ok = time.monotonic()
+                    if self.stopping:
+                        break
+                    self.wait()
+                    backoff = FAILURE_BACKOFF_SECONDS
+                except (DatabaseError, KombuError, OSError, RedisError) as exc:
+                    # Nothing was marked published: the rows wait in the outbox for the next
+                    # round.
+                    self.last_error = f"{exc.__class__.__name__}: {exc}"
+                    log.warning("relay round failed, retrying in %.1fs: %s", backoff, exc)
+                    self._sleeping(functools.partial(time.sleep, backoff))
+                    backoff = min(FAILURE_BACKOFF_MAX_SECONDS, backoff * 2)
+        except _Stopped:
+            pass
         log.info("relay stopped")

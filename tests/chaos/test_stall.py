@@ -40,7 +40,7 @@ from tests.chaos.harness import (
     tally,
     wait_settled,
 )
-from tests.conftest import Process, free_port, wait_until
+from tests.conftest import PRODUCTION_BROKER_POLL_SECONDS, Process, free_port, wait_until
 from tests.emulators.twilio import TwilioEmulator
 from tests.factories import api_key_for
 
@@ -204,6 +204,7 @@ def test_every_redis_connection_half_open_at_once_heals_without_a_restart(
             "CELERY_BROKER_URL": forwarder.url(redis_db),
             "WORKER_STALL_SECONDS": str(STALL_SECONDS),
             "RATE_LIMITS": "email=600000/m,sms=10000/s,push=10000/s,web=10000/s",
+            "BROKER_POLL_SECONDS": PRODUCTION_BROKER_POLL_SECONDS,
         }
         server = start_api(spawn, tmp_path, **env)
         workers = start_workers(
@@ -247,6 +248,7 @@ def test_one_workers_connections_half_open_are_healed_by_its_watchdog(
             **twilio.settings_env(),
             "WORKER_STALL_SECONDS": str(STALL_SECONDS),
             "RATE_LIMITS": "email=600000/m,sms=10000/s,push=10000/s,web=10000/s",
+            "BROKER_POLL_SECONDS": PRODUCTION_BROKER_POLL_SECONDS,
         }
         server = start_api(spawn, tmp_path, **env)
         start_workers(

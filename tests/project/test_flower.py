@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 from bench.procs import procfile_commands
-from tests.conftest import BIN, ROOT, Process, free_port, process_env, wait_until
+from tests.conftest import (
+    BIN,
+    PRODUCTION_BROKER_POLL_SECONDS,
+    ROOT,
+    Process,
+    free_port,
+    process_env,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
 
@@ -87,7 +95,12 @@ def test_flower_shows_the_procfiles_workers_online_and_their_tasks(
     a heartbeat every 10 s, an idle BRPOP of 10 s: what keeps an idle service idle): Flower
     shows every worker online, still after two heartbeat periods, and the tasks they ran."""
     port = free_port()
-    env = process_env(tmp_path, FLOWER_PORT=port, FLOWER_BASIC_AUTH="ops:s3cret")
+    env = process_env(
+        tmp_path,
+        FLOWER_PORT=port,
+        FLOWER_BASIC_AUTH="ops:s3cret",
+        BROKER_POLL_SECONDS=PRODUCTION_BROKER_POLL_SECONDS,
+    )
     pools = {"email", "sms", "push", "inapp", "maintenance", "webhooks"}
     started = [
         spawn(name, argv, env)
