@@ -206,9 +206,17 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        self.signal(sig)
+        self.reap(timeout)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+
+    def reap(self, timeout: float = 20) -> None:
+        """Wait for it to end after a signal; kill it after `timeout` seconds."""
         if self.popen.poll() is not None:
             return
-        os.killpg(self.popen.pid, sig)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -249,8 +257,12 @@ def spawn(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[.
         return process
 
     yield start
+    # All told at once, then waited for: each winds down (a worker's warm shutdown waits for
+    # its idle BRPOP) while the others do.
     for process in reversed(started):
-        process.stop()
+        process.signal()
+    for process in reversed(started):
+        process.reap()
     call = getattr(request.node, "report_call", None)
     if call is not None and call.failed:
         for process in started:

@@ -189,6 +189,33 @@ def _run_fault(
     return worst, flying
 
 
+def _env(twilio: TwilioEmulator, **extra: str) -> dict[str, str]:
+    """The scenarios' processes, on the production defaults of what heals a stall."""
+    return {
+        **twilio.settings_env(),
+        "WORKER_STALL_SECONDS": str(STALL_SECONDS),
+        "RATE_LIMITS": "email=600000/m,sms=10000/s,push=10000/s,web=10000/s",
+        "BROKER_POLL_SECONDS": PRODUCTION_BROKER_POLL_SECONDS,
+        **extra,
+    }
+
+
+def _through(forwarder: Forwarder) -> dict[str, str]:
+    """Redis (cache and broker) reached through the forwarder."""
+    url = forwarder.url(int(settings.REDIS_URL.rsplit("/", 1)[1]))
+    return {"REDIS_URL": url, "CELERY_BROKER_URL": url}
+
+
+def _assert_healed(
+    scenario: str, load: Load, twilio: TwilioEmulator, worst: float, flying: int
+) -> None:
+    result = tally(scenario, load.ledger, received(None, twilio))
+    assert load.errors == []
+    assert (result.lost, result.unexpected) == (0, 0)
+    assert result.duplicated <= flying
+    assert worst <= STALL_SECONDS + HEAL_MARGIN_SECONDS
+
+
 def test_every_redis_connection_half_open_at_once_heals_without_a_restart(
     owner: Any,
     chaos_template: Any,
@@ -196,16 +223,8 @@ def test_every_redis_connection_half_open_at_once_heals_without_a_restart(
     spawn: Callable[..., Process],
     tmp_path: Path,
 ) -> None:
-    redis_db = int(settings.REDIS_URL.rsplit("/", 1)[1])
     with forwarding(port_of(settings.REDIS_URL)) as forwarder:
-        env = {
-            **twilio.settings_env(),
-            "REDIS_URL": forwarder.url(redis_db),
-            "CELERY_BROKER_URL": forwarder.url(redis_db),
-            "WORKER_STALL_SECONDS": str(STALL_SECONDS),
-            "RATE_LIMITS": "email=600000/m,sms=10000/s,push=10000/s,web=10000/s",
-            "BROKER_POLL_SECONDS": PRODUCTION_BROKER_POLL_SECONDS,
-        }
+        env = _env(twilio, **_through(forwarder))
         server = start_api(spawn, tmp_path, **env)
         workers = start_workers(
             spawn,
@@ -226,11 +245,7 @@ def test_every_redis_connection_half_open_at_once_heals_without_a_restart(
             )
         finally:
             load.finish()
-        result = tally("9a every Redis connection half-open", load.ledger, received(None, twilio))
-        assert load.errors == []
-        assert (result.lost, result.unexpected) == (0, 0)
-        assert result.duplicated <= flying
-        assert worst <= STALL_SECONDS + HEAL_MARGIN_SECONDS
+        _assert_healed("9a every Redis connection half-open", load, twilio, worst, flying)
         assert all(process.popen.poll() is None for process in workers)
 
 
@@ -241,15 +256,9 @@ def test_one_workers_connections_half_open_are_healed_by_its_watchdog(
     spawn: Callable[..., Process],
     tmp_path: Path,
 ) -> None:
-    redis_db = int(settings.REDIS_URL.rsplit("/", 1)[1])
     forwarder = Forwarder(port_of(settings.REDIS_URL)).start()
     try:
-        env = {
-            **twilio.settings_env(),
-            "WORKER_STALL_SECONDS": str(STALL_SECONDS),
-            "RATE_LIMITS": "email=600000/m,sms=10000/s,push=10000/s,web=10000/s",
-            "BROKER_POLL_SECONDS": PRODUCTION_BROKER_POLL_SECONDS,
-        }
+        env = _env(twilio)
         server = start_api(spawn, tmp_path, **env)
         start_workers(
             spawn,
@@ -266,8 +275,7 @@ def test_one_workers_connections_half_open_are_healed_by_its_watchdog(
             [WorkerSpec("sms", "sms")],
             relay=False,
             **env,
-            REDIS_URL=forwarder.url(redis_db),
-            CELERY_BROKER_URL=forwarder.url(redis_db),
+            **_through(forwarder),
             REDIS_HEALTH_CHECK_SECONDS="0",
             WORKER_METRICS_PORT=str(health_port),
         )
@@ -285,15 +293,10 @@ def test_one_workers_connections_half_open_are_healed_by_its_watchdog(
             health.finish()
     finally:
         forwarder.stop()
-    result = tally("9b one worker's connections half-open", load.ledger, received(None, twilio))
-    log = sms.log()
-    assert "reconnecting its consumer" in log
+    _assert_healed("9b one worker's connections half-open", load, twilio, worst, flying)
+    assert "reconnecting its consumer" in sms.log()
     # Its liveness said so while it lasted, and is well again.
     assert (503, "consumer on sms stalled: took no waiting message") in health.seen
     assert health.seen[-1] == (200, "")
     assert sms.popen.poll() is None  # healed in place: the reconnect was enough
-    assert load.errors == []
-    assert (result.lost, result.unexpected) == (0, 0)
-    assert result.duplicated <= flying
-    assert worst <= STALL_SECONDS + HEAL_MARGIN_SECONDS
     assert Delivery.objects.count() == load.accepted
