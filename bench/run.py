@@ -445,6 +445,12 @@ class Bench:
             f"{name}-{self.nonce}@%h",
             "--concurrency",
             str(concurrency),
+            # As the Procfile runs them: mingle's start-up inspect would leave its reply
+            # queue's BRPOP pending on the consumer's channel for a whole BROKER_POLL_SECONDS.
+            "--without-gossip",
+            "--without-mingle",
+            "--heartbeat-interval",
+            "10",
             "-l",
             "info",
         ]
