@@ -13,13 +13,15 @@ from collections import OrderedDict
 from typing import Any
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from channels_app.broadcast import notification_frame, recipient_group
-from notifications import metrics, selectors, services
+from channels_app.database import in_thread_pool
+from channels_app.inbox_writer import inbox_writer
+from notifications import metrics, selectors
 from notifications.selectors import InboxRecipient
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,12 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
-@database_sync_to_async
+@in_thread_pool
 def _recipient_for_token(token: str) -> InboxRecipient | None:
     return selectors.recipient_for_token(token=token)
 
 
-@database_sync_to_async
+@in_thread_pool
 def _backlog(recipient_id: int, since: uuid.UUID | None) -> list[dict[str, Any]]:
     entries = selectors.inbox_backlog(
         recipient_id=recipient_id, since=since, limit=settings.WS_BACKLOG_MAX
@@ -63,20 +65,6 @@ def _backlog(recipient_id: int, since: uuid.UUID | None) -> list[dict[str, Any]]
         )
         for d in entries
     ]
-
-
-@database_sync_to_async
-def _acknowledge(recipient_id: int, notification_id: uuid.UUID) -> None:
-    services.inbox_acknowledge(
-        recipient_id=recipient_id, notification_id=notification_id, source="websocket"
-    )
-
-
-@database_sync_to_async
-def _mark_read(recipient_id: int, notification_id: uuid.UUID) -> None:
-    services.inbox_mark_read(
-        recipient_id=recipient_id, notification_id=notification_id, source="websocket"
-    )
 
 
 class _FrameBudget:
@@ -175,17 +163,23 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             if notification_id is None:
                 await self._send_json({"type": "error", "error": "bad_id"})
                 return
-            # Scoped to the token's recipient: an id of someone else's notification matches
-            # no row and changes nothing.
-            if kind == "ack":
-                await _acknowledge(self.recipient.recipient_id, notification_id)
-            else:
-                await _mark_read(self.recipient.recipient_id, notification_id)
-            log.info(
+            # Written with the other sockets' within WS_ACK_WINDOW_SECONDS; scoped to the
+            # token's recipient: an id of someone else's notification changes nothing.
+            inbox_writer().add(kind, self.recipient.recipient_id, notification_id)
+            log.debug(
                 "client %s on %s", kind, self.group, extra={"notification_id": str(notification_id)}
             )
             return
         await self._send_json({"type": "error", "error": "unknown_type"})
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """As Channels' own, without its close_old_connections() on every message: that is a
+        hop through the one thread-sensitive thread per frame, ack and pong. The functions
+        that touch the database close stale connections themselves (database_sync_to_async)."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def inbox_notification(self, event: dict[str, Any]) -> None:
         """A live frame from the broadcast helper."""
@@ -260,7 +254,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         if len(self.sent_ids) > settings.WS_SENT_IDS_MAX:
             self.sent_ids.popitem(last=False)
         await self._send_json(frame)
-        log.info("notification pushed to %s", self.group, extra={"notification_id": frame["id"]})
+        metrics.websocket_frame_pushed()
+        log.debug("notification pushed to %s", self.group, extra={"notification_id": frame["id"]})
 
     async def _send_json(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))

@@ -83,6 +83,25 @@ WEBSOCKET_CONNECTIONS = Gauge(
     "Open WebSocket connections, summed over the live server processes.",
     multiprocess_mode="livesum",
 )
+WEBSOCKET_FRAMES_PUSHED = Counter(
+    "clarion_websocket_frames_pushed_total",
+    "Notification frames sent to a WebSocket (live or from the backlog).",
+)
+WEBSOCKET_INBOX_BATCH = Histogram(
+    "clarion_websocket_inbox_batch_entries",
+    "Acks or reads a server process gathered and wrote in one statement (kind: ack, read).",
+    ["kind"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+)
+WEBSOCKET_INBOX_PENDING = Gauge(
+    "clarion_websocket_inbox_pending",
+    "Acks and reads received and not yet written, summed over the live server processes.",
+    multiprocess_mode="livesum",
+)
+WEBSOCKET_INBOX_WRITE_FAILURES = Counter(
+    "clarion_websocket_inbox_write_failures_total",
+    "Batches of acks and reads the database refused (kept and tried again).",
+)
 WORKER_STALLS = Counter(
     "clarion_worker_stalls_total",
     "Times a worker's stall watchdog acted: its queue held messages and it, with room for "
@@ -178,6 +197,22 @@ def websocket_connection_opened() -> None:
 
 def websocket_connection_closed() -> None:
     WEBSOCKET_CONNECTIONS.dec()
+
+
+def websocket_frame_pushed() -> None:
+    WEBSOCKET_FRAMES_PUSHED.inc()
+
+
+def websocket_inbox_written(*, kind: str, entries: int) -> None:
+    WEBSOCKET_INBOX_BATCH.labels(kind=kind).observe(entries)
+
+
+def websocket_inbox_pending(count: int) -> None:
+    WEBSOCKET_INBOX_PENDING.set(count)
+
+
+def websocket_inbox_write_failed() -> None:
+    WEBSOCKET_INBOX_WRITE_FAILURES.inc()
 
 
 # --- The multiprocess directory -------------------------------------------------------------

@@ -8,6 +8,7 @@ import logging
 import secrets
 import uuid
 import zoneinfo
+from collections.abc import Collection
 from typing import Any
 
 import phonenumbers
@@ -367,6 +368,27 @@ def inbox_mark_read(*, recipient_id: int, notification_id: uuid.UUID, source: st
         source=source,
     )
     return changed > 0
+
+
+def inbox_record(
+    *,
+    acks: Collection[tuple[int, uuid.UUID]],
+    reads: Collection[tuple[int, uuid.UUID]],
+    source: str,
+) -> tuple[int, int]:
+    """Acks and reads of many sockets, as (recipient_id, notification_id) pairs, written
+    together: acks first, so a frame read at once is delivered, then read. Each pair moves
+    only its recipient's own web delivery. Returns how many deliveries each moved."""
+    delivered = transitions.deliveries_inbox_advance_many(
+        entries=acks,
+        from_statuses=UNACKNOWLEDGED_STATUSES,
+        to_status=DeliveryStatus.DELIVERED,
+        source=source,
+    )
+    read = transitions.deliveries_inbox_advance_many(
+        entries=reads, from_statuses=UNREAD_STATUSES, to_status=DeliveryStatus.READ, source=source
+    )
+    return delivered, read
 
 
 def inbox_mark_all_read(*, recipient_id: int, source: str) -> int:

@@ -385,6 +385,10 @@ WS_PING_TIMEOUT_SECONDS = env.float("WS_PING_TIMEOUT_SECONDS", default=20.0)
 WS_GROUP_REFRESH_SECONDS = env.float("WS_GROUP_REFRESH_SECONDS", default=3600.0)
 # Most unread notifications replayed on connect (oldest first); the inbox API pages the rest.
 WS_BACKLOG_MAX = env.int("WS_BACKLOG_MAX", default=1000)
+# Acks and reads of a server process's sockets are gathered this long and written together
+# (channels_app/inbox_writer.py); at most this many wait (a database that refuses for long).
+WS_ACK_WINDOW_SECONDS = env.float("WS_ACK_WINDOW_SECONDS", default=0.05)
+WS_ACK_PENDING_MAX = env.int("WS_ACK_PENDING_MAX", default=100_000)
 # Notification ids remembered per connection to drop a live frame already sent (backlog
 # overlap, a worker retry that had already published).
 WS_SENT_IDS_MAX = env.int("WS_SENT_IDS_MAX", default=5000)

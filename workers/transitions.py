@@ -16,7 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, DateTimeField, F, Value, When
+from django.db.models import Case, DateTimeField, Exists, F, OuterRef, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -519,12 +519,19 @@ def _deliveries_cancel_locked(
     _statuses_record(events)
 
 
+# The `unless` conditions a delivered or read web delivery meets.
+ESCALATION_CONDITIONS: dict[str, tuple[str, ...]] = {
+    DeliveryStatus.READ: ("read", "delivered"),
+    DeliveryStatus.DELIVERED: ("delivered",),
+}
+
+
 def escalations_cancel(*, notification_ids: list[Any], reached: str, channel: str) -> int:
     """A delivery of these notifications was read (or delivered) before their escalation
     deadlines: cancel the escalation steps waiting on that. Called inside the transaction
     that records the read. A step the relay has already locked and released is past its
     deadline and goes out."""
-    conditions = ("read", "delivered") if reached == DeliveryStatus.READ else ("delivered",)
+    conditions = ESCALATION_CONDITIONS[reached]
     with transaction.atomic():
         waiting = list(
             Delivery.objects.filter(
@@ -733,13 +740,45 @@ def deliveries_inbox_advance(
     """Move the recipient's web deliveries (one, or all when notification_id is None) from
     `from_statuses` to delivered or read, record each change in the delivery log, and return
     how many changed. Repeating it changes nothing (idempotent)."""
-    now = timezone.now()
-    at = Value(now, output_field=DateTimeField())
     wanted = Delivery.objects.filter(
         channel=Channel.WEB, notification__recipient_id=recipient_id, status__in=from_statuses
     )
     if notification_id is not None:
         wanted = wanted.filter(notification_id=notification_id)
+    return _inbox_advance(wanted, from_statuses, to_status, source, owned=None)
+
+
+def deliveries_inbox_advance_many(
+    *,
+    entries: Collection[tuple[int, uuid.UUID]],
+    from_statuses: tuple[str, ...],
+    to_status: str,
+    source: str,
+) -> int:
+    """deliveries_inbox_advance for many (recipient_id, notification_id) pairs at once (the
+    acks or reads a server process gathered): one locking SELECT, one UPDATE, one insert of
+    events. A pair whose notification is not that recipient's changes nothing."""
+    owned = {(int(r), uuid.UUID(str(n))) for r, n in entries}
+    if not owned:
+        return 0
+    wanted = Delivery.objects.filter(
+        channel=Channel.WEB,
+        notification_id__in=sorted({n for _, n in owned}),
+        status__in=from_statuses,
+    )
+    return _inbox_advance(wanted, from_statuses, to_status, source, owned=owned)
+
+
+def _inbox_advance(
+    wanted: Any,
+    from_statuses: tuple[str, ...],
+    to_status: str,
+    source: str,
+    *,
+    owned: set[tuple[int, uuid.UUID]] | None,
+) -> int:
+    now = timezone.now()
+    at = Value(now, output_field=DateTimeField())
     changes: dict[str, Any] = {
         "status": to_status,
         "updated_at": now,
@@ -757,12 +796,28 @@ def deliveries_inbox_advance(
     else:
         changes["delivered_at"] = Coalesce(F("delivered_at"), at)
         changes["read_at"] = now
+    conditions = ESCALATION_CONDITIONS[to_status]
     with transaction.atomic():
         deliveries = list(
             wanted.select_related("notification__recipient")
+            .annotate(
+                # Whether the notification has an escalation step this change can cancel.
+                escalating=Exists(
+                    Delivery.objects.filter(
+                        notification_id=OuterRef("notification_id"),
+                        escalate_unless__in=conditions,
+                        status=DeliveryStatus.SCHEDULED,
+                    )
+                )
+            )
             .select_for_update(of=("self",))
             .order_by("pk")
         )
+        if owned is not None:
+            # Scoped to each socket's recipient: an id of someone else's notification is left.
+            deliveries = [
+                d for d in deliveries if (d.notification.recipient_id, d.notification_id) in owned
+            ]
         if not deliveries:
             return 0
         Delivery.objects.filter(pk__in=[d.pk for d in deliveries], status__in=from_statuses).update(
@@ -776,11 +831,10 @@ def deliveries_inbox_advance(
                 str(d.notification_id) for d in deliveries if d.status not in FINAL_STATUSES
             },
         )
-        escalations_cancel(
-            notification_ids=sorted({d.notification_id for d in deliveries}),
-            reached=to_status,
-            channel=Channel.WEB,
-        )
+        # The lookup that locks the steps runs only where there is a step to cancel.
+        escalating = sorted({d.notification_id for d in deliveries if d.escalating})
+        if escalating:
+            escalations_cancel(notification_ids=escalating, reached=to_status, channel=Channel.WEB)
     return len(deliveries)
 
 

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 from channels.testing.websocket import WebsocketCommunicator
 
+from channels_app.inbox_writer import inbox_writer
 from channels_app.tokens import recipient_token_issue
 from notifications import accepting, services
 from notifications.models import Delivery, Notification, Owner, Recipient
@@ -45,6 +46,12 @@ def push(notification: Notification) -> None:
     the websocket provider publishes it on the real channel layer."""
     delivery = Delivery.objects.get(notification=notification, channel="web")
     assert delivery_process(delivery_id=delivery.pk).value == "sent"
+
+
+async def inbox_writes_drained() -> None:
+    """Wait until the acks and reads this loop's sockets sent are written: the server gathers
+    them for WS_ACK_WINDOW_SECONDS first (channels_app/inbox_writer.py)."""
+    await inbox_writer().drain()
 
 
 def expected_frame(notification: Notification) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from tests.channels_app.support import (
     communicator,
     create_web_notification,
     expected_frame,
+    inbox_writes_drained,
     push,
     recipient_with_token,
 )
@@ -224,6 +225,7 @@ def test_ack_and_read_change_only_the_senders_own_delivery(owner: Any, template:
         # Frames are handled in order: the error answers the last one, so all were handled.
         assert await ws.receive_json_from() == {"type": "error", "error": "unknown_type"}
         await ws.disconnect()
+        await inbox_writes_drained()
 
     async_to_sync(scenario)()
     mine_delivery, theirs_delivery = web_delivery(mine), web_delivery(theirs)
