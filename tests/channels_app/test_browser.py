@@ -110,7 +110,9 @@ def test_inbox_page_shows_a_live_notification_and_click_marks_it_read(
     assert shown.delivered_at is not None and shown.read_at is not None
     # The page acked the earlier one too (it came in the backlog), without reading it.
     # (Acks are written within WS_ACK_WINDOW_SECONDS of arriving.)
-    until(lambda: Delivery.objects.get(notification_id=earlier, channel="web").status == "delivered")
+    until(
+        lambda: Delivery.objects.get(notification_id=earlier, channel="web").status == "delivered"
+    )
     assert [m for m in console if "error" in m.lower()] == []
 
 
