@@ -635,12 +635,31 @@ def _write_with_the_orm(
 
 
 def _notifications_write(
-    *, owner: Owner, prepared: list[PreparedNotification], now: datetime
+    *,
+    owner: Owner,
+    prepared: list[PreparedNotification],
+    now: datetime,
+    push_web: bool = True,
 ) -> None:
     """Write notifications with their deliveries, first status events and idempotency records
-    in one transaction; publish the queued deliveries once it commits."""
+    in one transaction; publish the queued deliveries once it commits: the in-app ones from
+    this process (workers/web_push.py) when `push_web` and WEB_PUSH_AT_ACCEPT, the others
+    through the relay."""
     from workers.dispatch import outbox_wake_on_commit
+    from workers.web_push import web_push_on_commit
 
+    pushed: list[Delivery] = []
+    if push_web and settings.WEB_PUSH_AT_ACCEPT:
+        pushed = [
+            d
+            for p in prepared
+            for d in p.deliveries
+            if d.channel == Channel.WEB and d.status == DeliveryStatus.QUEUED
+        ]
+        for delivery in pushed:
+            # Published already, as far as the relay is concerned (`now` is the database's
+            # clock, which the sweeper compares this mark with).
+            delivery.enqueued_at = now
     with transaction.atomic():
         if _one_statement_fits(prepared):
             deliveries = _write_in_one_statement(owner=owner, prepared=prepared, now=now)
@@ -650,8 +669,9 @@ def _notifications_write(
             deliveries = _write_with_the_orm(owner=owner, prepared=prepared, now=now)
         # Nothing is published here: the queued rows are the outbox, and the relay publishes
         # them once woken after commit.
-        if any(d.status == DeliveryStatus.QUEUED for d in deliveries):
+        if any(d.status == DeliveryStatus.QUEUED and d.enqueued_at is None for d in deliveries):
             outbox_wake_on_commit()
+        web_push_on_commit([d.pk for d in pushed])
         # A notification accepted with every delivery skipped is complete already: no
         # worker will ever touch it, so its completion is checked from here.
         finished = [

@@ -325,7 +325,8 @@ def _fanout_step(*, chunk_size: int, now: datetime, taken: list[CapCheck], due: 
                 # Each child under the template's frequency caps, as a single send would be.
                 _caps_apply(prepared)
                 taken.extend(check for child in prepared for check in child.caps)
-                _notifications_write(owner=owner, prepared=prepared, now=now)
+                # Published by _children_publish below, in-app ones included.
+                _notifications_write(owner=owner, prepared=prepared, now=now, push_web=False)
                 due += [
                     d.pk
                     for child in prepared

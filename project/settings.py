@@ -385,6 +385,9 @@ WS_PING_TIMEOUT_SECONDS = env.float("WS_PING_TIMEOUT_SECONDS", default=20.0)
 WS_GROUP_REFRESH_SECONDS = env.float("WS_GROUP_REFRESH_SECONDS", default=3600.0)
 # Most unread notifications replayed on connect (oldest first); the inbox API pages the rest.
 WS_BACKLOG_MAX = env.int("WS_BACKLOG_MAX", default=1000)
+# An in-app delivery due at accept is pushed by the process that committed it, not through
+# the relay and a `web` worker (workers/web_push.py).
+WEB_PUSH_AT_ACCEPT = env.bool("WEB_PUSH_AT_ACCEPT", default=True)
 # Acks and reads of a server process's sockets are gathered this long and written together
 # (channels_app/inbox_writer.py); at most this many wait (a database that refuses for long).
 WS_ACK_WINDOW_SECONDS = env.float("WS_ACK_WINDOW_SECONDS", default=0.05)

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from channels.testing.websocket import WebsocketCommunicator
+from django.test import override_settings
 
 from channels_app.inbox_writer import inbox_writer
 from channels_app.tokens import recipient_token_issue
@@ -30,14 +31,16 @@ def recipient_with_token(owner: Owner, external_id: str) -> tuple[Recipient, str
 
 
 def create_web_notification(owner: Owner, external_id: str, order_id: str) -> Notification:
-    """Accepted through the creation service, not pushed yet (its delivery is queued)."""
-    body = accepting.notification_create(
-        owner=owner,
-        recipient=external_id,
-        template_key="order_shipped",
-        data={"order_id": order_id},
-        channels=["web"],
-    )
+    """Accepted through the creation service, not pushed yet (its delivery is queued, in the
+    outbox: this process does not push it at accept, so a test pushes it when it wants)."""
+    with override_settings(WEB_PUSH_AT_ACCEPT=False):
+        body = accepting.notification_create(
+            owner=owner,
+            recipient=external_id,
+            template_key="order_shipped",
+            data={"order_id": order_id},
+            channels=["web"],
+        )
     return Notification.objects.get(pk=body["id"])
 
 

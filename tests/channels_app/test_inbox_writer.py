@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from django.db import OperationalError, connection
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from channels_app import inbox_writer as writer_module
@@ -90,12 +91,13 @@ def test_a_read_in_a_batch_cancels_only_its_own_notifications_escalation(owner: 
             owner=owner, external_id=f"user-{n}", phone="+14155550100"
         )
         # Every channel of the template: web now, the SMS as the escalation step.
-        body = accepting.notification_create(
-            owner=owner,
-            recipient=f"user-{n}",
-            template_key="order_shipped",
-            data={"order_id": f"O-{n}"},
-        )
+        with override_settings(WEB_PUSH_AT_ACCEPT=False):
+            body = accepting.notification_create(
+                owner=owner,
+                recipient=f"user-{n}",
+                template_key="order_shipped",
+                data={"order_id": f"O-{n}"},
+            )
         notification = Notification.objects.get(pk=body["id"])
         push(notification)
         pushed.append((recipient.pk, notification))
