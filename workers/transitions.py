@@ -764,6 +764,7 @@ def deliveries_inbox_advance_many(
     wanted = Delivery.objects.filter(
         channel=Channel.WEB,
         notification_id__in=sorted({n for _, n in owned}),
+        notification__recipient_id__in=sorted({r for r, _ in owned}),
         status__in=from_statuses,
     )
     return _inbox_advance(wanted, from_statuses, to_status, source, owned=owned)

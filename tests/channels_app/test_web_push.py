@@ -79,11 +79,16 @@ def test_a_frame_goes_out_from_the_accepting_process(
     assert outbox_publish_due() == 0
 
 
-def test_a_scheduled_one_waits_for_the_relay(api: APIClient, owner: Any, template: Any) -> None:
+def test_a_scheduled_one_waits_for_the_relay(
+    api: APIClient, owner: Any, template: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recipient_with_token(owner, "user-a")
+    handed: list[int] = []
+    monkeypatch.setattr(web_push._Pusher, "submit", lambda self, ids: handed.extend(ids))
     later = (timezone.now() + timedelta(hours=1)).isoformat()
     notification_id = _post(api, "user-a", "A-2", send_at=later)
-    time.sleep(0.3)
+    # The hand-over happens at commit, before the answer: nothing was handed to the pusher.
+    assert handed == []
     delivery = _web(notification_id)
     assert delivery.status == DeliveryStatus.SCHEDULED
     assert Delivery.objects.outbox().filter(pk=delivery.pk).exists()
