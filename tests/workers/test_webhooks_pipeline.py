@@ -149,6 +149,13 @@ def test_a_retry_goes_out_at_its_backoff_without_the_schedule(
         # a sweep an hour away.
         assert 0.5 <= tries[1] - tries[0] <= 4
         assert 1 <= tries[2] - tries[1] <= 6
+        # The receiver records the request before its 200 reaches the sender, which then writes
+        # the outcome: wait for that write rather than race it.
+        wait_until(
+            lambda: WebhookMessage.objects.get().status == WebhookMessageStatus.SENT,
+            timeout=10,
+            message="the message recorded as sent",
+        )
         message = WebhookMessage.objects.get()
         assert (message.status, message.attempts) == (WebhookMessageStatus.SENT, 3)
     finally:
