@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import RedisError
 
 from channels_app.broadcast import notification_frame, recipient_group
 from channels_app.database import in_thread_pool
@@ -33,8 +33,6 @@ CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_FRAME_TOO_BIG = 1009
 # The channel layer (Redis) did not take the subscription: the client should come back later.
 CLOSE_TRY_AGAIN_LATER = 1013
-# Tries at subscribing while the channel layer's connection pool is exhausted.
-JOIN_ATTEMPTS = 4
 
 
 def _uuid(value: Any) -> uuid.UUID | None:
@@ -91,6 +89,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
 
     recipient: InboxRecipient | None = None
     closing = False
+    # The last notification frame sent: where a catch-up after a layer reconnect starts.
+    cursor: uuid.UUID | None = None
     # Counted in clarion_websocket_connections once authenticated, until it closes.
     counted = False
 
@@ -101,7 +101,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             rate=settings.WS_CLIENT_FRAMES_PER_SECOND, burst=settings.WS_CLIENT_FRAMES_BURST
         )
         self.last_heard = time.monotonic()
-        self.joined_at = self.last_heard
         # keep_blank_values: an empty ?token= is a bad token, not first-frame auth.
         params = parse_qs(
             self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
@@ -185,6 +184,15 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         """A live frame from the broadcast helper."""
         await self._push(event["frame"])
 
+    async def layer_reconnected(self, event: dict[str, Any]) -> None:
+        """The process's subscription was lost and is back (channels_app/layer.py): what was
+        published meanwhile reached nobody here, so fetch it from the database, from the last
+        frame this socket sent on (frames it already sent are not sent again)."""
+        if self.recipient is None or self.closing:
+            return
+        for frame in await _backlog(self.recipient.recipient_id, self.cursor):
+            await self._push(frame)
+
     # --- internals --------------------------------------------------------------------------
 
     @staticmethod
@@ -219,21 +227,13 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         """Subscribe to the recipient's group; False when the channel layer is unavailable."""
         self.recipient = recipient
         self.group = recipient_group(recipient.recipient_id)
-        for attempt in range(JOIN_ATTEMPTS):
-            try:
-                await self.channel_layer.group_add(self.group, self.channel_name)
-                break
-            except MaxConnectionsError:
-                # A reconnect storm can hold every pooled connection for a moment: wait a
-                # little rather than refuse the socket at once.
-                if attempt + 1 == JOIN_ATTEMPTS:
-                    log.warning("channel layer pool exhausted; %s not joined", self.group)
-                    return False
-                await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
-            except RedisError:
-                log.warning("channel layer unavailable; %s not joined", self.group)
-                return False
-        self.joined_at = time.monotonic()
+        try:
+            # In this process's memory, plus one SUBSCRIBE when it is the recipient's first
+            # socket here (channels_app/layer.py).
+            await self.channel_layer.group_add(self.group, self.channel_name)
+        except (RedisError, OSError):
+            log.warning("channel layer unavailable; %s not joined", self.group)
+            return False
         # websocket_disconnect discards every group listed here.
         self.groups.append(self.group)
         return True
@@ -251,6 +251,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         if self.closing or frame["id"] in self.sent_ids:
             return
         self.sent_ids[frame["id"]] = None
+        self.cursor = uuid.UUID(frame["id"])
         if len(self.sent_ids) > settings.WS_SENT_IDS_MAX:
             self.sent_ids.popitem(last=False)
         await self._send_json(frame)
@@ -284,8 +285,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
                 await asyncio.sleep(next_ping - time.monotonic())
                 pinged_at = time.monotonic()
                 await self._send_json({"type": "ping"})
-                if pinged_at - self.joined_at >= settings.WS_GROUP_REFRESH_SECONDS:
-                    await self._refresh_group()
                 await asyncio.sleep(settings.WS_PING_TIMEOUT_SECONDS)
                 if self.last_heard < pinged_at:
                     log.info("closing a silent WebSocket of %s", self.group)
@@ -294,14 +293,3 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         except OSError:
             # The server already lost the socket; its disconnect cancels this task.
             return
-
-    async def _refresh_group(self) -> None:
-        """channels-redis forgets group members after its group_expiry (a day): re-joining
-        keeps a long-lived socket in its recipient's group."""
-        try:
-            await self.channel_layer.group_add(self.group, self.channel_name)
-            self.joined_at = time.monotonic()
-        except RedisError:
-            # Live frames cannot reach anyone while the layer is down; the client still gets
-            # them from the database when it reconnects. Try again at the next ping.
-            log.warning("channel layer unavailable; %s not refreshed", self.group)

@@ -180,6 +180,29 @@ def configured_secrets() -> list[str]:
     return [str(v) for v in values if v]
 
 
+# What uvicorn and the websockets library write at INFO for every WebSocket opened or refused
+# and closed: three lines a socket, tens of thousands when a fleet of clients reconnects.
+_PER_SOCKET_MESSAGES = frozenset(
+    {
+        '%s - "WebSocket %s" [accepted]',
+        '%s - "WebSocket %s" 403',
+        "connection open",
+        "connection closed",
+    }
+)
+
+
+class PerSocketLinesAtDebug(logging.Filter):
+    """On uvicorn.error: the per-socket lines above become DEBUG lines, written only when the
+    logger is at DEBUG (LOG_LEVEL=DEBUG); the server's other lines are untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or record.msg not in _PER_SOCKET_MESSAGES:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def configure(config: dict[str, Any]) -> None:
     """settings.LOGGING_CONFIG: Django calls it with settings.LOGGING in every process (the
     Celery worker through its setup_logging signal too)."""

@@ -102,6 +102,11 @@ WEBSOCKET_INBOX_WRITE_FAILURES = Counter(
     "clarion_websocket_inbox_write_failures_total",
     "Batches of acks and reads the database refused (kept and tried again).",
 )
+WEBSOCKET_LAYER_RECONNECTS = Counter(
+    "clarion_websocket_layer_reconnects_total",
+    "Times a server process's channel layer subscription was lost and came back (its sockets "
+    "then fetched what they missed from the database).",
+)
 WORKER_STALLS = Counter(
     "clarion_worker_stalls_total",
     "Times a worker's stall watchdog acted: its queue held messages and it, with room for "
@@ -213,6 +218,10 @@ def websocket_inbox_pending(count: int) -> None:
 
 def websocket_inbox_write_failed() -> None:
     WEBSOCKET_INBOX_WRITE_FAILURES.inc()
+
+
+def websocket_layer_reconnected() -> None:
+    WEBSOCKET_LAYER_RECONNECTS.inc()
 
 
 # --- The multiprocess directory -------------------------------------------------------------

@@ -197,37 +197,24 @@ CACHES = {
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        # channels-redis's pub/sub layer, one subscription per server process
+        # (channels_app/layer.py says what it changes and why).
+        "BACKEND": "channels_app.layer.LiveChannelLayer",
         "CONFIG": {
             "hosts": [
                 {
                     "address": REDIS_URL,
-                    # Longer than channels-redis' 5 s blocking receive (BZPOPMIN): redis-py's
-                    # default read timeout is also 5 s, and hitting it ends the consumer, so
-                    # an idle socket would drop.
                     "socket_timeout": env.float("CHANNEL_LAYER_SOCKET_TIMEOUT", default=15.0),
                     "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
+                    # Also the subscription's: PINGed when idle this often, and reconnected
+                    # (every group subscribed again) when nothing answers for 5 s more.
                     "health_check_interval": REDIS_HEALTH_CHECK_SECONDS,
-                    # redis-py's asyncio pool refuses a command beyond 100 connections (it
-                    # does not wait). Subscribing thousands of sockets at once after a
-                    # restart needs more; every one is returned as soon as its command ends.
+                    # redis-py's asyncio pool refuses a command beyond its size (it does not
+                    # wait): the bound on publishes of one process in flight at once.
                     "max_connections": env.int("CHANNEL_LAYER_MAX_CONNECTIONS", default=1000),
                 }
             ],
             "prefix": "clarion-ws:",
-            # channels-redis keeps one list per server process (all its sockets' channels
-            # share it), holding at most this many frames, each for this many seconds; past
-            # that it drops them. A burst of broadcasts to the sockets of one process (a
-            # relay publishing a backlog, a topic fan-out) easily exceeds the library's 100:
-            # measured in tests/cluster, 264 of 600 frames to 30 sockets were dropped.
-            # Nothing relies on the layer alone: the database is the inbox and a client gets
-            # what it missed when it reconnects with `since`.
-            "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=10_000),
-            # The library stamps a frame with its sender's wall clock, and every later sender
-            # to the same list drops what is older than this by its own: a host 30 s ahead
-            # dropped the frames a host 30 s behind had just queued (measured in tests/cluster
-            # at 60 s). 120 s keeps a frame across host clocks up to a minute apart.
-            "expiry": env.int("CHANNEL_LAYER_EXPIRY_SECONDS", default=120),
         },
     }
 }
@@ -380,9 +367,6 @@ WS_CLIENT_FRAMES_BURST = env.int("WS_CLIENT_FRAMES_BURST", default=200)
 # timeouts (60 s), so the pings also keep idle connections open through them.
 WS_PING_INTERVAL_SECONDS = env.float("WS_PING_INTERVAL_SECONDS", default=25.0)
 WS_PING_TIMEOUT_SECONDS = env.float("WS_PING_TIMEOUT_SECONDS", default=20.0)
-# channels-redis forgets a group member after its group_expiry (a day): a socket re-joins its
-# group at the first ping after this many seconds.
-WS_GROUP_REFRESH_SECONDS = env.float("WS_GROUP_REFRESH_SECONDS", default=3600.0)
 # Most unread notifications replayed on connect (oldest first); the inbox API pages the rest.
 WS_BACKLOG_MAX = env.int("WS_BACKLOG_MAX", default=1000)
 # An in-app delivery due at accept is pushed by the process that committed it, not through
@@ -615,6 +599,7 @@ LOGGING = {
             "stream": "ext://sys.stderr",
         }
     },
+    "filters": {"per_socket_lines": {"()": "notifications.logs.PerSocketLinesAtDebug"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # Django's defaults add a plain-text console handler under DEBUG; ours is the root's.
@@ -622,7 +607,12 @@ LOGGING = {
         "django.db.backends": {"level": "INFO"},
         # uvicorn configures its own text handlers before Django loads; these replace them.
         "uvicorn": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
-        "uvicorn.error": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
+        "uvicorn.error": {
+            "handlers": [],
+            "level": LOG_LEVEL,
+            "propagate": True,
+            "filters": ["per_socket_lines"],
+        },
         # The API logs every request itself, with request_id and client_ip.
         "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": True},
         # The Twilio SDK logs every request at INFO.

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from channels.testing.websocket import WebsocketCommunicator
 from django.test import override_settings
 
+from channels_app import broadcast
 from channels_app.inbox_writer import inbox_writer
 from channels_app.tokens import recipient_token_issue
 from notifications import accepting, services
@@ -49,6 +50,38 @@ def push(notification: Notification) -> None:
     the websocket provider publishes it on the real channel layer."""
     delivery = Delivery.objects.get(notification=notification, channel="web")
     assert delivery_process(delivery_id=delivery.pk).value == "sent"
+
+
+class GroupListener:
+    """A socket's side of the channel layer, for tests that publish from synchronous code: a
+    channel of its own in the given groups, on an event loop in a thread of its own (the
+    pub/sub layer keeps a channel's messages in the memory of the loop that made it)."""
+
+    def __init__(self, *groups: str):
+        self.runner = broadcast._LoopRunner()
+
+        async def join() -> str:
+            layer = self.runner.channel_layer()
+            channel: str = await layer.new_channel()
+            for group in groups:
+                await layer.group_add(group, channel)
+            return channel
+
+        self.channel = self.runner.call(join(), timeout=10)
+
+    def receive(self, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+        async def take() -> list[dict[str, Any]]:
+            layer = self.runner.channel_layer()
+            return [await layer.receive(self.channel) for _ in range(count)]
+
+        messages: list[dict[str, Any]] = self.runner.call(take(), timeout=timeout)
+        return messages
+
+    def __enter__(self) -> GroupListener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.runner.stop()
 
 
 async def inbox_writes_drained() -> None:

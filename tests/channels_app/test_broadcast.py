@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.layers import get_channel_layer
 
 from channels_app import broadcast
 from channels_app.broadcast import recipient_broadcast, recipient_group, recipients_broadcast
-from tests.channels_app.support import communicator, recipient_with_token
+from tests.channels_app.support import GroupListener, communicator, recipient_with_token
 
 
 def frame(n: int) -> dict[str, Any]:
@@ -108,9 +107,7 @@ def test_a_changed_pid_starts_a_new_loop_with_a_new_layer(
 def test_a_forked_child_publishes_on_a_loop_of_its_own() -> None:
     """A real fork, as Celery's prefork pool does after the parent has published: the child
     has no loop thread (threads are not forked) and must not wait for the parent's."""
-    layer = get_channel_layer()
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(recipient_group(7), channel)
+    listener = GroupListener(recipient_group(7))
     recipient_broadcast(recipient_id=7, frame=frame(1), timeout=5)
     parent = broadcast._runner
     assert parent is not None
@@ -145,13 +142,11 @@ def test_a_forked_child_publishes_on_a_loop_of_its_own() -> None:
     assert report == {"new_runner": True, "pid": pid, "thread_alive": True}
     assert broadcast._runner is parent and parent.thread.is_alive()
 
-    async def receive_two() -> list[dict[str, Any]]:
-        return [await layer.receive(channel) for _ in range(2)]
-
-    assert async_to_sync(receive_two)() == [
-        {"type": "inbox.notification", "frame": frame(1)},
-        {"type": "inbox.notification", "frame": frame(2)},
-    ]
+    with listener:
+        assert listener.receive(2) == [
+            {"type": "inbox.notification", "frame": frame(1)},
+            {"type": "inbox.notification", "frame": frame(2)},
+        ]
 
 
 def test_a_publish_that_does_not_finish_raises_timeout_error(

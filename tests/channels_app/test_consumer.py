@@ -9,8 +9,11 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import redis
 from asgiref.sync import async_to_sync, sync_to_async
+from django.conf import settings
 from django.core import signing
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from channels_app import consumers
 from channels_app.broadcast import recipient_broadcast
@@ -435,77 +438,71 @@ def test_an_idle_socket_still_receives(owner: Any, template: Any) -> None:
     async_to_sync(scenario)()
 
 
-def test_a_socket_rejoins_its_group_when_the_layer_forgot_it(
-    owner: Any, template: Any, settings: Any
+def test_a_socket_catches_up_on_what_was_published_while_its_process_was_not_subscribed(
+    owner: Any, template: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """channels-redis drops group members after its group_expiry; the heartbeat re-joins once
-    WS_GROUP_REFRESH_SECONDS have passed, so a long-lived socket keeps receiving."""
+    """Redis drops the server process's subscription (a restart, a killed connection): a frame
+    published before it is back reaches nobody (pub/sub keeps nothing), and the socket gets it
+    from the database once the subscription is back, exactly once; later frames come live."""
     from channels.layers import get_channel_layer
 
-    recipient, token = recipient_with_token(owner, "user-a")
-    settings.WS_PING_INTERVAL_SECONDS = 0.2
-    settings.WS_PING_TIMEOUT_SECONDS = 0.1
-    settings.WS_GROUP_REFRESH_SECONDS = 0.3
-    group = consumers.recipient_group(recipient.pk)
+    from channels_app import layer as live_layer
+    from notifications import metrics
+
+    _, token = recipient_with_token(owner, "user-a")
+    # Slow the reconnect, so the publish below surely falls in the gap.
+    monkeypatch.setattr(live_layer, "RETRY_FIRST_SECONDS", 1.5)
+    reconnects = metrics.WEBSOCKET_LAYER_RECONNECTS._value.get
 
     async def scenario() -> None:
-        layer = get_channel_layer()
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
         assert await ws.receive_json_from() == {"type": "ready"}
-        # What group_expiry does to a member: the group forgets it, and a push misses it.
-        await layer.connection(0).delete(layer._group_key(group))
-        missed = await sync_to_async(create_web_notification)(owner, "user-a", "A-0")
+        seen = await sync_to_async(create_web_notification)(owner, "user-a", "A-0")
+        await sync_to_async(push)(seen)
+        assert await ws.receive_json_from(timeout=5) == expected_frame(seen)
+
+        before = reconnects()
+        subscription = get_channel_layer()._get_layer()._shards[0]._pubsub.connection
+        host, port = subscription._writer.get_extra_info("sockname")[:2]
+        killer = redis.Redis.from_url(settings.REDIS_URL)
+        assert await sync_to_async(killer.client_kill)(f"{host}:{port}")
+        missed = await sync_to_async(create_web_notification)(owner, "user-a", "A-1")
         await sync_to_async(push)(missed)
-        # Only pings come (answered): the missed frame is gone, and a ping 0.3 s after the
-        # join re-joins the group (pings come every 0.2 s).
-        for _ in range(5):
-            assert await ws.receive_json_from(timeout=2) == {"type": "ping"}
-            await ws.send_json_to({"type": "pong"})
-        notification = await sync_to_async(create_web_notification)(owner, "user-a", "A-1")
-        await sync_to_async(push)(notification)
-        frames = []
-        for _ in range(10):  # 2 s of pings at most
-            frames.append(await ws.receive_json_from(timeout=5))
-            if frames[-1] != {"type": "ping"}:
-                break
-            await ws.send_json_to({"type": "pong"})
-        assert frames[-1] == expected_frame(notification), frames
+
+        assert await ws.receive_json_from(timeout=10) == expected_frame(missed)
+        assert reconnects() == before + 1
+        live = await sync_to_async(create_web_notification)(owner, "user-a", "A-2")
+        await sync_to_async(push)(live)
+        assert await ws.receive_json_from(timeout=5) == expected_frame(live)
+        # Neither the frame sent before the loss nor the caught-up one comes again.
+        assert await ws.receive_nothing(0.5)
         await ws.disconnect()
 
     async_to_sync(scenario)()
 
 
-def test_an_exhausted_layer_pool_is_waited_for_then_refused_with_1013(owner: Any) -> None:
-    """Thousands of sockets subscribing at once can exhaust the layer's connection pool for a
-    moment: the consumer tries again, and gives up with 1013 (try again later), never a 500."""
-    from channels_redis.core import RedisChannelLayer
-    from redis.exceptions import MaxConnectionsError
+def test_a_layer_that_refuses_the_subscription_refuses_the_socket(owner: Any) -> None:
+    """Redis unreachable when a socket joins: a query-token handshake is refused, a first-frame
+    auth is closed with 1013 (try again later), never a 500."""
+    from channels_app.layer import LiveLoopLayer
 
     _, token = recipient_with_token(owner, "user-a")
-    real_group_add = RedisChannelLayer.group_add
-    failures = {"left": 2}
 
-    async def flaky_group_add(self: Any, group: str, channel: str) -> None:
-        if failures["left"]:
-            failures["left"] -= 1
-            raise MaxConnectionsError("Too many connections")
-        await real_group_add(self, group, channel)
+    async def refused(self: Any, group: str, channel: str) -> None:
+        raise RedisConnectionError("Connection refused")
 
     async def scenario() -> None:
-        with mock.patch.object(RedisChannelLayer, "group_add", flaky_group_add):
+        with mock.patch.object(LiveLoopLayer, "group_add", refused):
             ws = communicator(token=token)
-            assert await ws.connect() == (True, None)
-            assert await ws.receive_json_from() == {"type": "ready"}
+            connected, _ = await ws.connect()
+            assert connected is False
             await ws.disconnect()
-            assert failures["left"] == 0
 
-            failures["left"] = consumers.JOIN_ATTEMPTS
             ws = communicator()
             assert await ws.connect() == (True, None)
             await ws.send_json_to({"type": "auth", "token": token})
             assert await ws.receive_output(3) == {"type": "websocket.close", "code": 1013}
             await ws.disconnect()
-            assert failures["left"] == 0
 
     async_to_sync(scenario)()

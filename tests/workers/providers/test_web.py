@@ -8,16 +8,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
-from channels_redis.core import RedisChannelLayer
 from django.conf import settings as django_settings
 
 from channels_app import broadcast
 from channels_app.broadcast import recipient_group
+from channels_app.layer import LiveChannelLayer
 from notifications import services
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
-from tests.channels_app.support import create_web_notification, expected_frame
+from tests.channels_app.support import GroupListener, create_web_notification, expected_frame
 from tests.conftest import free_port
 from workers.providers import BatchProvider, OutboundMessage, Outcome, SendResult, provider_for
 from workers.providers.sandbox import SandboxProvider
@@ -39,7 +37,7 @@ def layer_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This process's broadcast loop, for the test, publishes to a Redis nobody listens on."""
     port = free_port()
     runner = broadcast._LoopRunner(
-        layer_factory=lambda: RedisChannelLayer(hosts=[f"redis://127.0.0.1:{port}/0"])
+        layer_factory=lambda: LiveChannelLayer(hosts=[f"redis://127.0.0.1:{port}/0"])
     )
     monkeypatch.setattr(broadcast, "_runner", runner)
     yield
@@ -82,15 +80,13 @@ def test_send_publishes_the_design_frame_to_the_recipients_group(owner: Any, tem
     delivery = Delivery.objects.select_related("notification").get(
         notification=notification, channel="web"
     )
-    layer = get_channel_layer()
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(recipient_group(notification.recipient_id), channel)
+    with GroupListener(recipient_group(notification.recipient_id)) as listener:
+        result = WebSocketProvider(timeout=5).send(_message(delivery))
 
-    result = WebSocketProvider(timeout=5).send(_message(delivery))
-
-    assert (result.outcome, result.error) == (Outcome.OK, "")
-    received = async_to_sync(layer.receive)(channel)
-    assert received == {"type": "inbox.notification", "frame": expected_frame(notification)}
+        assert (result.outcome, result.error) == (Outcome.OK, "")
+        assert listener.receive() == [
+            {"type": "inbox.notification", "frame": expected_frame(notification)}
+        ]
 
 
 def test_send_batch_publishes_each_frame_and_answers_in_order(
@@ -104,36 +100,28 @@ def test_send_batch_publishes_each_frame_and_answers_in_order(
     a2 = create_web_notification(owner, "user-a", "A-2")
     messages = [_message(_web_delivery(n)) for n in (a1, b1, gone, a2)]
     Notification.objects.filter(pk=gone.pk).delete()
-    layer = get_channel_layer()
-    channel_a = async_to_sync(layer.new_channel)()
-    channel_b = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(recipient_group(a1.recipient_id), channel_a)
-    async_to_sync(layer.group_add)(recipient_group(b1.recipient_id), channel_b)
-    provider = WebSocketProvider(timeout=5, max_batch=10)
+    listener_a = GroupListener(recipient_group(a1.recipient_id))
+    listener_b = GroupListener(recipient_group(b1.recipient_id))
+    with listener_a, listener_b:
+        provider = WebSocketProvider(timeout=5, max_batch=10)
 
-    with django_assert_num_queries(1):
-        results = provider.send_batch(messages)
+        with django_assert_num_queries(1):
+            results = provider.send_batch(messages)
 
-    assert results == [
-        SendResult(Outcome.OK),
-        SendResult(Outcome.OK),
-        SendResult(Outcome.PERMANENT, error="the notification no longer exists"),
-        SendResult(Outcome.OK),
-    ]
-
-    # The two of one recipient were published at once: either may come first.
-    async def receive(channel: str, count: int) -> list[dict[str, Any]]:
-        return [await layer.receive(channel) for _ in range(count)]
-
-    received_a = async_to_sync(receive)(channel_a, 2)
-    received_a.sort(key=lambda message: message["frame"]["id"] != str(a1.pk))
-    assert received_a == [
-        {"type": "inbox.notification", "frame": expected_frame(a1)},
-        {"type": "inbox.notification", "frame": expected_frame(a2)},
-    ]
-    assert async_to_sync(receive)(channel_b, 1) == [
-        {"type": "inbox.notification", "frame": expected_frame(b1)}
-    ]
+        assert results == [
+            SendResult(Outcome.OK),
+            SendResult(Outcome.OK),
+            SendResult(Outcome.PERMANENT, error="the notification no longer exists"),
+            SendResult(Outcome.OK),
+        ]
+        # The two of one recipient were published at once: either may come first.
+        received_a = listener_a.receive(2)
+        received_a.sort(key=lambda message: message["frame"]["id"] != str(a1.pk))
+        assert received_a == [
+            {"type": "inbox.notification", "frame": expected_frame(a1)},
+            {"type": "inbox.notification", "frame": expected_frame(a2)},
+        ]
+        assert listener_b.receive() == [{"type": "inbox.notification", "frame": expected_frame(b1)}]
     assert provider.send_batch([]) == []
 
 
