@@ -179,6 +179,33 @@ def test_console_format_is_redacted_too() -> None:
     assert RAW_KEY not in line
 
 
+def test_uvicorns_per_socket_lines_are_debug_lines() -> None:
+    """uvicorn.error (configured by settings.LOGGING) writes its server lines at INFO, and the
+    per-WebSocket ones (accepted, refused, opened, closed) only when it is at DEBUG."""
+    server = logging.getLogger("uvicorn.error")
+    assert server.filters, "settings.LOGGING puts the per-socket filter on uvicorn.error"
+    level = server.level
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter("json"))
+    # uvicorn.error propagates to uvicorn, which has the console handler and stops there.
+    logging.getLogger("uvicorn").addHandler(handler)
+    try:
+        server.setLevel(logging.INFO)
+        server.info('%s - "WebSocket %s" [accepted]', "127.0.0.1:5000", "/ws/notifications/")
+        server.info("connection open")
+        server.info("Uvicorn running on %s", "http://127.0.0.1:8000")
+        server.setLevel(logging.DEBUG)
+        server.info("connection closed")
+    finally:
+        server.setLevel(level)
+        logging.getLogger("uvicorn").removeHandler(handler)
+    assert [(line["level"], line["event"]) for line in _json_lines(stream.getvalue())] == [
+        ("info", "Uvicorn running on http://127.0.0.1:8000"),
+        ("debug", "connection closed"),
+    ]
+
+
 def test_scoped_log_context_unbinds_what_the_function_bound() -> None:
     @scoped_log_context
     def handle() -> None:
