@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from channels_app.broadcast import notification_frame, recipient_group
 from channels_app.database import in_thread_pool
 from channels_app.inbox_writer import inbox_writer
+from channels_app.tokens import RecipientClaims, recipient_token_claims
 from notifications import metrics, selectors
 from notifications.selectors import InboxRecipient
 
@@ -44,13 +45,7 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
-@in_thread_pool
-def _recipient_for_token(token: str) -> InboxRecipient | None:
-    return selectors.recipient_for_token(token=token)
-
-
-@in_thread_pool
-def _backlog(recipient_id: int, since: uuid.UUID | None) -> list[dict[str, Any]]:
+def _backlog_frames(recipient_id: int, since: uuid.UUID | None) -> list[dict[str, Any]]:
     entries = selectors.inbox_backlog(
         recipient_id=recipient_id, since=since, limit=settings.WS_BACKLOG_MAX
     )
@@ -63,6 +58,21 @@ def _backlog(recipient_id: int, since: uuid.UUID | None) -> list[dict[str, Any]]
         )
         for d in entries
     ]
+
+
+_backlog = in_thread_pool(_backlog_frames)
+
+
+@in_thread_pool
+def _open(
+    claims: RecipientClaims, since: uuid.UUID | None
+) -> tuple[InboxRecipient, list[dict[str, Any]]] | None:
+    """A connect's one trip to the database: the token's recipient, still there, and what it
+    has not acknowledged; None when the recipient (or its owner) is gone."""
+    recipient = selectors.recipient_for_claims(claims=claims)
+    if recipient is None:
+        return None
+    return recipient, _backlog_frames(recipient.recipient_id, since)
 
 
 class _FrameBudget:
@@ -113,18 +123,17 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self.accept()
             self._spawn(self._auth_deadline())
             return
-        recipient = await _recipient_for_token(token)
-        if recipient is None:
-            # Before accept: the handshake is refused (HTTP 403), nothing is streamed.
+        # Before accept, any refusal is the handshake's (HTTP 403): nothing is streamed.
+        claims = recipient_token_claims(token)
+        if claims is None or not await self._join(claims):
             await self.close()
             return
-        # Join before accepting, so anything published once the client sees the socket open
-        # reaches it.
-        if not await self._join(recipient):
+        opened = await _open(claims, self.since)
+        if opened is None:
             await self.close()
             return
         await self.accept()
-        await self._start(recipient)
+        await self._start(*opened)
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
@@ -211,22 +220,27 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         if frame is None or frame["type"] != "auth" or not isinstance(frame.get("token"), str):
             await self._close(CLOSE_UNAUTHENTICATED)
             return
-        recipient = await _recipient_for_token(frame["token"])
-        if recipient is None:
+        claims = recipient_token_claims(frame["token"])
+        if claims is None:
             await self._close(CLOSE_UNAUTHENTICATED)
             return
         since = _uuid(frame.get("since"))
         if since is not None:
             self.since = since
-        if not await self._join(recipient):
+        if not await self._join(claims):
             await self._close(CLOSE_TRY_AGAIN_LATER)
             return
-        await self._start(recipient)
+        opened = await _open(claims, self.since)
+        if opened is None:
+            await self._close(CLOSE_UNAUTHENTICATED)
+            return
+        await self._start(*opened)
 
-    async def _join(self, recipient: InboxRecipient) -> bool:
-        """Subscribe to the recipient's group; False when the channel layer is unavailable."""
-        self.recipient = recipient
-        self.group = recipient_group(recipient.recipient_id)
+    async def _join(self, claims: RecipientClaims) -> bool:
+        """Subscribe to the recipient's group; False when the channel layer is unavailable.
+        Before the backlog is read, so nothing published in between is missed (the live copy
+        of a frame the backlog also carried is dropped: frames go out once per socket)."""
+        self.group = recipient_group(claims.recipient_id)
         try:
             # In this process's memory, plus one SUBSCRIBE when it is the recipient's first
             # socket here (channels_app/layer.py).
@@ -238,11 +252,12 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.groups.append(self.group)
         return True
 
-    async def _start(self, recipient: InboxRecipient) -> None:
+    async def _start(self, recipient: InboxRecipient, backlog: list[dict[str, Any]]) -> None:
+        self.recipient = recipient
         self.counted = True
         metrics.websocket_connection_opened()
         await self._send_json({"type": "ready"})
-        for frame in await _backlog(recipient.recipient_id, self.since):
+        for frame in backlog:
             await self._push(frame)
         self._spawn(self._heartbeat())
 

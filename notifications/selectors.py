@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.cache import cache
@@ -40,6 +40,9 @@ from notifications.schedules import (
     escalation_parse,
     quiet_hours_parse,
 )
+
+if TYPE_CHECKING:
+    from channels_app.tokens import RecipientClaims
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +373,11 @@ def recipient_for_token(*, token: str) -> InboxRecipient | None:
     claims = recipient_token_claims(token)
     if claims is None:
         return None
+    return recipient_for_claims(claims=claims)
+
+
+def recipient_for_claims(*, claims: RecipientClaims) -> InboxRecipient | None:
+    """The recipient of a verified token's claims: None when it (or its owner) is gone."""
     external_id = (
         Recipient.objects.filter(
             pk=claims.recipient_id, owner_id=claims.owner_id, erased_at__isnull=True

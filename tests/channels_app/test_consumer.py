@@ -319,14 +319,14 @@ def test_live_frames_racing_the_backlog_arrive_once(
     wait behind the backlog, and the ones it already carried are dropped."""
     _, token = recipient_with_token(owner, "user-a")
     waiting = [create_web_notification(owner, "user-a", f"A-{n}") for n in range(5)]
-    backlog = consumers._backlog
+    opened = consumers._open
 
-    async def backlog_while_the_worker_pushes(recipient_id: int, since: Any) -> Any:
+    async def open_while_the_worker_pushes(claims: Any, since: Any) -> Any:
         for notification in waiting:
             await sync_to_async(push)(notification)
-        return await backlog(recipient_id, since)
+        return await opened(claims, since)
 
-    monkeypatch.setattr(consumers, "_backlog", backlog_while_the_worker_pushes)
+    monkeypatch.setattr(consumers, "_open", open_while_the_worker_pushes)
 
     async def scenario() -> None:
         ws = communicator(token=token)
