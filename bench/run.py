@@ -72,6 +72,9 @@ PHASES = (
     "ws_soak",
 )
 HOST = "127.0.0.1"
+# The ws phase's rate sweep: seconds of POSTs at each rate, and the p99 a rate must hold.
+WS_SWEEP_SECONDS = 4
+WS_RATE_P99_MS = 100.0
 # Several loopback source addresses, so 10,000 client sockets never run short of ports.
 SOURCE_ADDRESSES = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
 # The sandbox is no vendor: its channels get no rate limit worth the name, so the end-to-end
@@ -117,6 +120,7 @@ class Config:
     ws_hold_seconds: int
     ws_samples: int
     ws_rate: float
+    ws_sweep_rates: tuple[float, ...]
     ws_check_samples: int
     relay_rate: float
     relay_seconds: int
@@ -164,6 +168,7 @@ class Config:
             ws_hold_seconds=5 if quick else 20,
             ws_samples=100 if quick else 500,
             ws_rate=25.0,
+            ws_sweep_rates=(50.0, 100.0) if quick else (50.0, 100.0, 200.0, 400.0),
             ws_check_samples=50 if quick else 200,
             relay_rate=float(os.environ.get("BENCH_RELAY_RATE", 50)),
             relay_seconds=_env_int("BENCH_RELAY_SECONDS", 5 if quick else 10),
@@ -1257,9 +1262,11 @@ class Bench:
                 )
                 await asyncio.sleep(1)
                 rss0 = server.rss_kib()
+                t0 = time.perf_counter()
                 opened = await pool.connect_many(
                     [url] * n, origin=origin, source_addresses=SOURCE_ADDRESSES
                 )
+                connect_s = time.perf_counter() - t0
                 await asyncio.sleep(3)
                 rss1 = server.rss_kib()
                 latencies: list[float] = []
@@ -1275,6 +1282,7 @@ class Bench:
                 await pool.close_all()
                 return {
                     "clients": opened,
+                    "connect_per_s": round(opened / connect_s, 1) if connect_s else None,
                     "connect_errors": dict(pool.connect_errors),
                     "rss_before_kib": rss0,
                     "rss_after_kib": rss1,
@@ -1314,12 +1322,15 @@ class Bench:
         urls = [f"ws://{HOST}:{port}/ws/notifications/?token={t}" for t in tokens]
         origin = f"http://{HOST}:{port}"
         try:
+            runs: list[str] = []
 
             async def latency_run(
                 pool: WsPool, connected: list[str], samples: int, rate: float, tag: str
             ) -> dict[str, Any]:
                 sent_at: dict[int, float] = {}
-                base = 1_000_000 * (1 + len(tag))
+                # Each run's sequence numbers apart from every other run's.
+                runs.append(tag)
+                base = 1_000_000 * len(runs)
 
                 def recipient(index: int) -> str:
                     return random.choice(connected)
@@ -1391,6 +1402,25 @@ class Bench:
                     pool, connected, self.config.ws_samples, self.config.ws_rate, "ws"
                 )
                 out["latency"]["connected"] = pool.open_count
+                # The highest POST rate at which these sockets still see frames within
+                # WS_RATE_P99_MS at p99, none missing: rates doubling until one misses.
+                sweep: list[dict[str, Any]] = []
+                for rate in self.config.ws_sweep_rates:
+                    step = await latency_run(
+                        pool, connected, int(rate * WS_SWEEP_SECONDS), rate, f"rate{int(rate)}"
+                    )
+                    step["rate"] = rate
+                    sweep.append(step)
+                    if step["missing"] or not step["p99_ms"] <= WS_RATE_P99_MS:
+                        break
+                held = [
+                    s["rate"] for s in sweep if not s["missing"] and s["p99_ms"] <= WS_RATE_P99_MS
+                ]
+                out["rate_sweep"] = {
+                    "p99_bound_ms": WS_RATE_P99_MS,
+                    "highest_rate": max(held, default=None),
+                    "steps": sweep,
+                }
                 t1 = time.perf_counter()
                 more = await pool.connect_many(
                     urls[warm_n + n : hold],
@@ -1413,12 +1443,16 @@ class Bench:
                     )
                 target = hold
                 held_min = pool.open_count
+                # The server's CPU while it holds every socket idle (pings and pongs only).
+                await asyncio.sleep(2)
+                idle_cpu0, idle_t0 = api.cpu_seconds(), time.perf_counter()
                 end = time.perf_counter() + self.config.ws_hold_seconds
                 while time.perf_counter() < end:
                     await asyncio.sleep(0.5)
                     held_min = min(held_min, pool.open_count)
                     if not api.alive():
                         break
+                idle_cpu = (api.cpu_seconds() - idle_cpu0) / (time.perf_counter() - idle_t0)
                 rss2 = api.rss_kib() if api.alive() else None
                 check = await latency_run(
                     pool,
@@ -1438,6 +1472,7 @@ class Bench:
                     "held_min": held_min,
                     "open_at_end": pool.open_count,
                     "server_alive": api.alive(),
+                    "idle_cpu_percent": round(idle_cpu * 100, 2),
                     "rss_kib": rss2,
                     "kib_per_connection": round((rss2 - rss0) / (pool.open_count - warm_n), 2)
                     if rss2 and pool.open_count > warm_n
@@ -1777,8 +1812,8 @@ class Bench:
                 "memory per idle WebSocket connection",
                 mem,
                 "KiB",
-                "≤ 4 x B_ws",
-                None if r is None else r <= 4,
+                "≤ 2 x B_ws",
+                None if r is None else r <= 2,
                 ratio=r,
                 baseline_text=f"B_ws {b_ws_mem} KiB" if b_ws_mem else "",
             )
@@ -1791,6 +1826,41 @@ class Bench:
                 "ms",
                 "< 100 ms",
                 None if p99 is None or p99 != p99 else (p99 < 100 and check.get("missing", 1) == 0),
+            )
+            rate = hold.get("connect_per_s")
+            b_ws_rate = (b.get("B_ws") or {}).get("connect_per_s")
+            add(
+                "WebSocket connects per second (hold phase, token + backlog + subscription)",
+                rate,
+                "/s",
+                "≥ 1,000/s",
+                None if rate is None else rate >= 1000,
+                ratio=ratio_of(rate, b_ws_rate),
+                baseline_text=f"B_ws {b_ws_rate}/s" if b_ws_rate else "",
+            )
+            idle_cpu = hold.get("idle_cpu_percent")
+            add(
+                f"server CPU holding {hold.get('open_at_end', '?')} idle WebSockets",
+                idle_cpu,
+                "% of a core",
+                "< 5 %",
+                None if idle_cpu is None else idle_cpu < 5,
+            )
+            sweep = ws.get("rate_sweep") or {}
+            highest = sweep.get("highest_rate")
+            add(
+                f"highest POST rate with WebSocket p99 < {WS_RATE_P99_MS:.0f} ms, "
+                f"{lat.get('connected', '?')} clients",
+                highest,
+                "/s",
+                "≥ 100/s",
+                None if not sweep else (highest or 0) >= 100,
+                reference_text="steps: "
+                + ", ".join(
+                    f"{step['rate']:.0f}/s p99 {step['p99_ms']} ms"
+                    + (f" ({step['missing']} missing)" if step.get("missing") else "")
+                    for step in sweep.get("steps", [])
+                ),
             )
             held = hold.get("open_at_end")
             target_n = hold.get("target", self.config.ws_hold)
