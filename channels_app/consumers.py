@@ -142,6 +142,9 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             metrics.websocket_connection_closed()
         for task in self.tasks:
             task.cancel()
+        # The tasks hold this consumer (their frames' self) and it held them: without the
+        # cycle, a closed socket is freed as soon as its last task ends, with no collection.
+        self.tasks = []
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.closing:

@@ -506,3 +506,43 @@ def test_a_layer_that_refuses_the_subscription_refuses_the_socket(owner: Any) ->
             await ws.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_closed_socket_is_freed_without_a_garbage_collection(
+    owner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server freezes its heap (channels_app/gc_freeze.py), so a closed socket's objects
+    must go by reference counting alone: no cycle between the consumer and its tasks."""
+    import asyncio
+    import gc
+    import weakref
+
+    _, token = recipient_with_token(owner, "user-a")
+    made: list[weakref.ref[consumers.NotificationConsumer]] = []
+    init = consumers.NotificationConsumer.__init__
+
+    def tracked_init(self: consumers.NotificationConsumer, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(consumers.NotificationConsumer, "__init__", tracked_init)
+
+    async def scenario() -> None:
+        for kind in ("query token", "first-frame auth"):
+            ws = communicator(token=token) if kind == "query token" else communicator()
+            assert await ws.connect() == (True, None)
+            if kind == "first-frame auth":
+                await ws.send_json_to({"type": "auth", "token": token})
+            assert await ws.receive_json_from() == {"type": "ready"}
+            await ws.disconnect()
+        await asyncio.sleep(0.2)  # the cancelled heartbeat tasks end
+
+    gc.collect()
+    gc.disable()
+    try:
+        async_to_sync(scenario)()
+        alive = [ref() for ref in made if ref() is not None]
+    finally:
+        gc.enable()
+    assert len(made) == 2
+    assert alive == []
