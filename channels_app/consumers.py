@@ -302,8 +302,16 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             while not self.closing:
                 await asyncio.sleep(next_ping - time.monotonic())
                 pinged_at = time.monotonic()
-                await self._send_json({"type": "ping"})
-                await asyncio.sleep(settings.WS_PING_TIMEOUT_SECONDS)
+                try:
+                    # A client that stopped reading fills its socket's buffers, and a send
+                    # then waits for as long as it does not read.
+                    async with asyncio.timeout(settings.WS_PING_TIMEOUT_SECONDS):
+                        await self._send_json({"type": "ping"})
+                except TimeoutError:
+                    log.info("closing a WebSocket of %s that does not read", self.group)
+                    await self._close(CLOSE_HEARTBEAT_TIMEOUT)
+                    return
+                await asyncio.sleep(pinged_at + settings.WS_PING_TIMEOUT_SECONDS - time.monotonic())
                 if self.last_heard < pinged_at:
                     log.info("closing a silent WebSocket of %s", self.group)
                     await self._close(CLOSE_HEARTBEAT_TIMEOUT)

@@ -154,3 +154,93 @@ def test_a_worker_reaches_sockets_on_two_server_processes(
             await socket.close()
 
     async_to_sync(scenario)()
+
+
+def test_a_client_that_stops_reading_delays_no_one_and_is_closed(
+    owner: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    """A socket whose client never reads fills its buffers, and the server's sends to it wait:
+    only for that socket. Frames to another socket of the same process keep arriving at once,
+    and the stalled one is closed once its ping cannot even be written."""
+    import socket as sockets
+    import time
+    import uuid
+
+    from channels_app.broadcast import recipients_broadcast
+    from tests.project.api_server import start_api_server
+
+    server, base = start_api_server(
+        spawn, tmp_path, name="ws", WS_PING_INTERVAL_SECONDS="2", WS_PING_TIMEOUT_SECONDS="1"
+    )
+    stalled_recipient, token_a = recipient_with_token(owner, "user-a")
+    _, token_b = recipient_with_token(owner, "user-b")
+    host, port = base.removeprefix("http://").split(":")
+
+    # The stalled client: a handshake by hand, then it never reads again.
+    raw = sockets.socket()
+    raw.setsockopt(sockets.SOL_SOCKET, sockets.SO_RCVBUF, 4096)
+    raw.connect((host, int(port)))
+    raw.sendall(
+        (
+            f"GET /ws/notifications/?token={token_a} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nOrigin: " + base + "\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    assert raw.recv(12) == b"HTTP/1.1 101"
+
+    def big(n: int) -> dict[str, Any]:
+        return {
+            "type": "notification",
+            "id": str(uuid.uuid4()),
+            "title": f"big {n}",
+            "body": "x" * 32_768,
+            "data": {},
+            "created_at": "2026-01-01T00:00:00Z",
+        }
+
+    async def scenario() -> list[float]:
+        other = await websockets.connect(
+            base.replace("http", "ws") + f"/ws/notifications/?token={token_b}",
+            origin=base,
+            open_timeout=5,
+        )
+        assert json.loads(await asyncio.wait_for(other.recv(), 5)) == {"type": "ready"}
+        # 8 MiB for the stalled socket: far more than its buffers hold.
+        flood = [(stalled_recipient.pk, big(n)) for n in range(256)]
+        assert await sync_to_async(recipients_broadcast)(frames=flood, timeout=10) == [None] * 256
+        other_id = (await sync_to_async(recipient_with_token)(owner, "user-b"))[0].pk
+        waits = []
+        for n in range(20):
+            frame = {**big(n), "body": "small"}
+            sent = time.perf_counter()
+            [error] = await sync_to_async(recipients_broadcast)(
+                frames=[(other_id, frame)], timeout=5
+            )
+            assert error is None
+            while True:
+                got = json.loads(await asyncio.wait_for(other.recv(), 5))
+                if got["type"] == "notification":
+                    break
+                await other.send('{"type": "pong"}')
+            assert got["id"] == frame["id"]
+            waits.append(time.perf_counter() - sent)
+            await asyncio.sleep(0.2)
+        await other.close()
+        return waits
+
+    waits = async_to_sync(scenario)()
+    assert max(waits) < 1.0, waits
+    # Closed for not reading its ping: logged, and the connection ends (the close frame cannot
+    # be written either, so the server gives up on the handshake and drops it).
+    deadline = time.monotonic() + 30
+    while "that does not read" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "closing a WebSocket of recipient." in server.log(), server.log()[-2000:]
+    raw.settimeout(30)
+    try:
+        while raw.recv(1 << 20):
+            pass  # reading what was queued; the server's end closes
+    except ConnectionResetError:
+        pass
+    raw.close()
