@@ -382,17 +382,17 @@ WS_SENT_IDS_MAX = env.int("WS_SENT_IDS_MAX", default=5000)
 # The WebSocket server's garbage collector (channels_app/gc_freeze.py). Full collections that
 # scan every open socket's objects made the latency tail (0.4 s at 2,000 sockets, 1.6 s at
 # 10,000): every WS_GC_FREEZE_SECONDS the server moves what survived into the permanent
-# generation (0 turns it off). Cycles that die after being frozen (closed sockets) are freed
-# only by a full collection, at most WS_GC_FULL_COLLECT_SECONDS apart, sooner once the frozen
-# count grew by WS_GC_FULL_COLLECT_GROWTH objects. Measured by make bench's soak (20,000
-# sockets opened and closed in 5 minutes): at 600 s RSS grew ~60 KiB per closed socket and
-# never came back; at 60 s it levelled off (+1.5 % over the last third), at the price of one
-# full collection a minute (1.3-1.9 s on that slow machine, with ~420,000 frozen objects).
+# generation (0 turns it off), and runs no full collection. That holds because a closed
+# socket frees itself by reference counting: the reference cycles uvicorn and websockets left
+# per connection are cut when it closes (gc_freeze.connection_cycles_break). Before that,
+# make bench's soak grew ~37 KiB per closed socket without full collections. Should another
+# cycle appear, full collections can be turned back on: at most WS_GC_FULL_COLLECT_SECONDS
+# apart, or once WS_GC_FULL_COLLECT_GROWTH objects were frozen since the last (0: never).
 WS_GC_FREEZE_SECONDS = env.float("WS_GC_FREEZE_SECONDS", default=5.0)
-WS_GC_FULL_COLLECT_SECONDS = env.float("WS_GC_FULL_COLLECT_SECONDS", default=60.0)
-WS_GC_FULL_COLLECT_GROWTH = env.int("WS_GC_FULL_COLLECT_GROWTH", default=1_000_000)
-# A full collection that falls due is skipped while fewer objects than this were frozen since
-# the last: an idle server makes no garbage to find, and each costs a pause.
+WS_GC_FULL_COLLECT_SECONDS = env.float("WS_GC_FULL_COLLECT_SECONDS", default=0.0)
+WS_GC_FULL_COLLECT_GROWTH = env.int("WS_GC_FULL_COLLECT_GROWTH", default=0)
+# A full collection that falls due by time is skipped while fewer objects than this were
+# frozen since the last: an idle server makes no garbage to find, and each costs a pause.
 WS_GC_FULL_COLLECT_MIN_GROWTH = env.int("WS_GC_FULL_COLLECT_MIN_GROWTH", default=1_000)
 INBOX_PAGE_SIZE = env.int("INBOX_PAGE_SIZE", default=50)
 
