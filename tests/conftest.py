@@ -73,6 +73,17 @@ def clean_redis() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def web_pushes_finished() -> Iterator[None]:
+    """An in-app delivery accepted in this process is pushed by a thread of this process
+    (workers/web_push.py): let those pushes end before the test's database is emptied (a
+    flush that met a push's transaction deadlocked)."""
+    yield
+    from workers.web_push import web_push_drain
+
+    assert web_push_drain(timeout=30), "in-app pushes of this process still running after 30 s"
+
+
+@pytest.fixture(autouse=True)
 def no_api_rate_limit(settings: Any) -> None:
     """Tests drive the API in-process faster than the default per-key limit (100/s); the
     limit has tests of its own, which set it."""

@@ -33,12 +33,23 @@ class _Pusher:
         # A forked child (a Celery prefork pool) has no copy of this thread: it starts anew.
         self.pid = os.getpid()
         self.ids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # Ids handed over and not yet through deliveries_process (see drain()).
+        self.unfinished = 0
+        self.idle = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="clarion-web-push", daemon=True)
         self.thread.start()
 
     def submit(self, delivery_ids: Iterable[int]) -> None:
-        for pk in delivery_ids:
+        ids = list(delivery_ids)
+        with self.idle:
+            self.unfinished += len(ids)
+        for pk in ids:
             self.ids.put(pk)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every id handed over so far went through; False after `timeout`."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.unfinished == 0, timeout)
 
     def _run(self) -> None:
         from workers import services
@@ -61,6 +72,10 @@ class _Pusher:
                 )
             finally:
                 close_old_connections()
+                with self.idle:
+                    self.unfinished -= len(batch)
+                    if not self.unfinished:
+                        self.idle.notify_all()
 
 
 _pusher: _Pusher | None = None
@@ -91,3 +106,12 @@ def web_push_on_commit(delivery_ids: list[int]) -> None:
     commits (a rollback wrote nothing to push)."""
     if delivery_ids:
         transaction.on_commit(lambda: _this_process_pusher().submit(delivery_ids))
+
+
+def web_push_drain(timeout: float = 10.0) -> bool:
+    """Wait for this process's pushes handed over so far (tests, before their database is
+    emptied); True when there is nothing left to push."""
+    pusher = _pusher
+    if pusher is None or pusher.pid != os.getpid():
+        return True
+    return pusher.drain(timeout)

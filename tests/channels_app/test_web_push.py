@@ -134,3 +134,24 @@ def test_the_pusher_batches_what_arrives_together(
     wait_until(lambda: sum(map(len, batches)) == 3, timeout=5, message="pushed")
     assert sorted(pk for batch in batches for pk in batch) == [3, 4, 5]
     assert all(batch == sorted(batch) for batch in batches)
+
+
+def test_drain_waits_for_what_was_handed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the tests' teardown waits on before emptying the database."""
+    import threading
+
+    release = threading.Event()
+    done: list[int] = []
+
+    def slow(*, delivery_ids: list[int]) -> None:
+        release.wait(5)
+        done.extend(delivery_ids)
+
+    monkeypatch.setattr(services, "deliveries_process", slow)
+    pusher = web_push._Pusher()
+    assert pusher.drain(timeout=0.1)  # nothing handed over yet
+    pusher.submit([1, 2])
+    assert not pusher.drain(timeout=0.2)  # still in deliveries_process
+    release.set()
+    assert pusher.drain(timeout=5)
+    assert sorted(done) == [1, 2]
