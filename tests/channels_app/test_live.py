@@ -22,7 +22,7 @@ from tests.channels_app.support import (
     recipient_with_token,
     start_server,
 )
-from tests.conftest import Process
+from tests.conftest import Process, wait_until
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
 
@@ -233,9 +233,12 @@ def test_a_client_that_stops_reading_delays_no_one_and_is_closed(
     assert max(waits) < 1.0, waits
     # Closed for not reading its ping: logged, and the connection ends (the close frame cannot
     # be written either, so the server gives up on the handshake and drops it).
-    deadline = time.monotonic() + 30
-    while "that does not read" not in server.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(
+        lambda: "that does not read" in server.log(),
+        timeout=30,
+        interval=0.2,
+        message="the server to close the socket that does not read",
+    )
     assert "closing a WebSocket of recipient." in server.log(), server.log()[-2000:]
     raw.settimeout(30)
     try:
