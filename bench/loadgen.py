@@ -245,20 +245,25 @@ class WsPool:
     connect_errors: Counter[str] = field(default_factory=Counter)
     ack: bool = True
 
+    async def _handle(self, ws: ClientConnection, message: str | bytes) -> str | None:
+        """Take one server frame as clarion.js does; returns its type."""
+        now = time.perf_counter()
+        frame = json.loads(message)
+        kind = frame.get("type")
+        if kind == "notification":
+            seq = (frame.get("data") or {}).get("seq")
+            if isinstance(seq, int):
+                self.received.setdefault(seq, []).append(now)
+            if self.ack and "id" in frame:
+                await ws.send(json.dumps({"type": "ack", "id": frame["id"]}))
+        elif kind == "ping":
+            await ws.send('{"type": "pong"}')
+        return kind if isinstance(kind, str) else None
+
     async def _read(self, ws: ClientConnection) -> None:
         try:
             async for message in ws:
-                now = time.perf_counter()
-                frame = json.loads(message)
-                kind = frame.get("type")
-                if kind == "notification":
-                    seq = (frame.get("data") or {}).get("seq")
-                    if isinstance(seq, int):
-                        self.received.setdefault(seq, []).append(now)
-                    if self.ack and "id" in frame:
-                        await ws.send(json.dumps({"type": "ack", "id": frame["id"]}))
-                elif kind == "ping":
-                    await ws.send('{"type": "pong"}')
+                await self._handle(ws, message)
         except websockets.ConnectionClosed:
             pass
         finally:
@@ -293,10 +298,14 @@ class WsPool:
                         proxy=None,
                         local_addr=(source, 0),
                     )
-                    if wait_ready:
-                        first = json.loads(await asyncio.wait_for(ws.recv(), open_timeout))
-                        if first.get("type") != "ready":
-                            raise RuntimeError(f"first frame {first!r}")
+                    # `ready` follows what the recipient missed (its unread notifications).
+                    while wait_ready:
+                        message = await asyncio.wait_for(ws.recv(), open_timeout)
+                        kind = await self._handle(ws, message)
+                        if kind == "ready":
+                            break
+                        if kind != "notification":
+                            raise RuntimeError(f"before ready: {message!r}")
                 except (OSError, TimeoutError, websockets.WebSocketException, RuntimeError) as exc:
                     self.connect_errors[type(exc).__name__] += 1
                     self.failed_urls.append(url)

@@ -38,6 +38,7 @@ def iso_datetime(value: datetime) -> str:
 def notification_frame(
     *,
     notification_id: uuid.UUID | str,
+    position: int,
     content: dict[str, Any],
     data: dict[str, Any],
     created_at: datetime,
@@ -46,6 +47,8 @@ def notification_frame(
     return {
         "type": "notification",
         "id": str(notification_id),
+        # The recipient's inbox position (InboxCounter): what a client resumes from (`since`).
+        "position": position,
         "title": content.get("title", ""),
         "body": content.get("body", ""),
         "data": data,

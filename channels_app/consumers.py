@@ -9,7 +9,6 @@ import logging
 import random
 import time
 import uuid
-from collections import OrderedDict
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -21,9 +20,11 @@ from redis.exceptions import RedisError
 from channels_app.broadcast import notification_frame, recipient_group
 from channels_app.database import in_thread_pool
 from channels_app.inbox_writer import inbox_writer
+from channels_app.positions import SeenPositions
 from channels_app.tokens import RecipientClaims, recipient_token_claims
 from notifications import metrics, selectors
-from notifications.selectors import InboxRecipient
+from notifications.selectors import InboxCatchUp, InboxRecipient
+from workers.web_push import web_push_soon
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +48,55 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
-def _backlog_frames(recipient_id: int, since: uuid.UUID | None) -> list[dict[str, Any]]:
-    entries = selectors.inbox_backlog(
-        recipient_id=recipient_id, since=since, limit=settings.WS_BACKLOG_MAX
-    )
-    return [
+def _position(value: Any) -> int | None:
+    """A `since`: an inbox position (a non-negative integer, given as a number or a string
+    of digits); anything else (an older client's notification id) is no position at all."""
+    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None
+
+
+def _frames(catch_up: InboxCatchUp) -> tuple[int, list[dict[str, Any]]]:
+    if catch_up.unpushed:
+        # Due and not pushed yet (the `web` pool is down or behind): this process pushes
+        # them, and the socket, already in its recipient's group, receives them live. The
+        # push takes a lease, so one that a worker or another process does is not doubled.
+        web_push_soon(catch_up.unpushed)
+    return catch_up.position, [
         notification_frame(
             notification_id=d.notification_id,
+            position=d.inbox_position or 0,
             content=d.content,
             data=d.notification.data,
             created_at=d.notification.created_at,
         )
-        for d in entries
+        for d in catch_up.entries
     ]
 
 
-_backlog = in_thread_pool(_backlog_frames)
+@in_thread_pool
+def _catch_up(recipient_id: int, since: int) -> tuple[int, list[dict[str, Any]]]:
+    return _frames(
+        selectors.inbox_catch_up(
+            recipient_id=recipient_id, since=since, limit=settings.WS_BACKLOG_MAX
+        )
+    )
 
 
 @in_thread_pool
 def _open(
-    claims: RecipientClaims, since: uuid.UUID | None
-) -> tuple[InboxRecipient, list[dict[str, Any]]] | None:
-    """A connect's one trip to the database: the token's recipient, still there, and what it
-    has not acknowledged; None when the recipient (or its owner) is gone."""
-    recipient = selectors.recipient_for_claims(claims=claims)
-    if recipient is None:
+    claims: RecipientClaims, since: int | None
+) -> tuple[InboxRecipient, int, list[dict[str, Any]]] | None:
+    """A connect's one trip to the database: the token's recipient, still there, its last
+    inbox position and what it has not read after `since`; None when the recipient (or its
+    owner) is gone."""
+    opened = selectors.inbox_open(claims=claims, since=since, limit=settings.WS_BACKLOG_MAX)
+    if opened is None:
         return None
-    return recipient, _backlog_frames(recipient.recipient_id, since)
+    recipient, catch_up = opened
+    return recipient, *_frames(catch_up)
 
 
 class _FrameBudget:
@@ -101,13 +123,13 @@ class NotificationConsumer(AsyncWebsocketConsumer):
 
     recipient: InboxRecipient | None = None
     closing = False
-    # The last notification frame sent: where a catch-up after a layer reconnect starts.
-    cursor: uuid.UUID | None = None
     # Counted in clarion_websocket_connections once authenticated, until it closes.
     counted = False
 
     async def connect(self) -> None:
-        self.sent_ids: OrderedDict[str, None] = OrderedDict()
+        self.since: int | None = None
+        # The positions sent on this socket (none until it is authenticated).
+        self.seen = SeenPositions(limit=settings.WS_SENT_IDS_MAX)
         self.tasks: list[asyncio.Task[None]] = []
         self.budget = _FrameBudget(
             rate=settings.WS_CLIENT_FRAMES_PER_SECOND, burst=settings.WS_CLIENT_FRAMES_BURST
@@ -117,7 +139,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         params = parse_qs(
             self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
         )
-        self.since = _uuid((params.get("since") or [None])[0])
+        self.since = _position((params.get("since") or [None])[0])
         token = (params.get("token") or [None])[0]
         if token is None:
             # First-frame auth: the token stays out of URLs and access logs, at the cost of
@@ -200,12 +222,14 @@ class NotificationConsumer(AsyncWebsocketConsumer):
 
     async def layer_reconnected(self, event: dict[str, Any]) -> None:
         """The process's subscription was lost and is back (channels_app/layer.py): what was
-        published meanwhile reached nobody here, so fetch it from the database, from the last
-        frame this socket sent on (frames it already sent are not sent again)."""
+        published meanwhile reached nobody here, so fetch it from the database, from the
+        position up to which this socket has been sent everything."""
         if self.recipient is None or self.closing:
             return
-        for frame in await _backlog(self.recipient.recipient_id, self.cursor):
+        position, frames = await _catch_up(self.recipient.recipient_id, self.seen.mark)
+        for frame in frames:
             await self._push(frame)
+        self.seen.advance(position)
 
     # --- internals --------------------------------------------------------------------------
 
@@ -229,7 +253,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         if claims is None:
             await self._close(CLOSE_UNAUTHENTICATED)
             return
-        since = _uuid(frame.get("since"))
+        since = _position(frame.get("since"))
         if since is not None:
             self.since = since
         if not await self._join(claims):
@@ -257,23 +281,25 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.groups.append(self.group)
         return True
 
-    async def _start(self, recipient: InboxRecipient, backlog: list[dict[str, Any]]) -> None:
+    async def _start(
+        self, recipient: InboxRecipient, position: int, backlog: list[dict[str, Any]]
+    ) -> None:
+        """Send what the socket missed, then `ready` with the position it has now seen
+        everything up to (its next `since`)."""
         self.recipient = recipient
         self.counted = True
         metrics.websocket_connection_opened()
-        await self._send_json({"type": "ready"})
         for frame in backlog:
             await self._push(frame)
+        self.seen.advance(position)
+        await self._send_json({"type": "ready", "position": self.seen.mark})
         self._spawn(self._heartbeat())
 
     async def _push(self, frame: dict[str, Any]) -> None:
-        """Send a notification frame once per connection."""
-        if self.closing or frame["id"] in self.sent_ids:
+        """Send a notification frame once per connection (a live copy of one the backlog
+        carried, or pushed twice by a retry, is dropped)."""
+        if self.closing or not self.seen.add(frame["position"]):
             return
-        self.sent_ids[frame["id"]] = None
-        self.cursor = uuid.UUID(frame["id"])
-        if len(self.sent_ids) > settings.WS_SENT_IDS_MAX:
-            self.sent_ids.popitem(last=False)
         await self._send_json(frame)
         metrics.websocket_frame_pushed()
         log.debug("notification pushed to %s", self.group, extra={"notification_id": frame["id"]})

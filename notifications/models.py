@@ -164,6 +164,23 @@ class Recipient(models.Model):
         return self.external_id
 
 
+class InboxCounter(models.Model):
+    """The last inbox position given to one recipient's in-app deliveries (DESIGN.md: the
+    `since` of a WebSocket). Positions are given when a delivery is first pushed, under this
+    row's lock and in the pushing transaction, so per recipient they are dense (1, 2, 3, …)
+    and commit in order: a socket that has seen every position up to N misses nothing by
+    resuming from N. A row of its own, so no save of a Recipient can write back an old value
+    and no recipient update waits for a push."""
+
+    recipient = models.OneToOneField(
+        Recipient, on_delete=models.CASCADE, primary_key=True, related_name="inbox_counter"
+    )
+    position = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.recipient_id}: {self.position}"
+
+
 class Preference(models.Model):
     """One opt-out (or explicit opt-in) switch: a channel, for all categories when `category`
     is blank, or for one category."""
@@ -406,6 +423,8 @@ class Delivery(models.Model):
     # In-app only: the recipient archived this entry of its inbox (it is not a status: an
     # archived notification may still be unread).
     archived_at = models.DateTimeField(null=True, blank=True)
+    # In-app only: the recipient's inbox position (InboxCounter), given when first pushed.
+    inbox_position = models.BigIntegerField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import F, Prefetch, Q, QuerySet
 
 from notifications import cache as keys
 from notifications.models import (
     CHANNEL_ORDER,
     INBOX_STATUSES,
-    UNACKNOWLEDGED_STATUSES,
     UNREAD_STATUSES,
     Channel,
     Delivery,
     DeliveryStatus,
     Device,
+    InboxCounter,
     Notification,
     Owner,
     Preference,
@@ -376,15 +376,15 @@ def recipient_for_token(*, token: str) -> InboxRecipient | None:
     return recipient_for_claims(claims=claims)
 
 
+def _recipient_of_claims(claims: RecipientClaims) -> QuerySet[Recipient]:
+    return Recipient.objects.filter(
+        pk=claims.recipient_id, owner_id=claims.owner_id, erased_at__isnull=True
+    )
+
+
 def recipient_for_claims(*, claims: RecipientClaims) -> InboxRecipient | None:
     """The recipient of a verified token's claims: None when it (or its owner) is gone."""
-    external_id = (
-        Recipient.objects.filter(
-            pk=claims.recipient_id, owner_id=claims.owner_id, erased_at__isnull=True
-        )
-        .values_list("external_id", flat=True)
-        .first()
-    )
+    external_id = _recipient_of_claims(claims).values_list("external_id", flat=True).first()
     if external_id is None:
         return None
     return InboxRecipient(
@@ -444,32 +444,73 @@ def inbox_entry(delivery: Delivery) -> dict[str, Any]:
     }
 
 
-def inbox_backlog(*, recipient_id: int, since: uuid.UUID | None, limit: int) -> list[Delivery]:
-    """Unread, not archived entries a connecting socket missed, oldest first: all of them, or
-    those created after the notification `since` (ignored when it is not this recipient's)
-    plus older ones that no socket has acknowledged yet. The latter catch a notification
-    that committed after a newer one the client already saw, and one whose ack was lost."""
-    entries = (
-        inbox_deliveries(recipient_id=recipient_id)
-        .filter(status__in=UNREAD_STATUSES, archived_at__isnull=True)
-        .select_related("notification")
+@dataclass(frozen=True)
+class InboxCatchUp:
+    """What a socket has missed: `entries` in position order, and `position`, up to which
+    the socket has now seen everything it can be sent (its new `since`): the recipient's
+    last position when it was read, or the last entry's when WS_BACKLOG_MAX cut the list.
+    `unpushed`: unread entries no push has reached yet (no position: a `web` pool that is
+    down or behind), which the socket's process may push itself."""
+
+    position: int
+    entries: list[Delivery]
+    unpushed: list[int]
+
+
+def inbox_open(
+    *, claims: RecipientClaims, since: int | None, limit: int
+) -> tuple[InboxRecipient, InboxCatchUp] | None:
+    """A connecting socket's recipient, with what it missed (see inbox_catch_up); None when
+    the recipient (or its owner) is gone. The recipient and its last position in one query."""
+    row = _recipient_of_claims(claims).values_list("external_id", "inbox_counter__position").first()
+    if row is None:
+        return None
+    recipient = InboxRecipient(
+        owner_id=claims.owner_id, recipient_id=claims.recipient_id, external_id=row[0]
     )
-    if since is not None:
-        mark = (
-            Delivery.objects.filter(
-                channel=Channel.WEB, notification__recipient_id=recipient_id, notification_id=since
-            )
-            .values("pk", "created_at")
-            .first()
+    return recipient, _inbox_catch_up(recipient.recipient_id, row[1] or 0, since, limit)
+
+
+def inbox_catch_up(*, recipient_id: int, since: int | None, limit: int) -> InboxCatchUp:
+    """The unread, not archived entries of a recipient's inbox with a position after `since`
+    (all of them without one), oldest first, at most `limit`."""
+    position = (
+        InboxCounter.objects.filter(recipient_id=recipient_id)
+        .values_list("position", flat=True)
+        .first()
+    )
+    return _inbox_catch_up(recipient_id, position or 0, since, limit)
+
+
+def _inbox_catch_up(
+    recipient_id: int, position: int, since: int | None, limit: int
+) -> InboxCatchUp:
+    if since is not None and since > position:
+        # Past anything given to this recipient: not a position of this inbox (a database
+        # restored from a backup, a cursor of another server): everything unread is sent.
+        since = None
+    # `position` was read before these entries: every position up to it had committed, so
+    # none of them is missing here, and one given later reaches the socket live (it joined
+    # the recipient's group before either read).
+    rows = list(
+        inbox_deliveries(recipient_id=recipient_id)
+        .filter(
+            Q(inbox_position__gt=since or 0) | Q(inbox_position__isnull=True),
+            status__in=UNREAD_STATUSES,
+            archived_at__isnull=True,
         )
-        if mark is not None:
-            # (created_at, pk) orders ties within one clock tick too.
-            entries = entries.filter(
-                Q(created_at__gt=mark["created_at"])
-                | Q(created_at=mark["created_at"], pk__gt=mark["pk"])
-                | Q(status__in=UNACKNOWLEDGED_STATUSES)
-            )
-    return list(entries.order_by("created_at", "pk")[:limit])
+        .select_related("notification")
+        .order_by(F("inbox_position").asc(nulls_last=True))[:limit]
+    )
+    entries = [d for d in rows if d.inbox_position is not None]
+    if len(rows) == limit and rows[-1].inbox_position is not None:
+        # Cut by the limit: what follows the last entry sent comes on the next catch-up.
+        position = rows[-1].inbox_position
+    return InboxCatchUp(
+        position=position,
+        entries=entries,
+        unpushed=[d.pk for d in rows if d.inbox_position is None],
+    )
 
 
 # --- Topics ---------------------------------------------------------------------------------

@@ -376,8 +376,9 @@ WEB_PUSH_AT_ACCEPT = env.bool("WEB_PUSH_AT_ACCEPT", default=True)
 # (channels_app/inbox_writer.py); at most this many wait (a database that refuses for long).
 WS_ACK_WINDOW_SECONDS = env.float("WS_ACK_WINDOW_SECONDS", default=0.05)
 WS_ACK_PENDING_MAX = env.int("WS_ACK_PENDING_MAX", default=100_000)
-# Notification ids remembered per connection to drop a live frame already sent (backlog
-# overlap, a worker retry that had already published).
+# Inbox positions remembered per connection above a gap not yet filled (frames that came
+# early), to drop a frame already sent; past this many the gap is given up
+# (channels_app/positions.py).
 WS_SENT_IDS_MAX = env.int("WS_SENT_IDS_MAX", default=5000)
 # The WebSocket server's garbage collector (channels_app/gc_freeze.py). Full collections that
 # scan every open socket's objects made the latency tail (0.4 s at 2,000 sockets, 1.6 s at

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Case, DateTimeField, Exists, F, OuterRef, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -31,6 +31,7 @@ from notifications.models import (
     Delivery,
     DeliveryStatus,
     Device,
+    InboxCounter,
     Notification,
     ProviderEventKind,
     SkipReason,
@@ -104,11 +105,48 @@ def deliveries_claim(*, delivery_ids: list[int]) -> list[Delivery]:
     )
     if not claimed:
         return []
-    return list(
+    deliveries = list(
         Delivery.objects.filter(pk__in=delivery_ids, lease_token=token)
         .select_related("notification", "notification__recipient")
         .order_by("id")
     )
+    inbox_positions_give(
+        [d for d in deliveries if d.channel == Channel.WEB and d.inbox_position is None]
+    )
+    return deliveries
+
+
+def inbox_positions_give(deliveries: list[Delivery]) -> None:
+    """Give these leased in-app deliveries their recipients' next inbox positions, in id
+    order per recipient, before they are pushed (the frame carries its position): each
+    recipient's InboxCounter row is counted up and locked until the positions are written,
+    so positions are dense and commit in order per recipient (see InboxCounter). A delivery
+    keeps its position through retries."""
+    if not deliveries:
+        return
+    wanted: dict[int, int] = {}
+    for delivery in deliveries:
+        recipient_id = delivery.notification.recipient_id
+        wanted[recipient_id] = wanted.get(recipient_id, 0) + 1
+    table = connection.ops.quote_name(InboxCounter._meta.db_table)
+    # Rows in recipient id order: two pushes of overlapping recipients lock them in the same
+    # order and cannot deadlock.
+    rows = sorted(wanted.items())
+    with transaction.atomic(), connection.cursor() as cursor:
+        values = ", ".join(["(%s, %s)"] * len(rows))
+        cursor.execute(
+            f"INSERT INTO {table} (recipient_id, position) VALUES {values} "  # noqa: S608 - names
+            f"ON CONFLICT (recipient_id) DO UPDATE SET position = {table}.position"
+            " + excluded.position RETURNING recipient_id, position",
+            [value for row in rows for value in row],
+        )
+        # The first position of each recipient's run.
+        nexts = {recipient_id: top - wanted[recipient_id] + 1 for recipient_id, top in cursor}
+        for delivery in deliveries:
+            recipient_id = delivery.notification.recipient_id
+            delivery.inbox_position = nexts[recipient_id]
+            nexts[recipient_id] += 1
+        Delivery.objects.bulk_update(deliveries, ["inbox_position"])
 
 
 def _attempt_record(

@@ -108,6 +108,13 @@ def web_push_on_commit(delivery_ids: list[int]) -> None:
         transaction.on_commit(lambda: _this_process_pusher().submit(delivery_ids))
 
 
+def web_push_soon(delivery_ids: list[int]) -> None:
+    """Push these web deliveries from this process now (committed ones: a socket found them
+    unpushed in its recipient's inbox); those not due or leased elsewhere are left alone."""
+    if delivery_ids:
+        _this_process_pusher().submit(delivery_ids)
+
+
 def web_push_drain(timeout: float = 10.0) -> bool:
     """Wait for this process's pushes handed over so far (tests, before their database is
     emptied); True when there is nothing left to push."""

@@ -90,11 +90,23 @@ async def inbox_writes_drained() -> None:
     await inbox_writer().drain()
 
 
-def expected_frame(notification: Notification) -> dict[str, Any]:
+class _Position:
+    """Equal to any inbox position (a positive integer): for frames whose exact position a
+    test does not pin."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int) and not isinstance(other, bool) and other > 0
+
+    def __repr__(self) -> str:
+        return "<any position>"
+
+
+def expected_frame(notification: Notification, position: int | None = None) -> dict[str, Any]:
     order_id = notification.data["order_id"]
     return {
         "type": "notification",
         "id": str(notification.pk),
+        "position": _Position() if position is None else position,
         "title": "Shipped",
         "body": f"Order {order_id} is on its way",
         "data": {"order_id": order_id},

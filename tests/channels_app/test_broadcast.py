@@ -25,6 +25,7 @@ def frame(n: int) -> dict[str, Any]:
     return {
         "type": "notification",
         "id": str(uuid.UUID(int=n)),
+        "position": n,
         "title": f"title {n}",
         "body": "",
         "data": {"n": n},
@@ -202,7 +203,7 @@ def test_recipients_broadcast_reaches_each_recipients_sockets(owner: Any) -> Non
         sockets = [communicator(token=t) for t in (token_a, token_a, token_b, token_c)]
         for ws in sockets:
             assert await ws.connect() == (True, None)
-            assert await ws.receive_json_from() == {"type": "ready"}
+            assert (await ws.receive_json_from())["type"] == "ready"
         errors = await sync_to_async(recipients_broadcast)(frames=frames, timeout=5)
         assert errors == [None, None, None]
         a_first, a_second, b, _ = sockets

@@ -52,7 +52,7 @@ def test_query_token_connects_and_first_frame_is_ready(owner: Any, template: Any
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         assert await ws.receive_nothing(0.3)
         await ws.disconnect()
 
@@ -67,7 +67,7 @@ def test_first_frame_auth_joins_and_replays(owner: Any, template: Any) -> None:
         ws = communicator()
         assert await ws.connect() == (True, None)
         await ws.send_json_to({"type": "auth", "token": token})
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         assert await ws.receive_json_from() == expected_frame(waiting)
         assert await ws.receive_nothing(0.3)
         await ws.disconnect()
@@ -172,6 +172,7 @@ def test_a_never_receives_what_is_sent_to_b(owner: Any) -> None:
         {
             "type": "notification",
             "id": str(uuid.uuid4()),
+            "position": n + 1,
             "title": f"for b {n}",
             "body": "",
             "data": {"n": n},
@@ -185,7 +186,7 @@ def test_a_never_receives_what_is_sent_to_b(owner: Any) -> None:
         ws_a, ws_b = communicator(token=token_a), communicator(token=token_b)
         for ws in (ws_a, ws_b):
             assert await ws.connect() == (True, None)
-            assert await ws.receive_json_from() == {"type": "ready"}
+            assert (await ws.receive_json_from())["type"] == "ready"
         received = []
         # In batches, so B's channel never holds more than the layer's capacity.
         for start in range(0, 1000, 50):
@@ -213,8 +214,8 @@ def test_ack_and_read_change_only_the_senders_own_delivery(owner: Any, template:
     async def scenario() -> None:
         ws = communicator(token=token_a)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
-        assert await ws.receive_json_from() == expected_frame(mine)
+        assert await ws.receive_json_from() == expected_frame(mine, position=1)
+        assert await ws.receive_json_from() == {"type": "ready", "position": 1}
         for kind in ("ack", "read"):
             await ws.send_json_to({"type": kind, "id": str(theirs.pk)})
         await ws.send_json_to({"type": "ack", "id": str(mine.pk)})
@@ -252,10 +253,10 @@ def test_twenty_sent_while_offline_arrive_in_order_once_on_reconnect(
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         first = await sync_to_async(create_web_notification)(owner, "user-a", "A-0")
         await sync_to_async(push)(first)
-        assert await ws.receive_json_from(timeout=5) == expected_frame(first)
+        assert await ws.receive_json_from(timeout=5) == expected_frame(first, position=1)
         await ws.send_json_to({"type": "ack", "id": str(first.pk)})
         await ws.send_json_to({"type": "pong"})
         assert await ws.receive_nothing(0.3)
@@ -267,11 +268,11 @@ def test_twenty_sent_while_offline_arrive_in_order_once_on_reconnect(
             await sync_to_async(push)(notification)
             missed.append(notification)
 
-        ws = communicator(token=token, since=str(first.pk))
+        ws = communicator(token=token, since="1")
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
         received = [await ws.receive_json_from(timeout=5) for _ in range(20)]
-        assert received == [expected_frame(n) for n in missed]
+        assert received == [expected_frame(n, position=p) for p, n in enumerate(missed, 2)]
+        assert await ws.receive_json_from() == {"type": "ready", "position": 21}
         assert await ws.receive_nothing(1.0)
         await ws.disconnect()
 
@@ -303,9 +304,11 @@ def test_without_since_every_unread_not_archived_entry_oldest_first(
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
-        received = [await ws.receive_json_from() for _ in range(3)]
-        assert received == [expected_frame(n) for n in (pending, acked, sent)]
+        received = [await ws.receive_json_from() for _ in range(2)]
+        assert received == [expected_frame(acked, position=1), expected_frame(sent, position=4)]
+        assert await ws.receive_json_from() == {"type": "ready", "position": 4}
+        # Never pushed (no `web` pool here): the socket's own process pushes it.
+        assert await ws.receive_json_from(timeout=5) == expected_frame(pending, position=5)
         assert await ws.receive_nothing(0.5)
         await ws.disconnect()
 
@@ -331,9 +334,9 @@ def test_live_frames_racing_the_backlog_arrive_once(
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
         received = [await ws.receive_json_from(timeout=5) for _ in range(5)]
-        assert received == [expected_frame(n) for n in waiting]
+        assert received == [expected_frame(n, position=p) for p, n in enumerate(waiting, 1)]
+        assert await ws.receive_json_from() == {"type": "ready", "position": 5}
         later = await sync_to_async(create_web_notification)(owner, "user-a", "A-later")
         await sync_to_async(push)(later)
         assert await ws.receive_json_from(timeout=5) == expected_frame(later)
@@ -350,7 +353,7 @@ def test_several_tabs_of_one_recipient_all_receive(owner: Any, template: Any) ->
         tabs = [communicator(token=token) for _ in range(3)]
         for ws in tabs:
             assert await ws.connect() == (True, None)
-            assert await ws.receive_json_from() == {"type": "ready"}
+            assert (await ws.receive_json_from())["type"] == "ready"
         notification = await sync_to_async(create_web_notification)(owner, "user-a", "A-1")
         await sync_to_async(push)(notification)
         for ws in tabs:
@@ -371,7 +374,7 @@ def test_oversized_frame_closes_with_1009(owner: Any, settings: Any) -> None:
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         await ws.send_to(text_data='{"type": "pong", "pad": "' + "x" * 4096 + '"}')
         assert await ws.receive_output(2) == {"type": "websocket.close", "code": 1009}
         await ws.disconnect()
@@ -387,7 +390,7 @@ def test_frames_over_the_rate_are_slowed_down_not_dropped(owner: Any, settings: 
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         started = time.monotonic()
         for _ in range(25):
             await ws.send_json_to({"type": "pong"})
@@ -409,7 +412,7 @@ def test_server_pings_and_closes_a_silent_client(owner: Any, settings: Any) -> N
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         for _ in range(3):  # a client that answers stays
             assert await ws.receive_json_from(timeout=2) == {"type": "ping"}
             await ws.send_json_to({"type": "pong"})
@@ -428,7 +431,7 @@ def test_an_idle_socket_still_receives(owner: Any, template: Any) -> None:
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         assert await ws.receive_nothing(12, interval=0.5)
         notification = await sync_to_async(create_web_notification)(owner, "user-a", "A-1")
         await sync_to_async(push)(notification)
@@ -457,7 +460,7 @@ def test_a_socket_catches_up_on_what_was_published_while_its_process_was_not_sub
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         seen = await sync_to_async(create_web_notification)(owner, "user-a", "A-0")
         await sync_to_async(push)(seen)
         assert await ws.receive_json_from(timeout=5) == expected_frame(seen)
@@ -533,7 +536,7 @@ def test_a_closed_socket_is_freed_without_a_garbage_collection(
             assert await ws.connect() == (True, None)
             if kind == "first-frame auth":
                 await ws.send_json_to({"type": "auth", "token": token})
-            assert await ws.receive_json_from() == {"type": "ready"}
+            assert (await ws.receive_json_from())["type"] == "ready"
             await ws.disconnect()
         await asyncio.sleep(0.2)  # the cancelled heartbeat tasks end
 

@@ -133,8 +133,8 @@ def test_acks_of_many_sockets_are_written_in_one_batch(
         sockets = [communicator(token=t) for t in tokens]
         for ws, (_, notification) in zip(sockets, pushed, strict=True):
             assert await ws.connect() == (True, None)
-            assert await ws.receive_json_from() == {"type": "ready"}
-            assert await ws.receive_json_from() == expected_frame(notification)
+            assert await ws.receive_json_from() == expected_frame(notification, position=1)
+            assert await ws.receive_json_from() == {"type": "ready", "position": 1}
         for ws, (_, notification) in zip(sockets, pushed, strict=True):
             await ws.send_json_to({"type": "ack", "id": str(notification.pk)})
             await ws.send_json_to({"type": "ack", "id": str(notification.pk)})

@@ -51,7 +51,7 @@ def test_posted_notification_reaches_the_socket_and_ack_read_show_in_the_status_
     async def scenario() -> str:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         notification_id = await sync_to_async(post_notification)(api, "user-42", "A-1001")
         frame = await ws.receive_json_from(timeout=20)
         notification = await sync_to_async(Notification.objects.get)(pk=notification_id)
@@ -59,6 +59,7 @@ def test_posted_notification_reaches_the_socket_and_ack_read_show_in_the_status_
         assert frame == {
             "type": "notification",
             "id": notification_id,
+            "position": 1,
             "title": "Shipped",
             "body": "Order A-1001 is on its way",
             "data": {"order_id": "A-1001"},
@@ -125,7 +126,7 @@ def test_a_worker_reaches_sockets_on_two_server_processes(
             base.replace("http", "ws") + "/ws/notifications/", origin=base, open_timeout=5
         )
         await socket.send(json.dumps({"type": "auth", "token": token}))
-        assert json.loads(await asyncio.wait_for(socket.recv(), 5)) == {"type": "ready"}
+        assert (json.loads(await asyncio.wait_for(socket.recv(), 5)))["type"] == "ready"
         return socket
 
     async def next_frame(socket: Any) -> dict[str, Any]:
@@ -193,6 +194,7 @@ def test_a_client_that_stops_reading_delays_no_one_and_is_closed(
         return {
             "type": "notification",
             "id": str(uuid.uuid4()),
+            "position": n + 1,
             "title": f"big {n}",
             "body": "x" * 32_768,
             "data": {},
@@ -205,7 +207,7 @@ def test_a_client_that_stops_reading_delays_no_one_and_is_closed(
             origin=base,
             open_timeout=5,
         )
-        assert json.loads(await asyncio.wait_for(other.recv(), 5)) == {"type": "ready"}
+        assert (json.loads(await asyncio.wait_for(other.recv(), 5)))["type"] == "ready"
         # 8 MiB for the stalled socket: far more than its buffers hold.
         flood = [(stalled_recipient.pk, big(n)) for n in range(256)]
         assert await sync_to_async(recipients_broadcast)(frames=flood, timeout=10) == [None] * 256

@@ -53,7 +53,7 @@ def test_a_frame_goes_out_from_the_accepting_process(
     async def scenario() -> dict[str, Any]:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
-        assert await ws.receive_json_from() == {"type": "ready"}
+        assert (await ws.receive_json_from())["type"] == "ready"
         started = time.monotonic()
         notification_id = await sync_to_async(_post)(api, "user-a", "A-1")
         frame = await ws.receive_json_from(timeout=5)

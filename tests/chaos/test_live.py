@@ -41,7 +41,7 @@ class Socket:
 
     async def open(self) -> None:
         self.ws = await connect(self.url, origin=self.origin, open_timeout=30, ping_interval=None)  # type: ignore[arg-type]
-        assert json.loads(await asyncio.wait_for(self.ws.recv(), 30)) == {"type": "ready"}
+        assert (json.loads(await asyncio.wait_for(self.ws.recv(), 30)))["type"] == "ready"
 
     async def read(self) -> None:
         assert self.ws is not None

@@ -1,6 +1,7 @@
 """The cluster's WebSocket clients, run on their own host: one socket per recipient token
 through the load balancer, each acking what it gets as the browser client does, and coming
-back with `since` (the last notification it saw) whenever its socket drops, as clarion.js does.
+back with `since` (the inbox position up to which it has seen every notification) whenever its
+socket drops, as clarion.js does.
 Every notification frame is written as one JSON line to the output file, with `again` true
 when this client had already seen that id (clarion.js shows such a frame once: the backlog
 after a reconnect may repeat a frame that arrived live); `connected N` is printed each time
@@ -24,6 +25,8 @@ from typing import IO, Any
 import websockets
 from websockets.asyncio.client import connect
 
+from channels_app.positions import SeenPositions
+
 RECONNECT_SECONDS = 0.5
 
 
@@ -38,9 +41,10 @@ class Clients:
         self.stopping = asyncio.Event()
 
     async def client(self, index: int, token: str) -> None:
-        since: str | None = None
+        positions = SeenPositions()
         seen: set[str] = set()
         while not self.stopping.is_set():
+            since = positions.mark
             url = f"{self.url}?token={token}" + (f"&since={since}" if since else "")
             try:
                 async with connect(
@@ -54,7 +58,7 @@ class Clients:
                         async for message in ws:
                             frame = json.loads(message)
                             if frame.get("type") == "notification":
-                                since = frame["id"]
+                                positions.add(frame["position"])
                                 line = {
                                     "client": index,
                                     "id": frame["id"],
@@ -64,6 +68,8 @@ class Clients:
                                 seen.add(frame["id"])
                                 self.out.write(json.dumps(line) + "\n")
                                 await ws.send(json.dumps({"type": "ack", "id": frame["id"]}))
+                            elif frame.get("type") == "ready":
+                                positions.advance(frame["position"])
                             elif frame.get("type") == "ping":
                                 await ws.send('{"type": "pong"}')
                     finally:

@@ -373,7 +373,7 @@ def test_a_web_notification_is_traced_through_the_api_its_push_and_the_websocket
             base.replace("http", "ws") + "/ws/notifications/", origin=base, open_timeout=5
         )
         await socket.send(json.dumps({"type": "auth", "token": token}))
-        assert json.loads(await asyncio.wait_for(socket.recv(), 5)) == {"type": "ready"}
+        assert (json.loads(await asyncio.wait_for(socket.recv(), 5)))["type"] == "ready"
         answer = await asyncio.to_thread(
             http,
             "POST",

@@ -7,7 +7,7 @@ from django.conf import settings
 from redis.exceptions import RedisError
 
 from channels_app.broadcast import notification_frame, recipients_broadcast
-from notifications.models import Notification
+from notifications.models import Delivery
 from workers.providers.base import OutboundMessage, Outcome, SendResult
 
 GONE = SendResult(Outcome.PERMANENT, error="the notification no longer exists")
@@ -30,20 +30,21 @@ class WebSocketProvider:
     def send_batch(self, messages: list[OutboundMessage]) -> list[SendResult]:
         """One result per message, in order."""
         rows = {
-            str(row["id"]): row
-            for row in Notification.objects.filter(
-                pk__in={m.notification_id for m in messages}
-            ).values("id", "recipient_id", "created_at")
+            row["id"]: row
+            for row in Delivery.objects.filter(pk__in={m.delivery_id for m in messages}).values(
+                "id", "inbox_position", "notification__recipient_id", "notification__created_at"
+            )
         }
-        found = [rows.get(str(message.notification_id)) for message in messages]
+        found = [rows.get(message.delivery_id) for message in messages]
         frames = [
             (
-                row["recipient_id"],
+                row["notification__recipient_id"],
                 notification_frame(
                     notification_id=message.notification_id,
+                    position=row["inbox_position"],
                     content=message.content,
                     data=message.data,
-                    created_at=row["created_at"],
+                    created_at=row["notification__created_at"],
                 ),
             )
             for message, row in zip(messages, found, strict=True)

@@ -8,7 +8,8 @@
  *
  * It authenticates with its first frame (the token never sits in a URL), acks every
  * notification, answers the server's pings, and reconnects with exponential backoff,
- * resuming with `since` = the last notification it saw. The inbox API calls (markRead,
+ * resuming with `since` = the inbox position up to which it has seen every notification
+ * (positions are the server's, increasing per recipient; frames may come out of order). The inbox API calls (markRead,
  * markAllRead, archive, list, preferences, updatePreferences) use the same token.
  *
  * Events: "connected", "disconnected" ({code, reason}), "notification" (frame),
@@ -31,7 +32,12 @@
     this.getToken = options.getToken || null;
     this.apiBase = origin + "/api/v1";
     this.wsUrl = options.wsUrl || origin.replace(/^http/, "ws") + "/ws/notifications/";
-    this.since = options.since || null;
+    // Every position up to `since` seen, and `early`: those above it that came before a
+    // gap below them was filled (channels_app/positions.py keeps the same record).
+    this.since = options.since || 0;
+    this.early = {};
+    this.earlyCount = 0;
+    this.maxEarly = options.maxEarly || 5000;
     this.autoAck = options.autoAck !== false;
     this.minBackoffMs = options.minBackoffMs || 500;
     this.maxBackoffMs = options.maxBackoffMs || 30000;
@@ -39,7 +45,6 @@
     // the browser has not noticed (sleep, a network switch).
     this.silenceLimitMs = options.silenceLimitMs || 60000;
     this.handlers = {};
-    this.seen = {};
     this.attempt = 0;
     this.socket = null;
     this.stopped = true;
@@ -121,17 +126,17 @@
   Client.prototype._onFrame = function (frame) {
     switch (frame.type) {
       case "ready":
+        // Everything up to frame.position has been sent (the catch-up is over).
+        this._advance(frame.position || 0);
         this.attempt = 0;
         this.emit("connected");
         this.refreshUnreadCount();
         break;
       case "notification":
-        this.since = frame.id;
         if (this.autoAck) this._send({type: "ack", id: frame.id});
-        // The server sends a notification once per connection; this also drops one seen on
-        // an earlier connection (an ack that was lost).
-        if (this.seen[frame.id]) return;
-        this.seen[frame.id] = true;
+        // The server sends a position once per connection; this also drops one seen on an
+        // earlier connection (a frame the catch-up carried and a retry pushed again).
+        if (!this._see(frame.position)) return;
         this.emit("notification", frame);
         this._scheduleCount();
         break;
@@ -141,6 +146,43 @@
       case "error":
         this.emit("error", frame);
         break;
+    }
+  };
+
+  // True when `position` had not been seen.
+  Client.prototype._see = function (position) {
+    if (position <= this.since || this.early[position]) return false;
+    this.early[position] = true;
+    this.earlyCount += 1;
+    if (this.earlyCount > this.maxEarly) {
+      // A gap that never fills (its delivery was never pushed) is closed over.
+      this._advance(Math.min.apply(null, Object.keys(this.early).map(Number)) - 1);
+    }
+    this._closeUp();
+    return true;
+  };
+
+  Client.prototype._advance = function (position) {
+    if (position <= this.since) return;
+    this.since = position;
+    var early = this.early;
+    var self = this;
+    this.early = {};
+    this.earlyCount = 0;
+    Object.keys(early).forEach(function (key) {
+      if (Number(key) > position) {
+        self.early[key] = true;
+        self.earlyCount += 1;
+      }
+    });
+    this._closeUp();
+  };
+
+  Client.prototype._closeUp = function () {
+    while (this.early[this.since + 1]) {
+      delete this.early[this.since + 1];
+      this.earlyCount -= 1;
+      this.since += 1;
     }
   };
 
