@@ -254,3 +254,75 @@ def test_inbox_preferences_panel_changes_the_recipients_own_preferences(
     }
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [m for m in console if "error" in m.lower()] == []
+
+
+# Records every notification clarion.js emits (what the page shows), before the page's own
+# scripts run: the client is wrapped as it is defined.
+RECORD_SHOWN = """
+(() => {
+  window.__shown = [];
+  let clarion;
+  Object.defineProperty(window, "Clarion", {
+    configurable: true,
+    get() { return clarion; },
+    set(value) {
+      clarion = value;
+      const emit = value.Client.prototype.emit;
+      value.Client.prototype.emit = function (event, payload) {
+        if (event === "notification") window.__shown.push(payload.id);
+        return emit.call(this, event, payload);
+      };
+    },
+  });
+})();
+"""
+
+
+def test_notifications_created_while_the_page_reconnects_are_each_shown_once(
+    api: Any,
+    template: Any,
+    spawn: Callable[..., Process],
+    celery_worker_process: Callable[..., Process],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Posted before, during and after a server restart, while the page is away, while it
+    reconnects and catches up, and once it is live again: each one shown, and only once."""
+    celery_worker_process("web", concurrency=1)
+    port = free_port()
+    base, server = start_server(spawn, tmp_path, "uvicorn-before", port=port)
+    api.put("/api/v1/recipients/user-42", {}, format="json")
+    token = api.post("/api/v1/recipients/user-42/token").json()["token"]
+    posted: list[str] = []
+
+    def post() -> None:
+        posted.append(post_notification(api, "user-42", f"A-{len(posted)}"))
+
+    with chromium(monkeypatch) as browser:
+        page = browser.new_page()
+        page.add_init_script(RECORD_SHOWN)
+        page.goto(f"{base}/inbox/#token={token}")
+        page.wait_for_selector("#connection[data-state=live]", timeout=10_000)
+        for _ in range(3):
+            post()
+        server.stop()
+        page.wait_for_selector("#connection[data-state=connecting]", timeout=10_000)
+        for _ in range(3):
+            post()
+        start_server(spawn, tmp_path, "uvicorn-after", port=port)
+        # The page comes back within its backoff: posts keep going while it reconnects,
+        # authenticates and catches up, and a few more once it is live.
+        live_for = 0
+        deadline = time.monotonic() + 20
+        while live_for < 5:
+            assert time.monotonic() < deadline, "the page did not come back"
+            post()
+            if page.query_selector("#connection[data-state=live]"):
+                live_for += 1
+            time.sleep(0.05)
+        until(lambda: set(page.evaluate("window.__shown")) >= set(posted), timeout=20)
+        time.sleep(1)  # anything shown twice would show by now
+        shown = page.evaluate("window.__shown")
+
+    assert sorted(shown) == sorted(posted), "each notification shown exactly once"
+    assert len(posted) >= 12
