@@ -42,6 +42,8 @@ RECONNECTED_TYPE = "layer.reconnected"
 RECEIVE_WAIT_SECONDS = 1.0
 # A subscription silent for its health check interval plus this is taken for half-open.
 SILENCE_GRACE_SECONDS = 5.0
+# How often the depth of the sockets' queues is sampled for /metrics.
+SEND_QUEUE_SAMPLE_SECONDS = 1.0
 # Waits between tries at reaching Redis again, doubling up to the second.
 RETRY_FIRST_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
@@ -90,6 +92,7 @@ class LiveShard(RedisSingleShardConnection):
                     metrics.websocket_layer_reconnected()
                     self.channel_layer.reconnected()
                 self._receive_message(message)
+                self.channel_layer.send_queue_sample(loop.time())
                 connection = self._pubsub.connection
                 if (
                     self.health_check_interval
@@ -134,6 +137,15 @@ class LiveLoopLayer(RedisPubSubLoopLayer):
             await super().send(channel, message)
             return
         queue.put_nowait(self.channel_layer.serialize(message))
+
+    # When the depth of the sockets' queues was last put in /metrics.
+    sampled_at = 0.0
+
+    def send_queue_sample(self, now: float) -> None:
+        """At most once a second (a sum over every socket of the process)."""
+        if now - self.sampled_at >= SEND_QUEUE_SAMPLE_SECONDS:
+            self.sampled_at = now
+            metrics.websocket_send_queue(sum(q.qsize() for q in self.channels.values()))
 
     def reconnected(self) -> None:
         """Tell every socket of this loop that frames may have been missed."""

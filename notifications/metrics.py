@@ -98,6 +98,12 @@ WEBSOCKET_INBOX_PENDING = Gauge(
     "Acks and reads received and not yet written, summed over the live server processes.",
     multiprocess_mode="livesum",
 )
+WEBSOCKET_SEND_QUEUE = Gauge(
+    "clarion_websocket_send_queue",
+    "Messages a server process's channel layer handed to its sockets and they have not taken "
+    "yet (frames waiting their turn), per live process, sampled every second.",
+    multiprocess_mode="liveall",
+)
 WEBSOCKET_INBOX_WRITE_FAILURES = Counter(
     "clarion_websocket_inbox_write_failures_total",
     "Batches of acks and reads the database refused (kept and tried again).",
@@ -218,6 +224,10 @@ def websocket_inbox_pending(count: int) -> None:
 
 def websocket_inbox_write_failed() -> None:
     WEBSOCKET_INBOX_WRITE_FAILURES.inc()
+
+
+def websocket_send_queue(depth: int) -> None:
+    WEBSOCKET_SEND_QUEUE.set(depth)
 
 
 def websocket_layer_reconnected() -> None:

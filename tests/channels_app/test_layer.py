@@ -147,3 +147,38 @@ def test_a_half_open_subscription_is_found_by_its_health_check_and_reconnected(
                 await sender.flush()
 
         run(scenario)
+
+
+def test_the_depth_of_frames_its_sockets_have_not_taken_is_in_metrics() -> None:
+    prefix = f"clarion-ws-test-{uuid.uuid4().hex[:8]}:"
+
+    def depth() -> float:
+        return float(metrics.WEBSOCKET_SEND_QUEUE._value.get())
+
+    async def until_depth(value: float) -> None:
+        for _ in range(100):
+            if depth() == value:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"send queue {depth()}, not {value}")
+
+    async def scenario() -> None:
+        server, sender = layer_on(settings.REDIS_URL, prefix), layer_on(settings.REDIS_URL, prefix)
+        try:
+            slow, quick = await server.new_channel(), await server.new_channel()
+            for channel in (slow, quick):
+                await server.group_add("recipient.9", channel)
+            for n in range(3):
+                await sender.group_send("recipient.9", {"type": "inbox.notification", "n": n})
+            for n in range(3):
+                assert (await received(server, quick))["n"] == n
+            # The slow socket has taken none of its three: sampled within a second or so.
+            await until_depth(3)
+            for _ in range(3):
+                await received(server, slow)
+            await until_depth(0)
+        finally:
+            for layer in (server, sender):
+                await layer.flush()
+
+    run(scenario)
