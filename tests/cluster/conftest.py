@@ -101,9 +101,9 @@ def recipients(owner: Any, count: int) -> list[str]:
 
 
 def frames(path: Path, *, again: bool = False) -> Counter[str]:
-    """How many times the clients showed each notification's in-app frame (a client shows an
-    id once, as clarion.js does); with `again`, how many times one arrived that its client
-    had already seen."""
+    """How many times the clients showed each notification's in-app frame (a client shows a
+    position once, as clarion.js does); with `again`, how many times one arrived that its
+    client had already seen."""
     counts: Counter[str] = Counter()
     if path.exists():
         for line in path.read_text().splitlines():

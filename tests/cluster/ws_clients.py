@@ -3,8 +3,9 @@ through the load balancer, each acking what it gets as the browser client does, 
 back with `since` (the inbox position up to which it has seen every notification) whenever its
 socket drops, as clarion.js does.
 Every notification frame is written as one JSON line to the output file, with `again` true
-when this client had already seen that id (clarion.js shows such a frame once: the backlog
-after a reconnect may repeat a frame that arrived live); `connected N` is printed each time
+when this client had already seen its position (clarion.js does not show such a frame: a
+retry may push again a frame the catch-up carried); a notification shown twice would be one
+that came under two positions. `connected N` is printed each time
 the count of open sockets reaches a new high.
 
     python -m tests.cluster.ws_clients CONFIG.json
@@ -42,7 +43,6 @@ class Clients:
 
     async def client(self, index: int, token: str) -> None:
         positions = SeenPositions()
-        seen: set[str] = set()
         while not self.stopping.is_set():
             since = positions.mark
             url = f"{self.url}?token={token}" + (f"&since={since}" if since else "")
@@ -58,14 +58,12 @@ class Clients:
                         async for message in ws:
                             frame = json.loads(message)
                             if frame.get("type") == "notification":
-                                positions.add(frame["position"])
                                 line = {
                                     "client": index,
                                     "id": frame["id"],
-                                    "again": frame["id"] in seen,
+                                    "again": not positions.add(frame["position"]),
                                     "at": time.time(),
                                 }
-                                seen.add(frame["id"])
                                 self.out.write(json.dumps(line) + "\n")
                                 await ws.send(json.dumps({"type": "ack", "id": frame["id"]}))
                             elif frame.get("type") == "ready":
