@@ -235,8 +235,9 @@ async def open_loop(
 
 @dataclass
 class WsPool:
-    """Many idle WebSocket clients. Each answers the server's application pings, acks the
-    notifications it gets (as the browser client does), and stamps when each one arrived."""
+    """Many idle WebSocket clients. Each takes the server's application pings without an
+    answer and answers the protocol's own (as a browser does), acks the notifications it
+    gets (as clarion.js does), and stamps when each one arrived."""
 
     received: dict[int, list[float]] = field(default_factory=dict)
     connections: list[ClientConnection] = field(default_factory=list)
@@ -256,8 +257,6 @@ class WsPool:
                 self.received.setdefault(seq, []).append(now)
             if self.ack and "id" in frame:
                 await ws.send(json.dumps({"type": "ack", "id": frame["id"]}))
-        elif kind == "ping":
-            await ws.send('{"type": "pong"}')
         return kind if isinstance(kind, str) else None
 
     async def _read(self, ws: ClientConnection) -> None:

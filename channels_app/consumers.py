@@ -134,7 +134,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.budget = _FrameBudget(
             rate=settings.WS_CLIENT_FRAMES_PER_SECOND, burst=settings.WS_CLIENT_FRAMES_BURST
         )
-        self.last_heard = time.monotonic()
         # keep_blank_values: an empty ?token= is a bad token, not first-frame auth.
         params = parse_qs(
             self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
@@ -173,7 +172,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.closing:
             return
-        self.last_heard = time.monotonic()
         size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
         if size > settings.WS_MAX_FRAME_BYTES:
             await self._close(CLOSE_FRAME_TOO_BIG)
@@ -192,6 +190,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             return
         kind = frame["type"]
         if kind == "pong":
+            # Older clients answer every ping; nothing needs the answer any more.
             return
         if kind in ("ack", "read"):
             notification_id = _uuid(frame.get("id"))
@@ -321,15 +320,21 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self._close(CLOSE_UNAUTHENTICATED)
 
     async def _heartbeat(self) -> None:
-        """Ping every WS_PING_INTERVAL_SECONDS; a client that sends nothing back within
-        WS_PING_TIMEOUT_SECONDS is gone and its socket is closed."""
+        """Send `{"type": "ping"}` every WS_PING_INTERVAL_SECONDS: the browser's sign that the
+        server is still there (clarion.js reconnects after a silence; a browser cannot see the
+        protocol's own pings), and traffic that keeps an idle connection open through proxies.
+        No answer is awaited: a client that is gone stops answering the WebSocket protocol's
+        pings, which uvicorn sends and checks by itself (--ws-ping-interval,
+        --ws-ping-timeout), so keeping sockets alive costs no frame through this consumer. A
+        client that stopped reading is closed with 4408 once a ping cannot be written within
+        WS_PING_TIMEOUT_SECONDS."""
         # The first ping is spread over the interval, so sockets opened together (a server
-        # restart, a reconnect storm) do not ping, and refresh, together for ever after.
+        # restart, a reconnect storm) do not ping together for ever after.
         next_ping = time.monotonic() + settings.WS_PING_INTERVAL_SECONDS * random.uniform(0.5, 1)
         try:
             while not self.closing:
                 await asyncio.sleep(next_ping - time.monotonic())
-                pinged_at = time.monotonic()
+                next_ping = time.monotonic() + settings.WS_PING_INTERVAL_SECONDS
                 try:
                     # A client that stopped reading fills its socket's buffers, and a send
                     # then waits for as long as it does not read.
@@ -339,11 +344,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
                     log.info("closing a WebSocket of %s that does not read", self.group)
                     await self._close(CLOSE_HEARTBEAT_TIMEOUT)
                     return
-                await asyncio.sleep(pinged_at + settings.WS_PING_TIMEOUT_SECONDS - time.monotonic())
-                if self.last_heard < pinged_at:
-                    log.info("closing a silent WebSocket of %s", self.group)
-                    await self._close(CLOSE_HEARTBEAT_TIMEOUT)
-                next_ping = pinged_at + settings.WS_PING_INTERVAL_SECONDS
         except OSError:
             # The server already lost the socket; its disconnect cancels this task.
             return

@@ -355,16 +355,17 @@ RECIPIENT_TOKEN_TTL_SECONDS = env.int("RECIPIENT_TOKEN_TTL_SECONDS", default=360
 # A socket opened without ?token= must authenticate with its first frame within this; until
 # then it holds a server connection without being anyone.
 WS_AUTH_TIMEOUT_SECONDS = env.float("WS_AUTH_TIMEOUT_SECONDS", default=5.0)
-# Client frames are tiny (auth, ack, read, pong); anything larger is abuse or a bug.
+# Client frames are tiny (auth, ack, read); anything larger is abuse or a bug.
 WS_MAX_FRAME_BYTES = env.int("WS_MAX_FRAME_BYTES", default=4096)
 # Per connection: a sustained rate and a burst of client frames. The burst lets a client ack
 # a full backlog at once; past the rate the server stops reading that socket (backpressure),
 # so one client cannot turn into more than this many database writes a second.
 WS_CLIENT_FRAMES_PER_SECOND = env.float("WS_CLIENT_FRAMES_PER_SECOND", default=20.0)
 WS_CLIENT_FRAMES_BURST = env.int("WS_CLIENT_FRAMES_BURST", default=200)
-# Application-level heartbeat: a {"type": "ping"} this often; a client silent for interval +
-# timeout is dead (laptop asleep, network gone) and is closed. Below common proxy idle
-# timeouts (60 s), so the pings also keep idle connections open through them.
+# Application-level heartbeat: a {"type": "ping"} this often, the browser's sign of life
+# (clarion.js reconnects after 60 s of silence) and traffic under common proxy idle timeouts
+# (60 s). No answer is awaited: uvicorn's protocol pings find clients that are gone. A ping
+# that cannot be written within the timeout means the client stopped reading (closed, 4408).
 WS_PING_INTERVAL_SECONDS = env.float("WS_PING_INTERVAL_SECONDS", default=25.0)
 WS_PING_TIMEOUT_SECONDS = env.float("WS_PING_TIMEOUT_SECONDS", default=20.0)
 # Most unread notifications replayed on connect (oldest first); the inbox API pages the rest.

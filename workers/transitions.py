@@ -122,11 +122,17 @@ def inbox_positions_give(deliveries: list[Delivery]) -> None:
     recipient's InboxCounter row is counted up and locked until the positions are written,
     so positions are dense and commit in order per recipient (see InboxCounter). A delivery
     keeps its position through retries."""
-    if not deliveries:
+    # An in-app delivery's notification has its recipient (a topic's own has none, and no
+    # in-app delivery either).
+    runs = [
+        (delivery, recipient_id)
+        for delivery in deliveries
+        if (recipient_id := delivery.notification.recipient_id) is not None
+    ]
+    if not runs:
         return
     wanted: dict[int, int] = {}
-    for delivery in deliveries:
-        recipient_id = delivery.notification.recipient_id
+    for _, recipient_id in runs:
         wanted[recipient_id] = wanted.get(recipient_id, 0) + 1
     table = connection.ops.quote_name(InboxCounter._meta.db_table)
     # Rows in recipient id order: two pushes of overlapping recipients lock them in the same
@@ -142,11 +148,10 @@ def inbox_positions_give(deliveries: list[Delivery]) -> None:
         )
         # The first position of each recipient's run.
         nexts = {recipient_id: top - wanted[recipient_id] + 1 for recipient_id, top in cursor}
-        for delivery in deliveries:
-            recipient_id = delivery.notification.recipient_id
+        for delivery, recipient_id in runs:
             delivery.inbox_position = nexts[recipient_id]
             nexts[recipient_id] += 1
-        Delivery.objects.bulk_update(deliveries, ["inbox_position"])
+        Delivery.objects.bulk_update([delivery for delivery, _ in runs], ["inbox_position"])
 
 
 def _attempt_record(

@@ -404,20 +404,21 @@ def test_frames_over_the_rate_are_slowed_down_not_dropped(owner: Any, settings: 
     async_to_sync(scenario)()
 
 
-def test_server_pings_and_closes_a_silent_client(owner: Any, settings: Any) -> None:
+def test_server_pings_and_awaits_no_answer(owner: Any, settings: Any) -> None:
+    """Application pings are signs of life for the browser; liveness is the protocol's own
+    ping, which the ASGI server checks (test_live.py)."""
     _, token = recipient_with_token(owner, "user-a")
     settings.WS_PING_INTERVAL_SECONDS = 0.2
-    settings.WS_PING_TIMEOUT_SECONDS = 0.3
 
     async def scenario() -> None:
         ws = communicator(token=token)
         assert await ws.connect() == (True, None)
         assert (await ws.receive_json_from())["type"] == "ready"
-        for _ in range(3):  # a client that answers stays
+        for _ in range(5):
             assert await ws.receive_json_from(timeout=2) == {"type": "ping"}
-            await ws.send_json_to({"type": "pong"})
+        # An answer from an older client is taken and changes nothing.
+        await ws.send_json_to({"type": "pong"})
         assert await ws.receive_json_from(timeout=2) == {"type": "ping"}
-        assert await ws.receive_output(2) == {"type": "websocket.close", "code": 4408}
         await ws.disconnect()
 
     async_to_sync(scenario)()

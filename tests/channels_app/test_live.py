@@ -249,3 +249,65 @@ def test_a_client_that_stops_reading_delays_no_one_and_is_closed(
     except ConnectionResetError:
         pass
     raw.close()
+
+
+def test_a_client_gone_silent_is_closed_by_the_protocols_pings_and_one_that_answers_stays(
+    owner: Any, spawn: Callable[..., Process], tmp_path: Path
+) -> None:
+    """The server's application pings await no answer (they cost no frame through the
+    consumer); liveness is the WebSocket protocol's own ping, which browsers and client
+    libraries answer by themselves and uvicorn checks (here every second, 1 s to answer)."""
+    import socket as sockets
+    import time
+
+    from tests.project.api_server import start_api_server
+
+    _, base = start_api_server(
+        spawn,
+        tmp_path,
+        name="ws",
+        WS_PING_INTERVAL_SECONDS="0.5",
+        UVICORN_WS_PING_INTERVAL="1",
+        UVICORN_WS_PING_TIMEOUT="1",
+    )
+    _, token_a = recipient_with_token(owner, "user-a")
+    _, token_b = recipient_with_token(owner, "user-b")
+    host, port = base.removeprefix("http://").split(":")
+
+    # Gone silent: a handshake by hand, then it reads everything and answers nothing.
+    raw = sockets.create_connection((host, int(port)))
+    raw.sendall(
+        (
+            f"GET /ws/notifications/?token={token_a} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nOrigin: " + base + "\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    raw.settimeout(10)
+    opened = time.monotonic()
+    received = b""
+    while chunk := raw.recv(1 << 16):
+        received += chunk
+    silent_for = time.monotonic() - opened
+    raw.close()
+    assert received.startswith(b"HTTP/1.1 101")
+    assert b'{"type": "ping"}' in received  # the application's pings came all along
+    assert silent_for < 6, f"closed after {silent_for:.1f} s"
+
+    async def answering() -> list[str]:
+        # websockets answers the protocol's pings, as a browser does; the application's get
+        # no answer at all, and the socket stays for several ping rounds.
+        async with websockets.connect(
+            base.replace("http", "ws") + f"/ws/notifications/?token={token_b}",
+            origin=base,  # type: ignore[arg-type]
+            open_timeout=5,
+            ping_interval=None,
+        ) as ws:
+            kinds = []
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                kinds.append(json.loads(await asyncio.wait_for(ws.recv(), 5))["type"])
+            return kinds
+
+    kinds = async_to_sync(answering)()
+    assert kinds[0] == "ready" and kinds.count("ping") >= 5, kinds

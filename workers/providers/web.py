@@ -3,6 +3,8 @@ layer. `sent` means published; the browser's ack makes it `delivered`."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from django.conf import settings
 from redis.exceptions import RedisError
 
@@ -10,7 +12,9 @@ from channels_app.broadcast import notification_frame, recipients_broadcast
 from notifications.models import Delivery
 from workers.providers.base import OutboundMessage, Outcome, SendResult
 
-GONE = SendResult(Outcome.PERMANENT, error="the notification no longer exists")
+GONE = SendResult(
+    Outcome.PERMANENT, error="the notification no longer exists (or has no recipient's inbox)"
+)
 
 
 class WebSocketProvider:
@@ -31,7 +35,11 @@ class WebSocketProvider:
         """One result per message, in order."""
         rows = {
             row["id"]: row
-            for row in Delivery.objects.filter(pk__in={m.delivery_id for m in messages}).values(
+            # The claim gave each its inbox position (workers.transitions.deliveries_claim);
+            # only an in-app delivery without a recipient has none, and no inbox to reach.
+            for row in Delivery.objects.filter(
+                pk__in={m.delivery_id for m in messages}, inbox_position__isnull=False
+            ).values(
                 "id", "inbox_position", "notification__recipient_id", "notification__created_at"
             )
         }
@@ -41,7 +49,7 @@ class WebSocketProvider:
                 row["notification__recipient_id"],
                 notification_frame(
                     notification_id=message.notification_id,
-                    position=row["inbox_position"],
+                    position=cast(int, row["inbox_position"]),
                     content=message.content,
                     data=message.data,
                     created_at=row["notification__created_at"],

@@ -7,10 +7,11 @@
  *   client.start();
  *
  * It authenticates with its first frame (the token never sits in a URL), acks every
- * notification, answers the server's pings, and reconnects with exponential backoff,
- * resuming with `since` = the inbox position up to which it has seen every notification
- * (positions are the server's, increasing per recipient; frames may come out of order). The inbox API calls (markRead,
- * markAllRead, archive, list, preferences, updatePreferences) use the same token.
+ * notification, takes the server's pings as signs of life (no answer is needed), and
+ * reconnects with exponential backoff, resuming with `since` = the inbox position up to
+ * which it has seen every notification (positions are the server's, increasing per
+ * recipient; frames may come out of order). The inbox API calls (markRead, markAllRead,
+ * archive, list, preferences, updatePreferences) use the same token.
  *
  * Events: "connected", "disconnected" ({code, reason}), "notification" (frame),
  * "unread-count" (number), "auth-failed", "error" (frame or Error).
@@ -141,7 +142,7 @@
         this._scheduleCount();
         break;
       case "ping":
-        this._send({type: "pong"});
+        // Only a sign of life (it reset the silence watch above): no answer is needed.
         break;
       case "error":
         this.emit("error", frame);
