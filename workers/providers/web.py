@@ -12,9 +12,7 @@ from channels_app.broadcast import notification_frame, recipients_broadcast
 from notifications.models import Delivery
 from workers.providers.base import OutboundMessage, Outcome, SendResult
 
-GONE = SendResult(
-    Outcome.PERMANENT, error="the notification no longer exists (or has no recipient's inbox)"
-)
+GONE = SendResult(Outcome.PERMANENT, error="the notification no longer exists")
 
 
 class WebSocketProvider:

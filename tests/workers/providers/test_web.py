@@ -21,6 +21,7 @@ from workers.providers import BatchProvider, OutboundMessage, Outcome, SendResul
 from workers.providers.sandbox import SandboxProvider
 from workers.providers.web import WebSocketProvider
 from workers.services import delivery_process
+from workers.transitions import inbox_positions_give
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,9 +46,12 @@ def layer_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _web_delivery(notification: Notification) -> Delivery:
-    return Delivery.objects.select_related("notification").get(
+    """As a worker's claim hands it to the provider: with its inbox position."""
+    delivery = Delivery.objects.select_related("notification").get(
         notification=notification, channel="web"
     )
+    inbox_positions_give([delivery])
+    return delivery
 
 
 def _message(delivery: Delivery) -> OutboundMessage:
@@ -77,9 +81,7 @@ def test_websocket_is_the_default_web_provider_and_sandbox_stays_selectable(
 def test_send_publishes_the_design_frame_to_the_recipients_group(owner: Any, template: Any) -> None:
     services.recipient_upsert(owner=owner, external_id="user-a")
     notification = create_web_notification(owner, "user-a", "A-1")
-    delivery = Delivery.objects.select_related("notification").get(
-        notification=notification, channel="web"
-    )
+    delivery = _web_delivery(notification)
     with GroupListener(recipient_group(notification.recipient_id)) as listener:
         result = WebSocketProvider(timeout=5).send(_message(delivery))
 
