@@ -127,7 +127,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     counted = False
 
     async def connect(self) -> None:
-        self.since: int | None = None
         # The positions sent on this socket (none until it is authenticated).
         self.seen = SeenPositions(limit=settings.WS_SENT_IDS_MAX)
         self.tasks: list[asyncio.Task[None]] = []
@@ -138,7 +137,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         params = parse_qs(
             self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
         )
-        self.since = _position((params.get("since") or [None])[0])
+        self.since: int | None = _position((params.get("since") or [None])[0])
         token = (params.get("token") or [None])[0]
         if token is None:
             # First-frame auth: the token stays out of URLs and access logs, at the cost of
