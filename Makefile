@@ -46,7 +46,7 @@ tools:
 test: venv tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy notifications workers channels_app project
+	$(BIN)/mypy core notifications workers channels_app project
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest -m "not cluster_full" $(PYTEST_ARGS)
 
@@ -59,7 +59,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 typecheck: venv
-	$(BIN)/mypy notifications workers channels_app project
+	$(BIN)/mypy core notifications workers channels_app project
 
 # Stop the embedded Redis that `make run` and `make test` leave running under var/.
 stop: venv

@@ -1299,7 +1299,7 @@ class Bench:
     def phase_ws(self) -> None:
         """Clarion's consumer: memory per idle connection at N clients, accept → receipt latency
         with N clients connected, then 10,000 idle connections held by one server process."""
-        from channels_app.tokens import recipient_token_issue
+        from notifications.tokens import recipient_token_issue
 
         self.flush_redis()
         self.warm_caches()
@@ -1557,7 +1557,7 @@ class Bench:
         are opened (each with its recipient token, answering pings as the browser does),
         held a moment and closed, for BENCH_SOAK_SECONDS (cut short to stay within the run's
         budget); the server's RSS is sampled after each wave has closed. Does it level off?"""
-        from channels_app.tokens import recipient_token_issue
+        from notifications.tokens import recipient_token_issue
 
         self.flush_redis()
         remaining = self.budget_left() - 45

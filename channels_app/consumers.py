@@ -21,9 +21,10 @@ from channels_app.broadcast import notification_frame, recipient_group
 from channels_app.database import in_thread_pool
 from channels_app.inbox_writer import inbox_writer
 from channels_app.positions import SeenPositions
-from channels_app.tokens import RecipientClaims, recipient_token_claims
-from notifications import metrics, selectors
+from core import metrics
+from notifications import selectors
 from notifications.selectors import InboxCatchUp, InboxRecipient
+from notifications.tokens import RecipientClaims, recipient_token_claims
 from workers.web_push import web_push_soon
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ import uuid
 from django.conf import settings
 
 from channels_app.database import in_thread_pool
-from notifications import metrics, services
+from core import metrics
+from notifications import services
 
 log = logging.getLogger(__name__)
 

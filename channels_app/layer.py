@@ -32,7 +32,7 @@ from channels_redis.pubsub import (
 )
 from channels_redis.utils import _wrap_close, decode_hosts
 
-from notifications import metrics
+from core import metrics
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ import structlog
 from django.conf import settings
 from django.db import IntegrityError, connection, connections, models, transaction
 
-from notifications import db_clock, idempotency, metrics, templating, unsubscribe
+from core import db_clock, metrics
+from core.logs import scoped_log_context
+from notifications import idempotency, templating, unsubscribe
 from notifications.frequency_caps import CapCheck, caps_give_back, caps_take
-from notifications.logs import scoped_log_context
 from notifications.models import (
     CHANNEL_ORDER,
     FINAL_STATUSES,
@@ -225,7 +226,7 @@ def _escalation_check(template: TemplateSnapshot, steps: list[EscalationStep]) -
         raise ValidationFailed(errors)
 
 
-def _notification_prepare(
+def notification_prepare(
     *,
     owner: Owner,
     request: NotificationRequest,
@@ -390,7 +391,7 @@ def _cap_checks(
     ]
 
 
-def _caps_apply(prepared: list[PreparedNotification]) -> None:
+def caps_apply(prepared: list[PreparedNotification]) -> None:
     """Take each routed delivery's place under its cap (one Redis round trip for all); a
     delivery over its cap is skipped with reason `frequency_capped`. What is taken is kept
     on the prepared notification, to be given back should the write fail."""
@@ -610,7 +611,7 @@ def _write_with_the_orm(
     *, owner: Owner, prepared: list[PreparedNotification], now: datetime
 ) -> list[Delivery]:
     """Any database, any delivery-log backend: one INSERT per table."""
-    from workers.delivery_log import StatusEvent, get_delivery_log
+    from notifications.delivery_log import StatusEvent, get_delivery_log
 
     Notification.objects.bulk_create([p.notification for p in prepared])
     deliveries = Delivery.objects.bulk_create([d for p in prepared for d in p.deliveries])
@@ -634,7 +635,7 @@ def _write_with_the_orm(
     return deliveries
 
 
-def _notifications_write(
+def notifications_write(
     *,
     owner: Owner,
     prepared: list[PreparedNotification],
@@ -645,7 +646,7 @@ def _notifications_write(
     in one transaction; publish the queued deliveries once it commits: the in-app ones from
     this process (workers/web_push.py) when `push_web` and WEB_PUSH_AT_ACCEPT, the others
     through the relay."""
-    from workers.dispatch import outbox_wake_on_commit
+    from core.outbox import outbox_wake_on_commit
     from workers.web_push import web_push_on_commit
 
     pushed: list[Delivery] = []
@@ -731,13 +732,13 @@ def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[s
 
         return topic_notification_accept(owner=owner, request=request)
     # Routing sets due times (send_at, escalation, digest, quiet hours) that the relay will
-    # judge on the database's clock: they are computed on it (notifications/db_clock.py).
+    # judge on the database's clock: they are computed on it (core/db_clock.py).
     now = db_clock.now()
-    prepared = _notification_prepare(owner=owner, request=request, now=now, templates={})
+    prepared = notification_prepare(owner=owner, request=request, now=now, templates={})
     structlog.contextvars.bind_contextvars(notification_id=str(prepared.notification.pk))
-    _caps_apply([prepared])
+    caps_apply([prepared])
     try:
-        _notifications_write(owner=owner, prepared=[prepared], now=now)
+        notifications_write(owner=owner, prepared=[prepared], now=now)
     except IntegrityError as exc:
         caps_give_back(prepared.caps)
         claim = request.idempotency
@@ -786,7 +787,7 @@ def notifications_create_bulk(
             prepared.append(
                 (
                     index,
-                    _notification_prepare(
+                    notification_prepare(
                         owner=owner,
                         request=request,
                         now=now,
@@ -799,9 +800,9 @@ def notifications_create_bulk(
         except ValidationFailed as exc:
             outcomes.append(BulkOutcome(error=exc))
     if prepared:
-        _caps_apply([p for _, p in prepared])
+        caps_apply([p for _, p in prepared])
         try:
-            _notifications_write(owner=owner, prepared=[p for _, p in prepared], now=now)
+            notifications_write(owner=owner, prepared=[p for _, p in prepared], now=now)
         except IntegrityError:
             claimed = [p.idempotency.key for _, p in prepared if p.idempotency is not None]
             if not claimed or not _idempotency_record_exists(owner, claimed):
@@ -825,7 +826,7 @@ def _bulk_write_one(owner: Owner, item: PreparedNotification, now: datetime) -> 
         delivery.pk = None
         delivery._state.adding = True
     try:
-        _notifications_write(owner=owner, prepared=[item], now=now)
+        notifications_write(owner=owner, prepared=[item], now=now)
     except IntegrityError:
         caps_give_back(item.caps)
         claim = item.idempotency

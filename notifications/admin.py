@@ -17,8 +17,8 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from notifications import admin_views, erasure, services, templating, webhooks
-from notifications import cache as keys
+from core import cache as keys
+from notifications import admin_views, services, templating, webhooks
 from notifications.fanout import topic_notification_status
 from notifications.models import (
     ApiKey,
@@ -40,6 +40,7 @@ from notifications.models import (
 from notifications.schedules import RuleError, quiet_hours_parse
 from notifications.selectors import notification_summary_status
 from notifications.suppressions import suppression_delete
+from workers import erasure
 
 
 @admin.register(Owner)

@@ -351,7 +351,7 @@ def delivery_timeline(
 ) -> list[TimelineEntry]:
     """Every status event and attempt of the notification's deliveries (or of one), read
     through the delivery log so it shows the same with the SQL and Cassandra backends."""
-    from workers.delivery_log import get_delivery_log
+    from notifications.delivery_log import get_delivery_log
 
     log = get_delivery_log()
     wanted = [d.pk for d in deliveries if only_delivery in (None, d.pk)]

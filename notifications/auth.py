@@ -12,7 +12,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
-from notifications import cache as keys
+from core import cache as keys
 from notifications.models import ApiKey, Owner
 from notifications.selectors import InboxRecipient, recipient_for_token
 from notifications.services import api_key_hash

@@ -28,13 +28,14 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Max
 from django.utils import timezone
 
-from notifications import db_clock, idempotency, templating, unsubscribe
+from core import db_clock
+from notifications import idempotency, templating, unsubscribe
 from notifications.accepting import (
     NotificationRequest,
     PreparedNotification,
-    _caps_apply,
-    _notification_prepare,
-    _notifications_write,
+    caps_apply,
+    notification_prepare,
+    notifications_write,
 )
 from notifications.frequency_caps import CapCheck, caps_give_back
 from notifications.models import (
@@ -135,7 +136,7 @@ def topic_notification_accept(*, owner: Owner, request: NotificationRequest) -> 
     write the one topic notification (and its idempotency record) and wake the relay, which
     fans it out. Returns the 202 body; raises ValidationFailed for an unknown topic or
     template or a missing variable, idempotency.RecordExists when the key was recorded."""
-    from workers.dispatch import outbox_wake_on_commit
+    from core.outbox import outbox_wake_on_commit
 
     topic = Topic.objects.filter(owner=owner, key=request.topic).first()
     if topic is None:
@@ -222,7 +223,7 @@ def _children_prepare(
             cancel_key=parent.cancel_key,
         )
         try:
-            child = _notification_prepare(
+            child = notification_prepare(
                 owner=owner,
                 request=request,
                 now=now,
@@ -249,7 +250,7 @@ def _children_publish(due: list[int]) -> None:
     and publish them in one transaction, so a crash before its commit leaves them in the
     outbox, and a refused publish rolls the mark back. Rows another relay took meanwhile are
     not published twice. The published mark is the database's time, as the relay's is: the
-    sweeper compares it with that clock (notifications/db_clock.py)."""
+    sweeper compares it with that clock (core/db_clock.py)."""
     if not due:
         return
     with transaction.atomic():
@@ -323,10 +324,10 @@ def _fanout_step(*, chunk_size: int, now: datetime, taken: list[CapCheck], due: 
             )
             if prepared:
                 # Each child under the template's frequency caps, as a single send would be.
-                _caps_apply(prepared)
+                caps_apply(prepared)
                 taken.extend(check for child in prepared for check in child.caps)
                 # Published by _children_publish below, in-app ones included.
-                _notifications_write(owner=owner, prepared=prepared, now=now, push_web=False)
+                notifications_write(owner=owner, prepared=prepared, now=now, push_web=False)
                 due += [
                     d.pk
                     for child in prepared

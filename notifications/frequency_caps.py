@@ -17,9 +17,9 @@ from django.db.models import Q
 from redis.commands.core import Script
 from redis.exceptions import RedisError
 
-from notifications.db_clock import db_now_plus
+from core.db_clock import db_now_plus
+from core.shared_state import redis_client
 from notifications.models import Delivery, DeliveryStatus
-from workers.shared_state import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _window_ms(check: CapCheck) -> int:
 def _database_members(check: CapCheck) -> list[tuple[int, str]]:
     """(epoch ms, member) of the deliveries the database counts for this check's window."""
     # The window runs back from the database's now, as everything else that is due or
-    # expired across hosts does (notifications/db_clock.py).
+    # expired across hosts does (core/db_clock.py).
     since = db_now_plus(-check.window.total_seconds())
     scope_kind, _, scope_name = check.scope.partition(":")
     scope = (

@@ -22,9 +22,9 @@ from django.core.cache import cache
 from django.db import IntegrityError
 from redis.exceptions import RedisError
 
-from notifications import db_clock
+from core import db_clock
+from core.rate_limiter import token_bucket_answer, token_bucket_args, token_bucket_script
 from notifications.models import IdempotencyRecord
-from workers.rate_limiter import token_bucket_answer, token_bucket_args, token_bucket_script
 
 MAX_KEY_LENGTH = 255
 

@@ -1,4 +1,4 @@
-"""What GET /metrics answers: this host's counters (notifications.metrics) summed over processes,
+"""What GET /metrics answers: this host's counters (core.metrics) summed over processes,
 plus gauges read across layers when Prometheus scrapes (broker queue depth, queue lag, open dead
 letters, circuit breaker states)."""
 
@@ -16,10 +16,10 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from notifications import db_clock
+from core import db_clock
+from core.metrics import multiprocess_dir_cleanup, multiprocess_registry
 from notifications.api.errors import error_body
 from notifications.api.middleware import client_ip
-from notifications.metrics import multiprocess_dir_cleanup, multiprocess_registry
 from notifications.models import CHANNEL_ORDER, Delivery, DeliveryStatus
 from workers.circuit_breaker import circuit_states_present
 from workers.dead_letters import dead_letter_counts

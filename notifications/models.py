@@ -7,8 +7,8 @@ import uuid
 
 from django.db import models
 
-from notifications import db_clock
-from notifications.db_clock import db_now
+from core import db_clock
+from core.db_clock import db_now
 
 
 class Channel(models.TextChoices):
@@ -151,7 +151,7 @@ class Recipient(models.Model):
     quiet_hours = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
-    # Erased (notifications.erasure): no contact data left, `external_id` replaced by an
+    # Erased (workers.erasure): no contact data left, `external_id` replaced by an
     # anonymous one; the row stays so that its notifications remain as anonymous counts.
     erased_at = models.DateTimeField(null=True, blank=True)
 
@@ -364,7 +364,7 @@ OUTBOX_STATUSES = (DeliveryStatus.SCHEDULED, *PENDING_STATUSES)
 
 class DeliveryQuerySet(models.QuerySet["Delivery"]):
     # Due and leased are judged by the database's clock, never the caller's: the times they
-    # compare were written by other processes on other hosts (notifications/db_clock.py).
+    # compare were written by other processes on other hosts (core/db_clock.py).
     def due(self) -> DeliveryQuerySet:
         return self.filter(
             models.Q(next_attempt_at__isnull=True) | models.Q(next_attempt_at__lte=db_now())
@@ -656,7 +656,7 @@ class WebhookMessage(models.Model):
     last_status_code = models.IntegerField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     # On the database's clock: the sender gives up WEBHOOK_RETRY_FOR_SECONDS after it, judged
-    # on that clock (notifications/db_clock.py).
+    # on that clock (core/db_clock.py).
     created_at = models.DateTimeField(default=db_clock.now, editable=False)
     sent_at = models.DateTimeField(null=True, blank=True)
 

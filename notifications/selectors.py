@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db.models import F, Prefetch, Q, QuerySet
 
-from notifications import cache as keys
+from core import cache as keys
 from notifications.models import (
     CHANNEL_ORDER,
     INBOX_STATUSES,
@@ -42,7 +42,7 @@ from notifications.schedules import (
 )
 
 if TYPE_CHECKING:
-    from channels_app.tokens import RecipientClaims
+    from notifications.tokens import RecipientClaims
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def notification_summary_status(statuses: list[str]) -> str:
 
 
 def notification_detail(*, notification: Notification) -> dict[str, Any]:
-    from workers.delivery_log import get_delivery_log
+    from notifications.delivery_log import get_delivery_log
 
     deliveries = list(notification.deliveries.all())
     attempts = get_delivery_log().attempts_for_deliveries(
@@ -368,7 +368,7 @@ class InboxRecipient:
 def recipient_for_token(*, token: str) -> InboxRecipient | None:
     """The recipient a token was issued for: None when the token is forged, expired, or its
     recipient (or owner) has been deleted since."""
-    from channels_app.tokens import recipient_token_claims
+    from notifications.tokens import recipient_token_claims
 
     claims = recipient_token_claims(token)
     if claims is None:

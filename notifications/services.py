@@ -15,7 +15,7 @@ import phonenumbers
 from django.db import transaction
 from django.utils import timezone
 
-from notifications import cache as keys
+from core import cache as keys
 from notifications import templating
 from notifications.models import (
     CHANNEL_ORDER,
@@ -87,7 +87,7 @@ def api_key_revoke(*, api_key: ApiKey) -> None:
 # --- Recipients, preferences, devices -------------------------------------------------------
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone")
-# An erased recipient is renamed to this prefix and a random suffix (notifications.erasure);
+# An erased recipient is renamed to this prefix and a random suffix (workers.erasure);
 # no live recipient may take such an id.
 ERASED_PREFIX = "erased-"
 

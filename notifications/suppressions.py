@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from django.db import transaction
 from django.db.models import Q, QuerySet
 
-from notifications import cache as keys
+from core import cache as keys
 from notifications.models import (
     Channel,
     Owner,

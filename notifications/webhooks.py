@@ -24,9 +24,9 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from notifications import cache as keys
-from notifications import db_clock
-from notifications.db_clock import db_now
+from core import cache as keys
+from core import db_clock
+from core.db_clock import db_now
 from notifications.models import (
     CHANNEL_ORDER,
     FINAL_STATUSES,
@@ -41,7 +41,7 @@ from notifications.models import (
 )
 
 if TYPE_CHECKING:
-    from workers.delivery_log import StatusEvent
+    from notifications.delivery_log import StatusEvent
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from channels_app.gc_freeze import asgi_server_process, gc_freezer_start_in_server  # noqa: E402
 from channels_app.routing import websocket_urlpatterns  # noqa: E402
-from notifications import db_clock  # noqa: E402
+from core import db_clock  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -29,6 +29,6 @@ application = ProtocolTypeRouter(
 gc_freezer_start_in_server()
 
 # The accept path routes on this process's reading of the database's clock
-# (notifications/db_clock.py): taken as the server starts, not by its first request.
+# (core/db_clock.py): taken as the server starts, not by its first request.
 if asgi_server_process():
     db_clock.read_in_background()

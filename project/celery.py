@@ -186,7 +186,7 @@ def _configure_logging(**kwargs: object) -> None:
     """A receiver here stops Celery from installing its own text handlers: workers and beat
     log through settings.LOGGING, one JSON object per line like the API (LOG_LEVEL applies,
     not `-l`)."""
-    from notifications.logs import configure
+    from core.logs import configure
 
     configure(settings.LOGGING)
 
@@ -223,7 +223,7 @@ def _start_worker_metrics(**kwargs: object) -> None:
     """Metrics in the multiprocess directory: forget the live gauges of processes that died
     without a clean exit, then, on a host with workers but no API server (multi-host
     deployments), serve this host's directory on WORKER_METRICS_PORT from the main process."""
-    from notifications import metrics
+    from core import metrics
     from workers.liveness import liveness_server_start
 
     metrics.multiprocess_dir_cleanup()
@@ -232,6 +232,6 @@ def _start_worker_metrics(**kwargs: object) -> None:
 
 @worker_process_shutdown.connect
 def _pool_process_exited(pid: int | None = None, **kwargs: object) -> None:
-    from notifications import metrics
+    from core import metrics
 
     metrics.process_exited(pid or os.getpid())

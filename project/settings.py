@@ -136,7 +136,7 @@ elif _db["ENGINE"].startswith("django.db.backends.postgresql") and env.bool(
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Each process re-reads the database's clock this often, off the request path, for the due
-# times it computes in Python (notifications/db_clock.py): its estimate then drifts by no more
+# times it computes in Python (core/db_clock.py): its estimate then drifts by no more
 # than the monotonic clock does in that time (microseconds), at one short connection a period.
 DB_CLOCK_REFRESH_SECONDS = env.float("DB_CLOCK_REFRESH_SECONDS", default=30.0)
 # A host whose wall clock is this far from the database's says so in its log: due times do
@@ -589,11 +589,11 @@ if LOG_FORMAT not in ("json", "console"):
     raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use json or console")
 # Django calls this with LOGGING in every process; Celery workers and beat too (setup_logging
 # signal in project/celery.py), so Celery's own lines take the same format.
-LOGGING_CONFIG = "notifications.logs.configure"
+LOGGING_CONFIG = "core.logs.configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"clarion": {"()": "notifications.logs.formatter", "fmt": LOG_FORMAT}},
+    "formatters": {"clarion": {"()": "core.logs.formatter", "fmt": LOG_FORMAT}},
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
@@ -601,7 +601,7 @@ LOGGING = {
             "stream": "ext://sys.stderr",
         }
     },
-    "filters": {"per_socket_lines": {"()": "notifications.logs.PerSocketLinesAtDebug"}},
+    "filters": {"per_socket_lines": {"()": "core.logs.PerSocketLinesAtDebug"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # Django's defaults add a plain-text console handler under DEBUG; ours is the root's.

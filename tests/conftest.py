@@ -62,7 +62,7 @@ def free_port() -> int:
 def clean_redis() -> Iterator[None]:
     """Each test starts with an empty cache (this process's local layer too) and empty
     broker queues."""
-    from notifications import cache as keys
+    from core import cache as keys
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.flushdb()
@@ -195,7 +195,7 @@ def process_env(tmp_path: Path, **overrides: Any) -> dict[str, str]:
         DATABASE_POOL="false",
         # Tests change data in this process and read it from another within a millisecond:
         # each process checks the cache version on every read. The default's lag of up to
-        # 0.1 s is tested in tests/notifications/test_cache.py.
+        # 0.1 s is tested in tests/core/test_cache.py.
         CACHE_LOCAL_CHECK_SECONDS="0",
         # A worker's warm shutdown waits for its idle BRPOP to return (kombu reads the reply
         # rather than lose a message): the default 10 s would add seconds to every test that

@@ -1,6 +1,16 @@
-"""Clarion's own modules (project, notifications, workers, channels_app) import one another
-without a circle: the graph of their module-level imports is acyclic, and the counters module
-that every layer writes to imports none of them, not even inside a function.
+"""Clarion's own modules import one another in one direction (docs/architecture.md):
+
+    core  <  notifications  <  channels_app  <  workers  <  the top
+
+`core` (Redis access, the token bucket, the database clock, caches, logs, metrics, the outbox
+wake signal) imports no Clarion module, not even inside a function. An app imports `core`,
+its own modules and the apps below it. The top (the API, the admin, the WebSocket consumer
+and routing, management commands, project's settings/urls/asgi) may import any app; the
+apps may import `project.celery` (the Celery app) and no other part of `project`, which is
+wiring. Every import counts, those inside functions and `if TYPE_CHECKING:` blocks too. No
+module imports another module's private (underscore) names. The graph of module-level
+imports is acyclic; the graph of all imports has one known circle (KNOWN_CIRCLE), which may
+shrink but not grow.
 
 `python -m tests.test_import_graph` prints the cycles of both graphs: module-level imports only,
 and every import including those deferred into functions (acceptable, but each is a circle
@@ -13,9 +23,50 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("project", "notifications", "workers", "channels_app")
+PACKAGES = ("core", "project", "notifications", "workers", "channels_app")
+# The apps from the bottom up; a module imports its own layer and those below.
+LAYERS = ("core", "notifications", "channels_app", "workers")
+# On top: may import any app.
+TOP = (
+    "notifications.api",
+    "notifications.admin",
+    "notifications.admin_views",
+    "notifications.management",
+    "notifications.metrics_scrape",
+    "workers.admin",
+    "workers.management",
+    "channels_app.consumers",
+    "channels_app.routing",
+    "channels_app.views",
+    "project",
+)
+# What the apps may import of `project`: the Celery app (to publish tasks by name).
+WIRING_FOR_APPS = ("project.celery",)
+# Imports that still point up a layer, each with what removes it. The list may only shrink:
+# an edge that no longer exists must leave it too.
+KNOWN_UPWARD = {
+    # Accepting pushes in-app deliveries from the API process once they commit; the lifecycle
+    # that owns the push sits in workers until it moves into notifications (issue 23 item 5).
+    ("notifications.accepting", "workers.web_push"),
+    # Topic fan-out publishes its chunks itself; its worker half belongs in workers.
+    ("notifications.fanout", "workers.dispatch"),
+    # Inbox reads and cancels are Delivery transitions, which live in workers/transitions.py.
+    ("notifications.services", "workers.transitions"),
+}
+# The one circle left when imports inside functions count: accepting, fan-out, the
+# lifecycle and the services that call it (issue 23 items 2-5 break it).
+KNOWN_CIRCLE = {
+    "notifications.accepting",
+    "notifications.fanout",
+    "notifications.selectors",
+    "notifications.services",
+    "notifications.unsubscribe",
+    "workers.services",
+    "workers.transitions",
+    "workers.web_push",
+}
 # Written to by every layer, so it must import nothing of theirs (CONVENTIONS.md).
-COUNTERS_MODULE = "notifications.metrics"
+COUNTERS_MODULE = "core.metrics"
 
 Graph = dict[str, set[str]]
 
@@ -182,6 +233,45 @@ def describe(found: list[list[str]]) -> str:
     return "\n".join(" -> ".join(cycle) for cycle in found)
 
 
+def _under(module: str, prefixes: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def layer_of(module: str) -> int:
+    """0 for core, then one per app from the bottom up; the top is above them all."""
+    if _under(module, TOP) and not _under(module, WIRING_FOR_APPS):
+        return len(LAYERS)
+    if _under(module, WIRING_FOR_APPS):
+        return 1  # the apps import it; it imports them only inside worker signal receivers
+    return LAYERS.index(module.split(".")[0])
+
+
+def upward_imports(graph: Graph) -> set[tuple[str, str]]:
+    """(importer, imported) pairs where a module imports one from a higher layer. The Celery
+    app's worker signal receivers (which import workers) are wiring, run only in a worker."""
+    return {
+        (module, target)
+        for module, targets in graph.items()
+        if not _under(module, WIRING_FOR_APPS)
+        for target in targets
+        if layer_of(target) > layer_of(module)
+    }
+
+
+def private_imports(root: Path = ROOT) -> set[tuple[str, str, str]]:
+    """(importer, module, name) for every `from module import _name` between two modules."""
+    found = set()
+    for module, path in clarion_modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module.split(".")[0] not in PACKAGES:
+                    continue
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        found.add((module, node.module, alias.name))
+    return found
+
+
 # --- Tests ----------------------------------------------------------------------------------
 
 
@@ -195,11 +285,55 @@ def test_the_counters_module_imports_nothing_of_clarion() -> None:
     assert graph[COUNTERS_MODULE] == set()
 
 
+def test_core_imports_no_app() -> None:
+    graph = import_graph(module_level_only=False)
+    core = {module: targets for module, targets in graph.items() if _under(module, ("core",))}
+    assert len(core) >= 8  # core, db_clock, cache, logs, metrics, shared_state, ...
+    assert {m: t - set(core) for m, t in core.items() if t - set(core)} == {}
+
+
+def test_apps_import_downward_only() -> None:
+    upward = upward_imports(import_graph(module_level_only=False))
+    assert upward - KNOWN_UPWARD == set(), "imports pointing up a layer"
+    assert KNOWN_UPWARD - upward == set(), "gone: remove them from KNOWN_UPWARD"
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    assert private_imports() == set()
+
+
+def test_imports_inside_functions_close_no_circle_but_the_known_one() -> None:
+    graph = import_graph(module_level_only=False)
+    circles = _components(graph)
+    assert [c for c in circles if not set(c) <= KNOWN_CIRCLE] == [], describe(cycles(graph))
+    assert set().union(*circles) == KNOWN_CIRCLE, "the circle shrank: shrink KNOWN_CIRCLE"
+
+
+def test_the_layer_rules_see_a_violation(tmp_path: Path) -> None:
+    # The rules above must be able to fail: a core module importing an app, an app module
+    # importing one above it, and a private name imported across modules are all found.
+    for package in PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "core" / "clock.py").write_text("def f():\n    from notifications import x\n")
+    (tmp_path / "notifications" / "x.py").write_text("from workers.y import _hidden\n")
+    (tmp_path / "workers" / "y.py").write_text("_hidden = 1\n")
+    (tmp_path / "notifications" / "api").mkdir()
+    (tmp_path / "notifications" / "api" / "__init__.py").write_text("import workers.y\n")
+    graph = import_graph(module_level_only=False, root=tmp_path)
+    assert graph["core.clock"] == {"notifications.x"}
+    assert upward_imports(graph) == {
+        ("core.clock", "notifications.x"),
+        ("notifications.x", "workers.y"),
+    }
+    assert private_imports(tmp_path) == {("notifications.x", "workers.y", "_hidden")}
+
+
 def test_the_graph_holds_the_imports_it_should() -> None:
     # Known edges, so that an empty cycle list cannot come from a graph that missed them.
     graph = import_graph(module_level_only=True)
     assert len(graph) == len(clarion_modules())
-    assert {"notifications.metrics", "workers.selectors"} <= graph["notifications.metrics_scrape"]
+    assert {"core.metrics", "workers.selectors"} <= graph["notifications.metrics_scrape"]
     assert graph["project"] == {"project.celery"}
     assert "notifications.metrics_scrape" in graph["project.urls"]
 
@@ -208,7 +342,7 @@ def test_imports_of_skips_function_bodies_and_type_checking_blocks() -> None:
     source = (
         "import os\n"
         "from typing import TYPE_CHECKING\n"
-        "from notifications import metrics\n"
+        "from core import metrics\n"
         "from . import models\n"
         "from .api.views import ERRORS\n"
         "import workers.retry as retry\n"
@@ -217,7 +351,7 @@ def test_imports_of_skips_function_bodies_and_type_checking_blocks() -> None:
         "else:\n"
         "    from workers import selectors\n"
         "try:\n"
-        "    from channels_app import tokens\n"
+        "    from notifications import tokens\n"
         "except ImportError:\n"
         "    pass\n"
         "def f():\n"
@@ -227,7 +361,7 @@ def test_imports_of_skips_function_bodies_and_type_checking_blocks() -> None:
     )
     modules = {
         "notifications",
-        "notifications.metrics",
+        "core.metrics",
         "notifications.models",
         "notifications.api",
         "notifications.api.views",
@@ -236,7 +370,7 @@ def test_imports_of_skips_function_bodies_and_type_checking_blocks() -> None:
         "workers.retry",
         "workers.services",
         "workers.selectors",
-        "channels_app.tokens",
+        "notifications.tokens",
         "project",
         "project.celery",
         "project.urls",
@@ -252,22 +386,22 @@ def test_imports_of_skips_function_bodies_and_type_checking_blocks() -> None:
         )
 
     assert imports(module_level_only=True) == {
-        "notifications.metrics",
+        "core.metrics",
         "notifications.models",
         "notifications.api.views",
         "workers.retry",
         "workers.selectors",
-        "channels_app.tokens",
+        "notifications.tokens",
         "project.urls",
     }
     assert imports(module_level_only=False) == {
-        "notifications.metrics",
+        "core.metrics",
         "notifications.models",
         "notifications.api.views",
         "workers.retry",
         "workers.services",
         "workers.selectors",
-        "channels_app.tokens",
+        "notifications.tokens",
         "project.celery",
         "project.urls",
     }

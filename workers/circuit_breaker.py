@@ -11,7 +11,7 @@ from functools import cache
 from django.conf import settings
 from redis.commands.core import Script
 
-from workers.shared_state import redis_client
+from core.shared_state import redis_client
 
 
 class CircuitState(enum.StrEnum):

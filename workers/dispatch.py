@@ -1,7 +1,7 @@
 """Handing deliveries to the broker. Writers never publish: they leave rows in the outbox
-(Delivery.enqueued_at NULL) and, once their transaction commits, wake the relay; the relay
-publishes one task per batch of delivery ids (workers/relay.py). Tasks are published by name,
-so nothing here imports the tasks."""
+(Delivery.enqueued_at NULL) and, once their transaction commits, wake the relay
+(core/outbox.py); the relay publishes one task per batch of delivery ids (workers/relay.py).
+Tasks are published by name, so nothing here imports the tasks."""
 
 from __future__ import annotations
 
@@ -9,40 +9,15 @@ import logging
 from collections.abc import Iterable
 
 from django.conf import settings
-from django.db import transaction
-from redis.exceptions import RedisError
 
-from notifications import metrics
+from core import metrics
 
 log = logging.getLogger(__name__)
-
-# A list holding at most one element: the relay blocks on it (BLPOP). Trimmed at every push, so
-# a relay that is down for a day finds one wake-up waiting, not millions.
-RELAY_WAKE_KEY = "clarion:relay:wake"
 
 
 def deliver_task_name(channel: str) -> str:
     """The delivery task of a channel's queue (workers/tasks.py registers them)."""
     return f"clarion.deliver.{channel}"
-
-
-def outbox_wake() -> None:
-    """Tell a relay that the outbox has new rows. Best effort: a lost signal costs at most
-    RELAY_POLL_SECONDS, the relay's own poll."""
-    from workers.shared_state import redis_client
-
-    try:
-        pipeline = redis_client().pipeline(transaction=False)
-        pipeline.lpush(RELAY_WAKE_KEY, 1)
-        pipeline.ltrim(RELAY_WAKE_KEY, 0, 0)
-        pipeline.execute()
-    except (RedisError, OSError) as exc:
-        log.warning("could not wake the relay (its poll will find the rows): %s", exc)
-
-
-def outbox_wake_on_commit() -> None:
-    """Wake the relay once the current transaction commits (a rollback wrote nothing)."""
-    transaction.on_commit(outbox_wake)
 
 
 def batches(ids: Iterable[int], size: int | None = None) -> list[list[int]]:

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from django.conf import settings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from notifications.metrics import multiprocess_registry
+from core.metrics import multiprocess_registry
 
 log = logging.getLogger(__name__)
 

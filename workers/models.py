@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.db import models
 
-from notifications import db_clock
+from core import db_clock
 
 
 class SandboxMessage(models.Model):
@@ -84,7 +84,7 @@ class ProviderEvent(models.Model):
     payload = models.JSONField(default=dict)
     occurred_at = models.DateTimeField()
     # On the database's clock: the event is applied anyway PROVIDER_EVENTS_WAIT_SECONDS after
-    # it, judged on that clock (notifications/db_clock.py).
+    # it, judged on that clock (core/db_clock.py).
     received_at = models.DateTimeField(default=db_clock.now, editable=False)
     # Not applied yet while NULL; `result` says what applying it did.
     processed_at = models.DateTimeField(null=True, blank=True)

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from notifications.db_clock import db_now, db_now_plus
+from core.db_clock import db_now, db_now_plus
 from notifications.models import (
     Channel,
     Delivery,

@@ -28,12 +28,13 @@ from django.utils import timezone
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from notifications import db_clock, metrics
-from notifications.db_clock import db_now
+from core import db_clock, metrics
+from core.db_clock import db_now
+from core.outbox import RELAY_WAKE_KEY
 from notifications.fanout import topic_fanout_step
 from notifications.models import Delivery, DeliveryStatus
 from workers import transitions
-from workers.dispatch import RELAY_WAKE_KEY, batches_publish_rollback_unsafe
+from workers.dispatch import batches_publish_rollback_unsafe
 from workers.liveness import liveness_check_register, liveness_server_start
 
 log = logging.getLogger(__name__)

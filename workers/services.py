@@ -23,9 +23,16 @@ from django.conf import settings
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from notifications import metrics
-from notifications.db_clock import db_now_plus
-from notifications.logs import scoped_log_context
+from core import metrics
+from core.db_clock import db_now_plus
+from core.logs import scoped_log_context
+from core.rate_limiter import (
+    rate_limit_offsets,
+    rate_limit_refund,
+    rate_limit_slow,
+    rate_limit_spread_seconds,
+    rate_limit_take_many,
+)
 from notifications.models import PENDING_STATUSES, Channel, Delivery, DeliveryQuerySet, Device
 from notifications.suppressions import (
     SUPPRESSIBLE_CHANNELS,
@@ -43,13 +50,6 @@ from workers.providers import (
     Provider,
     SendResult,
     providers_for,
-)
-from workers.rate_limiter import (
-    rate_limit_offsets,
-    rate_limit_refund,
-    rate_limit_slow,
-    rate_limit_spread_seconds,
-    rate_limit_take_many,
 )
 from workers.selectors import broker_holdings, queue_depths
 from workers.transitions import (

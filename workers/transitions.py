@@ -20,8 +20,15 @@ from django.db.models import Case, DateTimeField, Exists, F, OuterRef, Value, Wh
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from notifications import cache as keys
-from notifications.db_clock import db_now, db_now_plus
+from core import cache as keys
+from core.db_clock import db_now, db_now_plus
+from core.outbox import outbox_wake_on_commit
+from notifications.delivery_log import (
+    AttemptRecord,
+    StatusEvent,
+    delivery_status_events,
+    get_delivery_log,
+)
 from notifications.models import (
     CHANNEL_ORDER,
     FINAL_STATUSES,
@@ -38,13 +45,6 @@ from notifications.models import (
     Template,
 )
 from notifications.webhooks import webhook_events_emit
-from workers.delivery_log import (
-    AttemptRecord,
-    StatusEvent,
-    delivery_status_events,
-    get_delivery_log,
-)
-from workers.dispatch import outbox_wake_on_commit
 from workers.models import DeadLetter
 from workers.providers import SendResult
 

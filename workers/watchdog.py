@@ -38,7 +38,7 @@ from celery.signals import task_received
 from celery.worker import state as worker_state
 from django.conf import settings
 
-from notifications import metrics
+from core import metrics
 from workers.liveness import liveness_check_register
 from workers.selectors import queue_depths
 

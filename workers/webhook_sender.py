@@ -24,9 +24,10 @@ from django.db.models import DurationField, ExpressionWrapper, F, Min, Q
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from notifications import cache as keys
-from notifications import db_clock
-from notifications.db_clock import db_now, db_now_plus
+from core import cache as keys
+from core import db_clock
+from core.db_clock import db_now, db_now_plus
+from core.shared_state import redis_client
 from notifications.models import Webhook, WebhookMessage, WebhookMessageStatus
 from notifications.webhooks import (
     WAKE_TASK,
@@ -40,7 +41,6 @@ from notifications.webhooks import (
 from project.celery import app as celery_app
 from workers import retry
 from workers.circuit_breaker import circuit_allow, circuit_record
-from workers.shared_state import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _send_rounds(size: int) -> int:
         with transaction.atomic():
             # Due, and the lease written into next_attempt_at, by the database's clock: a
             # sender whose clock runs ahead must not take a batch another sender still holds,
-            # nor send a retry early (notifications/db_clock.py).
+            # nor send a retry early (core/db_clock.py).
             batch = list(
                 WebhookMessage.objects.filter(status=WebhookMessageStatus.PENDING)
                 .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=db_now()))

@@ -15,9 +15,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from notifications.api import serializers as s
+from notifications.api.common import request_owner, validated
 from notifications.api.errors import error_body
 from notifications.api.idempotent import idempotent
-from notifications.api.views import ERRORS, _owner, _validated
+from notifications.api.views import ERRORS
 from notifications.models import Suppression
 from workers import dead_letters
 from workers.models import DeadLetter
@@ -26,7 +27,7 @@ LIST_LIMIT = 500
 
 
 def _filter(params: Any) -> dead_letters.DeadLetterFilter:
-    return _where(_validated(s.DeadLetterFilterSerializer, params))
+    return _where(validated(s.DeadLetterFilterSerializer, params))
 
 
 def _where(values: dict[str, Any]) -> dead_letters.DeadLetterFilter:
@@ -48,7 +49,7 @@ def _where(values: dict[str, Any]) -> dead_letters.DeadLetterFilter:
 def _letter(request: Request, dead_letter_id: int) -> DeadLetter:
     where = dead_letters.DeadLetterFilter(status=None)
     letter = (
-        dead_letters.dead_letters_list(owner=_owner(request), where=where)
+        dead_letters.dead_letters_list(owner=request_owner(request), where=where)
         .filter(pk=dead_letter_id)
         .first()
     )
@@ -66,7 +67,7 @@ class DeadLetterListView(APIView):
     )
     def get(self, request: Request) -> Response:
         letters = dead_letters.dead_letters_list(
-            owner=_owner(request), where=_filter(request.query_params)
+            owner=request_owner(request), where=_filter(request.query_params)
         )[:LIST_LIMIT]
         return Response(s.DeadLetterSerializer(letters, many=True).data)
 
@@ -96,7 +97,7 @@ class DeadLetterReplayView(APIView):
     )
     def post(self, request: Request, dead_letter_id: int) -> Response:
         letter = _letter(request, dead_letter_id)
-        lift = _validated(s.DeadLetterReplaySerializer, request.data)["lift_suppression"]
+        lift = validated(s.DeadLetterReplaySerializer, request.data)["lift_suppression"]
         done = dead_letters.dead_letter_replay(dead_letter=letter, lift_suppression=lift)
         if done is None:
             return _not_open(letter)
@@ -159,9 +160,11 @@ class DeadLetterBulkReplayView(APIView):
         "with the suppression) unless `lift_suppression` lifts their suppressions too.",
     )
     def post(self, request: Request) -> Response:
-        values = _validated(s.DeadLetterBulkReplaySerializer, request.data)
+        values = validated(s.DeadLetterBulkReplaySerializer, request.data)
         done = dead_letters.dead_letters_replay(
-            letters=dead_letters.dead_letters_list(owner=_owner(request), where=_where(values)),
+            letters=dead_letters.dead_letters_list(
+                owner=request_owner(request), where=_where(values)
+            ),
             lift_suppression=values["lift_suppression"],
         )
         results = [
@@ -190,4 +193,4 @@ class DeadLetterCountsView(APIView):
         description="Open dead letters per channel, and the channels over the alert threshold.",
     )
     def get(self, request: Request) -> Response:
-        return Response(dead_letters.dead_letter_counts(owner=_owner(request)))
+        return Response(dead_letters.dead_letter_counts(owner=request_owner(request)))

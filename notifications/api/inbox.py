@@ -17,20 +17,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from channels_app.tokens import recipient_token_issue
 from notifications import selectors, services
 from notifications.api import serializers as s
+from notifications.api.common import recipient_or_404, request_owner, validated
 from notifications.api.idempotent import idempotent
-from notifications.api.views import (
-    ERRORS,
-    _owner,
-    _recipient_or_404,
-    _validated,
-    preferences_apply,
-)
+from notifications.api.views import ERRORS, preferences_apply
 from notifications.auth import RecipientTokenAuthentication
 from notifications.models import Recipient
 from notifications.selectors import InboxRecipient
+from notifications.tokens import recipient_token_issue
 
 INBOX_ERRORS = {
     401: OpenApiResponse(description="Missing, invalid or expired recipient token"),
@@ -48,7 +43,7 @@ class RecipientTokenView(APIView):
         "inbox API). It grants access to this recipient's inbox only, until `expires_at`.",
     )
     def post(self, request: Request, rid: str) -> Response:
-        recipient = _recipient_or_404(_owner(request), rid)
+        recipient = recipient_or_404(request_owner(request), rid)
         issued = recipient_token_issue(owner_id=recipient.owner_id, recipient_id=recipient.pk)
         return Response(
             {
@@ -110,7 +105,7 @@ class InboxListView(_InboxView, ListAPIView):
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         # A plain dict: from a QueryDict, DRF reads an absent boolean as false (a checkbox).
-        filters = _validated(s.InboxFilterSerializer, request.query_params.dict())
+        filters = validated(s.InboxFilterSerializer, request.query_params.dict())
         entries = selectors.inbox_list(
             recipient_id=_recipient(request).recipient_id,
             unread=filters["unread"],

@@ -17,9 +17,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 from django.utils.module_loading import import_string
 
-from notifications import metrics
+from core import metrics
+from core.logs import sane_request_id
 from notifications.api.errors import error_body
-from notifications.logs import sane_request_id
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from rest_framework.views import APIView
 
 from notifications import suppressions
 from notifications.api import serializers as s
-from notifications.api.views import ERRORS, _owner, _validated
+from notifications.api.common import request_owner, validated
+from notifications.api.views import ERRORS
 
 
 class SuppressionPagination(CursorPagination):
@@ -38,8 +39,8 @@ class SuppressionListView(ListAPIView):
         "spam complaint).",
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        filters = _validated(s.SuppressionFilterSerializer, request.query_params.dict())
-        found = suppressions.suppressions_list(owner=_owner(request), **filters)
+        filters = validated(s.SuppressionFilterSerializer, request.query_params.dict())
+        found = suppressions.suppressions_list(owner=request_owner(request), **filters)
         page = self.paginate_queryset(found) or []
         return self.get_paginated_response(s.SuppressionSerializer(page, many=True).data)
 
@@ -52,7 +53,9 @@ class SuppressionDetailView(APIView):
     )
     def delete(self, request: Request, suppression_id: int) -> Response:
         suppression = (
-            suppressions.suppressions_list(owner=_owner(request)).filter(pk=suppression_id).first()
+            suppressions.suppressions_list(owner=request_owner(request))
+            .filter(pk=suppression_id)
+            .first()
         )
         if suppression is None:
             raise Http404

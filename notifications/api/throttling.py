@@ -13,8 +13,8 @@ from rest_framework.exceptions import Throttled
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
+from core.rate_limiter import token_bucket_take
 from notifications.idempotency import MAX_KEY_LENGTH, RateLimit
-from workers.rate_limiter import token_bucket_take
 
 log = logging.getLogger(__name__)
 

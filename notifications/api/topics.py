@@ -13,8 +13,9 @@ from rest_framework.views import APIView
 
 from notifications import selectors, topics
 from notifications.api import serializers as s
+from notifications.api.common import request_owner, validated
 from notifications.api.errors import FieldErrors
-from notifications.api.views import ERRORS, _owner, _validated
+from notifications.api.views import ERRORS
 from notifications.models import Topic
 
 TOPIC_KEY_MAX_LENGTH = 100
@@ -22,7 +23,7 @@ SLUG = re.compile(r"[-a-zA-Z0-9_]+")
 
 
 def _topic_or_404(request: Request, key: str) -> Topic:
-    topic = selectors.topic_get(owner=_owner(request), key=key)
+    topic = selectors.topic_get(owner=request_owner(request), key=key)
     if topic is None:
         raise Http404
     return topic
@@ -44,8 +45,10 @@ class TopicView(APIView):
             raise FieldErrors(
                 {"key": [f"A slug (letters, digits, - and _), 1 to {TOPIC_KEY_MAX_LENGTH} long."]}
             )
-        payload = _validated(s.TopicUpsertSerializer, request.data)
-        topic, created = topics.topic_upsert(owner=_owner(request), key=key, name=payload["name"])
+        payload = validated(s.TopicUpsertSerializer, request.data)
+        topic, created = topics.topic_upsert(
+            owner=request_owner(request), key=key, name=payload["name"]
+        )
         return Response(selectors.topic_detail(topic=topic), status=201 if created else 200)
 
 
@@ -59,7 +62,7 @@ class TopicSubscribersView(APIView):
     )
     def post(self, request: Request, key: str) -> Response:
         topic = _topic_or_404(request, key)
-        ids = _validated(s.TopicSubscribersSerializer, request.data)["recipients"]
+        ids = validated(s.TopicSubscribersSerializer, request.data)["recipients"]
         change = topics.topic_subscribers_add(topic=topic, external_ids=ids)
         return Response(
             {
@@ -77,7 +80,7 @@ class TopicSubscribersView(APIView):
     )
     def delete(self, request: Request, key: str) -> Response:
         topic = _topic_or_404(request, key)
-        ids = _validated(s.TopicSubscribersSerializer, request.data)["recipients"]
+        ids = validated(s.TopicSubscribersSerializer, request.data)["recipients"]
         change = topics.topic_subscribers_remove(topic=topic, external_ids=ids)
         return Response(
             {

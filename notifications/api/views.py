@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, cast
+from typing import Any
 
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
@@ -14,12 +14,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from notifications import accepting, erasure, idempotency, selectors, services
+from notifications import accepting, idempotency, selectors, services
 from notifications.api import serializers as s
 from notifications.api import throttling
+from notifications.api.common import recipient_or_404, request_owner, validated
 from notifications.api.errors import FieldErrors, describe, error_body
 from notifications.api.idempotent import documented, idempotent, key_of, refusal, replayed
 from notifications.models import Owner, Recipient
+from workers import erasure
 
 ERRORS = {
     400: OpenApiResponse(description="Invalid body: {error, detail, fields}"),
@@ -47,24 +49,6 @@ ACCEPTED_HEADERS = [
         description="An Idempotency-Key replay: the original answer, nothing new sent.",
     ),
 ]
-
-
-def _owner(request: Request) -> Owner:
-    # ApiKeyAuthentication puts the key's owner in request.auth.
-    return cast(Owner, request.auth)
-
-
-def _recipient_or_404(owner: Owner, rid: str) -> Recipient:
-    recipient = selectors.recipient_get(owner=owner, external_id=rid)
-    if recipient is None:
-        raise Http404
-    return recipient
-
-
-def _validated(serializer_class: type, data: Any, **kwargs: Any) -> dict[str, Any]:
-    serializer = serializer_class(data=data, **kwargs)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
 
 
 def _notification_request(payload: dict[str, Any]) -> accepting.NotificationRequest:
@@ -118,14 +102,14 @@ class NotificationCreateView(APIView):
         idem_key = key_of(request)
         limit = throttling.deferred_limit(request, self)
         try:
-            payload = _validated(s.NotificationCreateSerializer, request.data)
+            payload = validated(s.NotificationCreateSerializer, request.data)
         except ValidationError:
             if limit is not None:
                 throttling.take_or_throttle(limit)
             raise
         try:
             accepted = accepting.notification_accept_once(
-                owner=_owner(request),
+                owner=request_owner(request),
                 request=_notification_request(payload),
                 idempotency_key=idem_key,
                 fingerprint=idempotency.fingerprint(
@@ -158,12 +142,12 @@ class NotificationBulkView(APIView):
         "single send. The `Idempotency-Key` header keys the whole request and its answer.",
     )
     def post(self, request: Request) -> Response:
-        items = _validated(s.BulkCreateSerializer, request.data)["notifications"]
+        items = validated(s.BulkCreateSerializer, request.data)["notifications"]
         results: list[dict[str, Any] | None] = [None] * len(items)
         valid: list[tuple[int, accepting.BulkItem]] = []
         for index, item in enumerate(items):
             try:
-                payload = _validated(s.BulkItemSerializer, item)
+                payload = validated(s.BulkItemSerializer, item)
             except APIException as exc:
                 results[index] = _bulk_refused(index, exc)
                 continue
@@ -173,7 +157,7 @@ class NotificationBulkView(APIView):
                 (index, accepting.BulkItem(_notification_request(payload), key, fingerprint=fp))
             )
         answers = accepting.notifications_accept_bulk(
-            owner=_owner(request), items=[item for _, item in valid]
+            owner=request_owner(request), items=[item for _, item in valid]
         )
         for (index, _), answer in zip(valid, answers, strict=True):
             if answer.accepted is not None:
@@ -206,7 +190,7 @@ class NotificationDetailView(APIView):
             pk = uuid.UUID(notification_id)
         except ValueError:
             raise Http404 from None
-        notification = selectors.notification_get(owner=_owner(request), notification_id=pk)
+        notification = selectors.notification_get(owner=request_owner(request), notification_id=pk)
         if notification is None:
             raise Http404
         return Response(selectors.notification_detail(notification=notification))
@@ -228,7 +212,7 @@ class NotificationCancelView(APIView):
             pk = uuid.UUID(notification_id)
         except ValueError:
             raise Http404 from None
-        owner = _owner(request)
+        owner = request_owner(request)
         notification = selectors.notification_get(owner=owner, notification_id=pk)
         if notification is None:
             raise Http404
@@ -248,8 +232,8 @@ class NotificationCancelByKeyView(APIView):
         responses={200: s.CancelByKeyAnswerSerializer, **ERRORS},
     )
     def post(self, request: Request) -> Response:
-        payload = _validated(s.CancelByKeySerializer, request.data)
-        owner = _owner(request)
+        payload = validated(s.CancelByKeySerializer, request.data)
+        owner = request_owner(request)
         if "cancel_key" in payload:
             found = selectors.notifications_by_key(owner=owner, cancel_key=payload["cancel_key"])
             detail = f"cancel_key {payload['cancel_key']}"
@@ -271,7 +255,7 @@ class RecipientView(APIView):
         operation_id="recipients_retrieve", responses={200: s.RecipientSerializer, **ERRORS}
     )
     def get(self, request: Request, rid: str) -> Response:
-        return Response(_recipient_body(_recipient_or_404(_owner(request), rid)))
+        return Response(_recipient_body(recipient_or_404(request_owner(request), rid)))
 
     @extend_schema(
         operation_id="recipients_upsert",
@@ -285,10 +269,10 @@ class RecipientView(APIView):
             unknown = set(request.data) - set(services.RECIPIENT_FIELDS) - {"id"}
             if unknown:
                 raise FieldErrors({name: ["Unknown field."] for name in sorted(unknown)})
-        contact = _validated(s.RecipientContactSerializer, request.data)
+        contact = validated(s.RecipientContactSerializer, request.data)
         try:
             recipient, created = services.recipient_upsert(
-                owner=_owner(request), external_id=rid, **contact
+                owner=request_owner(request), external_id=rid, **contact
             )
         except services.ValidationFailed as exc:
             raise FieldErrors(exc.fields) from exc
@@ -305,7 +289,7 @@ class RecipientView(APIView):
         "404. Recorded in the admin log.",
     )
     def delete(self, request: Request, rid: str) -> Response:
-        recipient = _recipient_or_404(_owner(request), rid)
+        recipient = recipient_or_404(request_owner(request), rid)
         principal = request.user
         actor = f"API key #{getattr(principal, 'api_key_id', '?')}"
         if erasure.recipient_erase(recipient=recipient, actor=actor) is None:
@@ -318,7 +302,7 @@ class PreferencesView(APIView):
         operation_id="preferences_retrieve", responses={200: s.PreferencesSerializer, **ERRORS}
     )
     def get(self, request: Request, rid: str) -> Response:
-        recipient = _recipient_or_404(_owner(request), rid)
+        recipient = recipient_or_404(request_owner(request), rid)
         return Response(selectors.preferences_document(recipient=recipient))
 
     @extend_schema(
@@ -329,7 +313,7 @@ class PreferencesView(APIView):
         "value; quiet_hours null removes them.",
     )
     def put(self, request: Request, rid: str) -> Response:
-        recipient = _recipient_or_404(_owner(request), rid)
+        recipient = recipient_or_404(request_owner(request), rid)
         return Response(preferences_apply(recipient, request.data))
 
 
@@ -355,8 +339,8 @@ class DevicesView(APIView):
         responses={201: s.DeviceSerializer, 200: s.DeviceSerializer, **ERRORS},
     )
     def post(self, request: Request, rid: str) -> Response:
-        recipient = _recipient_or_404(_owner(request), rid)
-        payload = _validated(s.DeviceCreateSerializer, request.data)
+        recipient = recipient_or_404(request_owner(request), rid)
+        payload = validated(s.DeviceCreateSerializer, request.data)
         device, created = services.device_register(
             recipient=recipient, platform=payload["platform"], token=payload["token"]
         )
@@ -368,7 +352,7 @@ class TemplateListView(APIView):
         operation_id="templates_list", responses={200: s.TemplateSerializer(many=True), **ERRORS}
     )
     def get(self, request: Request) -> Response:
-        templates = selectors.template_list(owner=_owner(request))
+        templates = selectors.template_list(owner=request_owner(request))
         return Response(s.TemplateSerializer(templates, many=True).data)
 
     @idempotent
@@ -382,8 +366,8 @@ class TemplateListView(APIView):
         },
     )
     def post(self, request: Request) -> Response:
-        payload = _validated(s.TemplateSerializer, request.data)
-        owner = _owner(request)
+        payload = validated(s.TemplateSerializer, request.data)
+        owner = request_owner(request)
         if selectors.template_get(owner=owner, key=payload["key"]) is not None:
             return Response(
                 error_body("conflict", f"Template '{payload['key']}' already exists; PUT it."),
@@ -418,7 +402,7 @@ class TemplateDetailView(APIView):
         operation_id="templates_retrieve", responses={200: s.TemplateSerializer, **ERRORS}
     )
     def get(self, request: Request, key: str) -> Response:
-        template = selectors.template_get(owner=_owner(request), key=key)
+        template = selectors.template_get(owner=request_owner(request), key=key)
         if template is None:
             raise Http404
         return Response(s.TemplateSerializer(template).data)
@@ -429,17 +413,17 @@ class TemplateDetailView(APIView):
         responses={200: s.TemplateSerializer, 201: s.TemplateSerializer, **ERRORS},
     )
     def put(self, request: Request, key: str) -> Response:
-        payload = _validated(s.TemplateUpdateSerializer, request.data)
+        payload = validated(s.TemplateUpdateSerializer, request.data)
         if payload.get("key", key) != key:
             raise FieldErrors({"key": ["Does not match the key in the URL."]})
-        owner = _owner(request)
+        owner = request_owner(request)
         existed = selectors.template_get(owner=owner, key=key) is not None
         template = _template_save(owner, {**payload, "key": key}, create_only=False)
         return Response(s.TemplateSerializer(template).data, status=200 if existed else 201)
 
     @extend_schema(operation_id="templates_destroy", responses={204: None, **ERRORS})
     def delete(self, request: Request, key: str) -> Response:
-        template = selectors.template_get(owner=_owner(request), key=key)
+        template = selectors.template_get(owner=request_owner(request), key=key)
         if template is None:
             raise Http404
         services.template_delete(template=template)
@@ -466,7 +450,7 @@ class SandboxMessagesView(APIView):
             except ValueError:
                 raise FieldErrors({"notification": ["Must be a UUID."]}) from None
         messages = sandbox_messages_list(
-            owner=_owner(request),
+            owner=request_owner(request),
             notification_id=notification or None,
             channel=request.query_params.get("channel") or None,
         )

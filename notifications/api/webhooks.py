@@ -14,9 +14,10 @@ from rest_framework.views import APIView
 
 from notifications import webhooks
 from notifications.api import serializers as s
+from notifications.api.common import request_owner, validated
 from notifications.api.errors import FieldErrors
 from notifications.api.idempotent import idempotent
-from notifications.api.views import ERRORS, _owner, _validated
+from notifications.api.views import ERRORS
 from notifications.models import Owner, Webhook, WebhookMessageStatus
 
 
@@ -45,7 +46,7 @@ def _body(webhook: Webhook, *, secret: bool = False) -> dict[str, Any]:
 
 
 def _webhook(request: Request, webhook_id: int) -> Webhook:
-    webhook = _with_counts(_owner(request)).filter(pk=webhook_id).first()
+    webhook = _with_counts(request_owner(request)).filter(pk=webhook_id).first()
     if webhook is None:
         raise Http404
     return webhook
@@ -58,7 +59,7 @@ class WebhookListView(APIView):
         description="The owner's status webhook endpoints, newest first (secrets not shown).",
     )
     def get(self, request: Request) -> Response:
-        return Response([_body(w) for w in _with_counts(_owner(request))])
+        return Response([_body(w) for w in _with_counts(request_owner(request))])
 
     @idempotent
     @extend_schema(
@@ -72,10 +73,10 @@ class WebhookListView(APIView):
         "(unless WEBHOOK_ALLOW_PRIVATE).",
     )
     def post(self, request: Request) -> Response:
-        values = _validated(s.WebhookCreateSerializer, request.data)
+        values = validated(s.WebhookCreateSerializer, request.data)
         try:
             webhook = webhooks.webhook_create(
-                owner=_owner(request), url=values["url"], event_types=values["event_types"]
+                owner=request_owner(request), url=values["url"], event_types=values["event_types"]
             )
         except webhooks.UnsafeUrl as exc:
             raise FieldErrors({"url": [str(exc)]}) from exc

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from channels_app.tokens import recipient_token_issue
 from notifications import webhooks
 from notifications.models import (
     Delivery,
@@ -24,6 +23,7 @@ from notifications.models import (
     Webhook,
 )
 from notifications.suppressions import suppression_add
+from notifications.tokens import recipient_token_issue
 from tests.factories import RecipientFactory
 from workers.models import DeadLetter, DeadLetterStatus
 from workers.transitions import dead_letter_create

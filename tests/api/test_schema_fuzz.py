@@ -28,10 +28,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from channels_app.tokens import recipient_token_issue
 from notifications.accepting import notification_create
 from notifications.models import Delivery, DeliveryStatus, Suppression, Topic, TopicSubscription
 from notifications.suppressions import suppression_add
+from notifications.tokens import recipient_token_issue
 from notifications.webhooks import webhook_create
 from tests.factories import DeviceFactory, RecipientFactory, TemplateFactory, api_key_for
 from workers.transitions import dead_letter_create

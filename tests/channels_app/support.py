@@ -14,9 +14,9 @@ from django.test import override_settings
 
 from channels_app import broadcast
 from channels_app.inbox_writer import inbox_writer
-from channels_app.tokens import recipient_token_issue
 from notifications import accepting, services
 from notifications.models import Delivery, Notification, Owner, Recipient
+from notifications.tokens import recipient_token_issue
 from project.asgi import application
 from tests.conftest import Process
 from tests.project.api_server import start_api_server

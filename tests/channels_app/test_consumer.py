@@ -17,8 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from channels_app import consumers
 from channels_app.broadcast import recipient_broadcast
-from channels_app.tokens import SIGNING_SALT, recipient_token_issue
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
+from notifications.tokens import SIGNING_SALT, recipient_token_issue
 from tests.channels_app.support import (
     communicator,
     create_web_notification,
@@ -451,7 +451,7 @@ def test_a_socket_catches_up_on_what_was_published_while_its_process_was_not_sub
     from channels.layers import get_channel_layer
 
     from channels_app import layer as live_layer
-    from notifications import metrics
+    from core import metrics
 
     _, token = recipient_with_token(owner, "user-a")
     # Slow the reconnect, so the publish below surely falls in the gap.

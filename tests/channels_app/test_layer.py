@@ -17,7 +17,7 @@ from django.conf import settings
 
 from channels_app import layer as live_layer
 from channels_app.layer import RECONNECTED_TYPE, LiveChannelLayer
-from notifications import metrics
+from core import metrics
 from tests.chaos.forwarder import forwarding, port_of
 
 

@@ -19,8 +19,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from channels_app.tokens import recipient_token_issue
 from notifications import services
+from notifications.tokens import recipient_token_issue
 from tests.chaos.harness import RESULTS, PrivateRedis, http, scale, start_api
 from tests.conftest import Process
 from tests.factories import TemplateFactory, api_key_for

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from channels_app.tokens import recipient_token_issue
 from notifications.models import Recipient
+from notifications.tokens import recipient_token_issue
 from tests.chaos.conftest import CONTENT, phone
 from tests.chaos.harness import RESULTS
 from tests.cluster.harness import Cluster, require_cluster

@@ -496,7 +496,7 @@ def test_dockerfile_copies_every_package_the_settings_install() -> None:
     copied |= {"requirements.txt", "manage.py"}
     local_apps = {app for app in settings.INSTALLED_APPS if (ROOT / app).is_dir()}
     assert local_apps == {"notifications", "workers", "channels_app"}
-    assert {"project", "manage.py", *local_apps} <= copied
+    assert {"project", "core", "manage.py", *local_apps} <= copied
     for path in copied:
         assert (ROOT / path).exists(), path
 

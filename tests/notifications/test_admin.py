@@ -26,6 +26,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from notifications import accepting
+from notifications.delivery_log import AttemptRecord, StatusEvent
 from notifications.models import (
     ApiKey,
     Delivery,
@@ -42,7 +43,6 @@ from notifications.models import (
 )
 from notifications.suppressions import suppression_add
 from tests.factories import ORDER_SHIPPED, DeviceFactory, OwnerFactory, RecipientFactory
-from workers.delivery_log import AttemptRecord, StatusEvent
 from workers.models import DeadLetter, ProviderEvent
 from workers.transitions import dead_letter_create
 
@@ -889,7 +889,7 @@ def test_notification_page_shows_the_timeline_from_the_delivery_log(
             event(email, "sent", timedelta(seconds=3)),
         ],
     )
-    monkeypatch.setattr("workers.delivery_log.get_delivery_log", lambda: log)
+    monkeypatch.setattr("notifications.delivery_log.get_delivery_log", lambda: log)
     response = staff.get(reverse("admin:notifications_notification_change", args=[nid]))
     assert response.status_code == 200
     rows = re.findall(
@@ -1064,7 +1064,7 @@ def test_api_key_rate_limit_is_edited_in_admin_and_applies_at_once(
 ) -> None:
     from django.core.cache import cache
 
-    from notifications import cache as keys
+    from core import cache as keys
     from notifications.api.throttling import api_key_bucket_capacity
 
     assert api.get("/api/v1/templates").status_code == 200  # caches the key as it was

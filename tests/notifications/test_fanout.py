@@ -105,20 +105,20 @@ def test_a_failed_step_leaves_nothing_and_the_next_resumes_at_the_cursor(
 ) -> None:
     parent = send(owner)
     assert fanout.topic_fanout_step(chunk_size=10)
-    write = fanout._notifications_write
+    write = fanout.notifications_write
 
     def write_then_crash(**kwargs: Any) -> None:
         write(**kwargs)
         raise RuntimeError("process died after writing the children")
 
-    monkeypatch.setattr(fanout, "_notifications_write", write_then_crash)
+    monkeypatch.setattr(fanout, "notifications_write", write_then_crash)
     with pytest.raises(RuntimeError):
         fanout.topic_fanout_step(chunk_size=10)
     parent.refresh_from_db()
     assert parent.recipients_done == 10
     assert len(children(parent)) == 10
 
-    monkeypatch.setattr(fanout, "_notifications_write", write)
+    monkeypatch.setattr(fanout, "notifications_write", write)
     while fanout.topic_fanout_step(chunk_size=10):
         pass
     assert children(parent) == [f"sub-{n:03d}" for n in range(25)]
@@ -210,12 +210,12 @@ def test_a_cancel_by_key_reaches_the_topic_notification_and_its_children(
 def test_a_topic_send_wakes_the_relay_after_commit_and_an_empty_one_does_not(
     owner: Any, topic: Topic, django_capture_on_commit_callbacks: Any
 ) -> None:
-    from workers import dispatch
+    from core import outbox
 
     Topic.objects.create(owner=owner, key="empty")
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         send(owner)
-    assert [c for c in callbacks if c is dispatch.outbox_wake] == [dispatch.outbox_wake]
+    assert [c for c in callbacks if c is outbox.outbox_wake] == [outbox.outbox_wake]
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         notification_accept(
             owner=owner,
@@ -223,7 +223,7 @@ def test_a_topic_send_wakes_the_relay_after_commit_and_an_empty_one_does_not(
                 recipient="", topic="empty", template_key="order_shipped", data={"order_id": "1"}
             ),
         )
-    assert [c for c in callbacks if c is dispatch.outbox_wake] == []
+    assert [c for c in callbacks if c is outbox.outbox_wake] == []
 
 
 def test_children_pass_the_frequency_caps_and_quiet_hours(

@@ -12,8 +12,8 @@ import pytest
 from django.utils.dateparse import parse_datetime
 from rest_framework.test import APIClient
 
-from channels_app.tokens import recipient_token_claims, recipient_token_issue
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
+from notifications.tokens import recipient_token_claims, recipient_token_issue
 from tests.factories import api_key_for
 
 pytestmark = pytest.mark.django_db

@@ -20,13 +20,13 @@ from django.test import RequestFactory
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rest_framework.test import APIClient
 
+from core.rate_limiter import token_bucket_take
 from notifications.api import throttling
 from notifications.api.middleware import client_ip
 from notifications.models import ApiKey
 from notifications.services import api_key_create
 from tests.conftest import ROOT, Process, process_env
 from tests.project.api_server import http, start_api_server
-from workers.rate_limiter import token_bucket_take
 
 THROTTLED_BODY = {
     "error": "rate_limited",

@@ -239,15 +239,15 @@ def test_a_write_that_fails_gives_its_place_back(
     api: Any, capped: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     send(api)
-    real_write = accepting._notifications_write
+    real_write = accepting.notifications_write
 
     def failing(**kwargs: Any) -> None:
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(accepting, "_notifications_write", failing)
+    monkeypatch.setattr(accepting, "notifications_write", failing)
     with pytest.raises(RuntimeError):
         send(api)
-    monkeypatch.setattr(accepting, "_notifications_write", real_write)
+    monkeypatch.setattr(accepting, "notifications_write", real_write)
     assert statuses(send(api))["sms"]["status"] == "queued"
     assert statuses(send(api))["sms"]["reason"] == "frequency_capped"
 

@@ -8,9 +8,9 @@ import pytest
 from django.conf import settings
 from django.core.cache import cache
 
+from core.shared_state import redis_client
 from project.celery import app, broker_transport_options
 from workers.relay import Relay
-from workers.shared_state import redis_client
 
 
 def test_the_broker_connections_have_deadlines_keepalive_and_a_health_check() -> None:

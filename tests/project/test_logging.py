@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import structlog
 
-from channels_app.tokens import recipient_token_issue
-from notifications.logs import REDACTED, Redactor, formatter, scoped_log_context
+from core.logs import REDACTED, Redactor, formatter, scoped_log_context
 from notifications.models import Delivery, DeliveryStatus
+from notifications.tokens import recipient_token_issue
 from tests.conftest import Process, wait_until
 from tests.factories import api_key_for
 from tests.project.api_server import http, start_api_server
@@ -100,9 +100,9 @@ def test_redactor_replaces_credentials_wherever_they_are() -> None:
 
 
 def test_the_secrets_in_settings_are_searched_for(settings: Any) -> None:
-    # notifications.logs.configure (Django's LOGGING_CONFIG, in every process) hands these to
+    # core.logs.configure (Django's LOGGING_CONFIG, in every process) hands these to
     # the redactor.
-    from notifications.logs import configured_secrets
+    from core.logs import configured_secrets
 
     settings.SECRET_KEY = "k" * 50
     settings.SMTP_PASSWORD = "smtp-secret"

@@ -20,7 +20,8 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from notifications import metrics, metrics_scrape
+from core import metrics
+from notifications import metrics_scrape
 from notifications.models import Delivery, DeliveryStatus, Notification, Recipient
 from tests.conftest import Process, free_port, wait_until
 from tests.factories import TemplateFactory, api_key_for

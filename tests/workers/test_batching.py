@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
+from core import rate_limiter
+from core.rate_limiter import rate_limit_refund, rate_limit_take_many
 from notifications.models import Delivery, DeliveryAttempt, DeliveryStatus
 from tests.emulators.sendgrid import SendGridEmulator
-from workers import rate_limiter
 from workers.circuit_breaker import CircuitState, circuit_state
 from workers.models import DeadLetter
 from workers.providers import provider_for
-from workers.rate_limiter import rate_limit_refund, rate_limit_take_many
 from workers.services import ProcessOutcome, deliveries_process
 
 pytestmark = pytest.mark.django_db

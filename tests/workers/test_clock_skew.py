@@ -26,6 +26,7 @@ from django.db import connection
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from core.shared_state import redis_client
 from notifications.fanout import topic_fanout_step
 from notifications.models import (
     Delivery,
@@ -47,7 +48,6 @@ from workers.models import ProviderEvent
 from workers.provider_events import provider_events_apply
 from workers.relay import outbox_next_due, outbox_publish_due
 from workers.services import ProcessOutcome, deliveries_sweep
-from workers.shared_state import redis_client
 from workers.transitions import Settle, Settlement, deliveries_claim, deliveries_settle
 from workers.webhook_sender import NEXT_WAKE_KEY, webhooks_send_due, webhooks_wake_when_due
 

@@ -18,9 +18,9 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
+from core import outbox
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus
 from tests.conftest import Process, free_port, wait_until
-from workers import dispatch
 from workers.relay import outbox_next_due, outbox_publish_due
 
 pytestmark = pytest.mark.django_db
@@ -94,16 +94,16 @@ def test_the_commit_signal_wakes_the_relay_after_commit_only(
     api: Any, template: Any, broker: redis.Redis, django_capture_on_commit_callbacks: Any
 ) -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
-    client.delete(dispatch.RELAY_WAKE_KEY)
+    client.delete(outbox.RELAY_WAKE_KEY)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         accept(api, 3, channels=["email"])
-    assert client.llen(dispatch.RELAY_WAKE_KEY) == 0  # nothing before commit
-    wakes = [c for c in callbacks if c is dispatch.outbox_wake]
+    assert client.llen(outbox.RELAY_WAKE_KEY) == 0  # nothing before commit
+    wakes = [c for c in callbacks if c is outbox.outbox_wake]
     assert len(wakes) == 3  # one per accept transaction
     for wake in wakes:
         wake()
     # At most one wake-up waits, however many commits signalled.
-    assert client.lrange(dispatch.RELAY_WAKE_KEY, 0, -1) == [b"1"]
+    assert client.lrange(outbox.RELAY_WAKE_KEY, 0, -1) == [b"1"]
 
 
 def test_a_failed_publish_leaves_every_row_in_the_outbox(

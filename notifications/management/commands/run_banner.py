@@ -10,9 +10,9 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from channels_app.tokens import recipient_token_issue
 from notifications.models import Recipient
 from notifications.services import api_key_create
+from notifications.tokens import recipient_token_issue
 
 
 class Command(BaseCommand):

@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from workers.delivery_log import cassandra
+from notifications.delivery_log import cassandra
 
 
 class Command(BaseCommand):

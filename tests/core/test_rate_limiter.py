@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from workers import rate_limiter
-from workers.rate_limiter import Rate, parse_rate_limits, rate_limit_take
+from core import rate_limiter
+from core.rate_limiter import Rate, parse_rate_limits, rate_limit_take
 
 
 @pytest.fixture

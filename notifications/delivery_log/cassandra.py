@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID, uuid1
 
-from workers.delivery_log import AttemptRecord, StatusEvent
+from notifications.delivery_log.records import AttemptRecord, StatusEvent
 
 # Cassandra stores `timestamp` as milliseconds since the epoch: the microseconds of
 # `started_at` and `at` are truncated on write, so records read back equal the SQL backend's

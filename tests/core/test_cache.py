@@ -11,7 +11,7 @@ import redis
 from django.conf import settings as django_settings
 from django.core.cache import cache
 
-from notifications import cache as keys
+from core import cache as keys
 from notifications import services
 from notifications.models import ApiKey
 from notifications.selectors import recipient_context_get, template_snapshot_get

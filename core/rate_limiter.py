@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from redis.commands.core import Script
 
-from workers.shared_state import redis_client
+from core.shared_state import redis_client
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _SPEC = re.compile(r"^\s*(email|sms|push|web)\s*=\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")

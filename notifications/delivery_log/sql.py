@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
 
+from notifications.delivery_log.records import AttemptRecord, StatusEvent
 from notifications.models import DeliveryAttempt, DeliveryEvent
-from workers.delivery_log import AttemptRecord, StatusEvent
 
 
 class SqlDeliveryLog:

@@ -1,4 +1,4 @@
-"""The per-process estimate of the database's clock (notifications/db_clock.py): it agrees with
+"""The per-process estimate of the database's clock (core/db_clock.py): it agrees with
 the database's own reading, is refreshed in the background, and stands in with the host's clock
 when the database cannot be read."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from notifications import db_clock
+from core import db_clock
 from tests.conftest import ROOT, process_env
 
 pytestmark = pytest.mark.django_db
@@ -44,7 +44,7 @@ def test_the_estimate_falls_between_two_readings_of_the_database_clock() -> None
 
 def run(tmp_path: Path, script: str, **env: str) -> dict[str, object]:
     """`script` in a fresh Clarion process (Django set up); it prints one JSON line."""
-    code = "import django, json\ndjango.setup()\nfrom notifications import db_clock\n" + script
+    code = "import django, json\ndjango.setup()\nfrom core import db_clock\n" + script
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,

@@ -14,11 +14,11 @@ from uuid import uuid4
 import pytest
 from django.core.management import call_command
 
+from notifications.delivery_log import AttemptRecord, DeliveryLog, StatusEvent
+from notifications.delivery_log.cassandra import CassandraDeliveryLog, cluster_connect
+from notifications.delivery_log.sql import SqlDeliveryLog
 from notifications.models import Delivery, Notification, Recipient
 from tests.factories import OwnerFactory, RecipientFactory
-from workers.delivery_log import AttemptRecord, DeliveryLog, StatusEvent
-from workers.delivery_log.cassandra import CassandraDeliveryLog, cluster_connect
-from workers.delivery_log.sql import SqlDeliveryLog
 
 NO_CASSANDRA = "CASSANDRA_HOSTS is not set: no Cassandra server to run the contract suite against"
 DAY = date(2024, 5, 1)

@@ -20,7 +20,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from notifications import cache as keys
+from core import cache as keys
 from notifications import idempotency
 from notifications.models import (
     Channel,
@@ -56,7 +56,7 @@ def recipient_erase(
     """Erase the recipient (see the module); None when it was erased meanwhile. `actor` says
     who asked (an API key, an admin user) and `user_id` is the admin user, for the audit
     entry."""
-    from workers.delivery_log import get_delivery_log
+    from notifications.delivery_log import get_delivery_log
     from workers.models import DeadLetter, SandboxMessage
     from workers.transitions import deliveries_cancel
 

@@ -4,63 +4,19 @@ through this one interface. Backends: `sql` (default) and `cassandra`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from functools import cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+from notifications.delivery_log.records import AttemptRecord, StatusEvent
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from notifications.models import Delivery
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """One provider call for one delivery."""
-
-    delivery_id: int
-    notification_id: str
-    owner_id: int
-    recipient_id: str
-    channel: str
-    number: int
-    provider: str
-    outcome: str
-    status_code: int | None
-    provider_message_id: str
-    error: str
-    started_at: datetime
-    latency_ms: float
-
-    def as_api(self) -> dict[str, Any]:
-        return {
-            "number": self.number,
-            "provider": self.provider,
-            "outcome": self.outcome,
-            "status_code": self.status_code,
-            "provider_message_id": self.provider_message_id or None,
-            "error": self.error or None,
-            "started_at": self.started_at,
-            "latency_ms": round(self.latency_ms, 3),
-        }
-
-
-@dataclass(frozen=True)
-class StatusEvent:
-    """A delivery entering a status (queued, sent, retrying, dead, delivered, read, …)."""
-
-    delivery_id: int
-    notification_id: str
-    owner_id: int
-    recipient_id: str
-    channel: str
-    status: str
-    at: datetime
-    detail: str = ""
 
 
 def delivery_status_events(
@@ -127,7 +83,7 @@ class DeliveryLog(Protocol):
 def get_delivery_log() -> DeliveryLog:
     backend = settings.DELIVERY_LOG_BACKEND
     if backend == "sql":
-        from workers.delivery_log.sql import SqlDeliveryLog
+        from notifications.delivery_log.sql import SqlDeliveryLog
 
         return SqlDeliveryLog()
     if backend == "cassandra":
@@ -135,7 +91,7 @@ def get_delivery_log() -> DeliveryLog:
             raise ImproperlyConfigured(
                 "CASSANDRA_HOSTS must be set for DELIVERY_LOG_BACKEND=cassandra"
             )
-        from workers.delivery_log.cassandra import CassandraDeliveryLog
+        from notifications.delivery_log.cassandra import CassandraDeliveryLog
 
         return CassandraDeliveryLog(
             hosts=settings.CASSANDRA_HOSTS,

@@ -17,13 +17,13 @@ from cassandra import cqltypes
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 
-from tests.workers.test_delivery_log import (
+from notifications.delivery_log import AttemptRecord, StatusEvent, get_delivery_log
+from notifications.delivery_log import cassandra as cassandra_log
+from notifications.delivery_log.cassandra import CassandraDeliveryLog, schema_statements
+from tests.notifications.test_delivery_log import (
     check_delivery_log_contract,
     check_records_come_back_in_utc,
 )
-from workers.delivery_log import AttemptRecord, StatusEvent, get_delivery_log
-from workers.delivery_log import cassandra as cassandra_log
-from workers.delivery_log.cassandra import CassandraDeliveryLog, schema_statements
 
 NOTIFICATION = "6f1c2d3e-4b5a-4c6d-8e7f-901234567890"
 OTHER_NOTIFICATION = "0a1b2c3d-4e5f-4a6b-9c7d-8e9f0a1b2c3d"
