@@ -17,7 +17,7 @@ import structlog
 from django.conf import settings
 from django.db import IntegrityError, connection, connections, models, transaction
 
-from core import db_clock, metrics
+from core import db_clock, metrics, outbox
 from core.logs import scoped_log_context
 from notifications import idempotency, templating, unsubscribe
 from notifications.frequency_caps import CapCheck, caps_give_back, caps_take
@@ -646,11 +646,8 @@ def notifications_write(
     in one transaction; publish the queued deliveries once it commits: the in-app ones from
     this process (workers/web_push.py) when `push_web` and WEB_PUSH_AT_ACCEPT, the others
     through the relay."""
-    from core.outbox import outbox_wake_on_commit
-    from workers.web_push import web_push_on_commit
-
     pushed: list[Delivery] = []
-    if push_web and settings.WEB_PUSH_AT_ACCEPT:
+    if push_web and settings.WEB_PUSH_AT_ACCEPT and outbox.web_pusher_registered():
         pushed = [
             d
             for p in prepared
@@ -671,8 +668,8 @@ def notifications_write(
         # Nothing is published here: the queued rows are the outbox, and the relay publishes
         # them once woken after commit.
         if any(d.status == DeliveryStatus.QUEUED and d.enqueued_at is None for d in deliveries):
-            outbox_wake_on_commit()
-        web_push_on_commit([d.pk for d in pushed])
+            outbox.outbox_wake_on_commit()
+        outbox.web_push_on_commit([d.pk for d in pushed])
         # A notification accepted with every delivery skipped is complete already: no
         # worker will ever touch it, so its completion is checked from here.
         finished = [

@@ -45,9 +45,6 @@ WIRING_FOR_APPS = ("project.celery",)
 # Imports that still point up a layer, each with what removes it. The list may only shrink:
 # an edge that no longer exists must leave it too.
 KNOWN_UPWARD = {
-    # Accepting pushes in-app deliveries from the API process once they commit; the lifecycle
-    # that owns the push sits in workers until it moves into notifications (issue 23 item 5).
-    ("notifications.accepting", "workers.web_push"),
     # Topic fan-out publishes its chunks itself; its worker half belongs in workers.
     ("notifications.fanout", "workers.dispatch"),
     # Inbox reads and cancels are Delivery transitions, which live in workers/transitions.py.
@@ -61,9 +58,7 @@ KNOWN_CIRCLE = {
     "notifications.selectors",
     "notifications.services",
     "notifications.unsubscribe",
-    "workers.services",
     "workers.transitions",
-    "workers.web_push",
 }
 # Written to by every layer, so it must import nothing of theirs (CONVENTIONS.md).
 COUNTERS_MODULE = "core.metrics"

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterable
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +99,6 @@ def _renew_lock_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_renew_lock_after_fork)
-
-
-def web_push_on_commit(delivery_ids: list[int]) -> None:
-    """Push these queued web deliveries from this process once the current transaction
-    commits (a rollback wrote nothing to push)."""
-    if delivery_ids:
-        transaction.on_commit(lambda: _this_process_pusher().submit(delivery_ids))
 
 
 def web_push_soon(delivery_ids: list[int]) -> None:
