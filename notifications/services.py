@@ -3,12 +3,14 @@ the in-app inbox. API views, consumers, admin actions and management commands ca
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import secrets
 import uuid
 import zoneinfo
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import phonenumbers
@@ -18,7 +20,6 @@ from django.utils import timezone
 from core import cache as keys
 from notifications import templating
 from notifications.models import (
-    CHANNEL_ORDER,
     OUTBOX_STATUSES,
     UNACKNOWLEDGED_STATUSES,
     UNREAD_STATUSES,
@@ -38,7 +39,6 @@ from notifications.schedules import (
     caps_parse,
     digest_parse,
     escalation_parse,
-    quiet_hours_parse,
 )
 from workers import transitions
 
@@ -160,57 +160,29 @@ def recipient_upsert(*, owner: Owner, external_id: str, **contact: Any) -> tuple
     return recipient, created
 
 
-def preferences_update(*, recipient: Recipient, document: Any) -> None:
-    """Apply a partial preferences document: {"channels": {ch: bool}, "categories":
-    {category: {ch: bool}}, "quiet_hours": {...} | null}; whatever is absent keeps its
-    current value."""
-    errors: dict[str, list[str]] = {}
-    rows: dict[tuple[str, str], bool] = {}
-    if not isinstance(document, dict):
-        raise ValidationFailed({"non_field_errors": ["Must be an object."]})
-    for name in document:
-        if name not in ("channels", "categories", "quiet_hours"):
-            errors[name] = ["Unknown field; use channels, categories and quiet_hours."]
-    quiet: QuietHours | None = None
-    if "quiet_hours" in document:
-        try:
-            quiet = quiet_hours_parse(document["quiet_hours"])
-        except RuleError as exc:
-            errors.update(exc.fields)
+@dataclass(frozen=True)
+class PreferencesChange:
+    """A validated partial preferences document (notifications/api/serializers.py
+    PreferencesSerializer): opt-in switches by (category, channel), category "" for the
+    channel-wide ones; quiet hours set or removed when `quiet_hours_given`."""
 
-    def take(switches: Any, category: str, path: str) -> None:
-        if not isinstance(switches, dict):
-            errors[path] = ["Must be an object of channel: true|false."]
-            return
-        for channel, enabled in switches.items():
-            if channel not in CHANNEL_ORDER:
-                errors[f"{path}.{channel}"] = [f"Unknown channel; use {', '.join(CHANNEL_ORDER)}."]
-            elif not isinstance(enabled, bool):
-                errors[f"{path}.{channel}"] = ["Must be true or false."]
-            else:
-                rows[(category, channel)] = enabled
+    switches: dict[tuple[str, str], bool] = dataclasses.field(default_factory=dict)
+    quiet_hours: QuietHours | None = None
+    quiet_hours_given: bool = False
 
-    take(document.get("channels", {}), "", "channels")
-    categories = document.get("categories", {})
-    if not isinstance(categories, dict):
-        errors["categories"] = ["Must be an object keyed by category."]
-    else:
-        for category, switches in categories.items():
-            if not category or len(category) > 100:
-                errors[f"categories.{category}"] = ["A category name is 1 to 100 characters."]
-                continue
-            take(switches, category, f"categories.{category}")
-    if errors:
-        raise ValidationFailed(errors)
+
+def preferences_update(*, recipient: Recipient, change: PreferencesChange) -> None:
+    """Apply a partial preferences change; whatever it does not name keeps its value."""
     with transaction.atomic():
-        for (category, channel), enabled in rows.items():
+        for (category, channel), enabled in change.switches.items():
             Preference.objects.update_or_create(
                 recipient=recipient,
                 category=category,
                 channel=channel,
                 defaults={"enabled": enabled},
             )
-        if "quiet_hours" in document:
+        if change.quiet_hours_given:
+            quiet = change.quiet_hours
             recipient.quiet_hours = quiet.document() if quiet is not None else None
             recipient.save(update_fields=["quiet_hours", "updated_at"])
         recipient_invalidate(recipient=recipient)

@@ -70,15 +70,12 @@ def unsubscribe_target(token: str) -> UnsubscribeTarget | None:
 
 def unsubscribe_apply(*, target: UnsubscribeTarget) -> None:
     """Opt the recipient out of the category for email (idempotent)."""
-    from notifications.services import preferences_update
+    from notifications.services import PreferencesChange, preferences_update
 
     recipient = Recipient.objects.get(pk=target.recipient_id, owner_id=target.owner_id)
-    document: dict[str, object]
-    if target.category:
-        document = {"categories": {target.category: {Channel.EMAIL.value: False}}}
-    else:
-        document = {"channels": {Channel.EMAIL.value: False}}
-    preferences_update(recipient=recipient, document=document)
+    # The category's email, or every email when the link names no category ("").
+    change = PreferencesChange(switches={(target.category, Channel.EMAIL.value): False})
+    preferences_update(recipient=recipient, change=change)
     log.info(
         "recipient %s unsubscribed from %s email",
         target.recipient_id,

@@ -19,10 +19,12 @@ from notifications.models import (
 from notifications.schedules import (
     ESCALATION_CONDITIONS,
     EscalationStep,
+    QuietHours,
     RuleError,
     escalation_parse,
+    quiet_hours_parse,
 )
-from notifications.services import RECIPIENT_FIELDS
+from notifications.services import RECIPIENT_FIELDS, PreferencesChange
 from notifications.suppressions import SUPPRESSIBLE_CHANNELS
 
 CHANNEL_CHOICES = [(c, c) for c in CHANNEL_ORDER]
@@ -397,6 +399,58 @@ class PreferencesSerializer(serializers.Serializer):
         help_text="In the recipient's timezone (UTC when it has none): a non-critical delivery "
         "due inside the window is held until it ends. null removes them.",
     )
+
+    def run_validation(self, data: Any = serializers.empty) -> PreferencesChange:
+        # The document is checked whole by to_internal_value, a null body included.
+        return self.to_internal_value({} if data is serializers.empty else data)
+
+    def to_internal_value(self, data: Any) -> PreferencesChange:
+        """The partial document as a PreferencesChange. The fields above document it; this
+        checks it, keeping unknown names refused and every message on its own path
+        (`categories.<category>.<channel>`, `quiet_hours.start`)."""
+        if not isinstance(data, dict):
+            raise serializers.ValidationError({"non_field_errors": ["Must be an object."]})
+        errors: dict[str, list[str]] = {}
+        for name in data:
+            if name not in ("channels", "categories", "quiet_hours"):
+                errors[name] = ["Unknown field; use channels, categories and quiet_hours."]
+        switches: dict[tuple[str, str], bool] = {}
+        quiet: QuietHours | None = None
+        if "quiet_hours" in data:
+            try:
+                quiet = quiet_hours_parse(data["quiet_hours"])
+            except RuleError as exc:
+                errors.update(exc.fields)
+
+        def take(given: Any, category: str, path: str) -> None:
+            if not isinstance(given, dict):
+                errors[path] = ["Must be an object of channel: true|false."]
+                return
+            for channel, enabled in given.items():
+                if channel not in CHANNEL_ORDER:
+                    errors[f"{path}.{channel}"] = [
+                        f"Unknown channel; use {', '.join(CHANNEL_ORDER)}."
+                    ]
+                elif not isinstance(enabled, bool):
+                    errors[f"{path}.{channel}"] = ["Must be true or false."]
+                else:
+                    switches[(category, channel)] = enabled
+
+        take(data.get("channels", {}), "", "channels")
+        categories = data.get("categories", {})
+        if not isinstance(categories, dict):
+            errors["categories"] = ["Must be an object keyed by category."]
+        else:
+            for category, given in categories.items():
+                if not category or len(category) > 100:
+                    errors[f"categories.{category}"] = ["A category name is 1 to 100 characters."]
+                    continue
+                take(given, category, f"categories.{category}")
+        if errors:
+            raise serializers.ValidationError(errors)
+        return PreferencesChange(
+            switches=switches, quiet_hours=quiet, quiet_hours_given="quiet_hours" in data
+        )
 
 
 class InboxPreferencesSerializer(PreferencesSerializer):

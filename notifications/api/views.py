@@ -320,10 +320,8 @@ class PreferencesView(APIView):
 def preferences_apply(recipient: Recipient, document: Any) -> dict[str, Any]:
     """Apply a partial preferences document (400 with the fields for a bad one); returns the
     recipient's whole preferences document after it."""
-    try:
-        services.preferences_update(recipient=recipient, document=document)
-    except services.ValidationFailed as exc:
-        raise FieldErrors(exc.fields) from exc
+    change = s.PreferencesSerializer().run_validation(document)
+    services.preferences_update(recipient=recipient, change=change)
     return selectors.preferences_document(recipient=recipient)
 
 

@@ -64,6 +64,44 @@ def test_quiet_hours_are_a_preference(api: Any, template: Any) -> None:
     assert bad.status_code == 400
 
 
+def test_a_bad_preferences_document_names_every_bad_path_and_changes_nothing(
+    api: Any, template: Any
+) -> None:
+    send(api)
+    url = "/api/v1/recipients/user-1/preferences"
+    before = api.get(url).json()
+    bad = api.put(
+        url,
+        {
+            "channels": {"email": False, "fax": True, "sms": "no"},
+            "categories": {"billing": {"push": 1}, "news": [], "x" * 101: {"sms": False}},
+            "quiet_hours": {"start": "9pm", "end": "07:00", "channels": ["carrier-pigeon"]},
+            "colour": "blue",
+        },
+        format="json",
+    )
+    assert bad.status_code == 400
+    assert bad.json()["fields"] == {
+        "colour": ["Unknown field; use channels, categories and quiet_hours."],
+        "channels.fax": ["Unknown channel; use email, sms, push, web."],
+        "channels.sms": ["Must be true or false."],
+        "categories.billing.push": ["Must be true or false."],
+        "categories.news": ["Must be an object of channel: true|false."],
+        f"categories.{'x' * 101}": ["A category name is 1 to 100 characters."],
+        "quiet_hours.start": ["A time of day HH:MM, 00:00 to 23:59."],
+        "quiet_hours.channels": ["Unknown channel; use email, sms, push, web."],
+    }
+    # channels.email was valid, but nothing of a refused document is applied.
+    assert api.get(url).json() == before
+    for body, fields in (
+        ([1, 2], {"non_field_errors": ["Must be an object."]}),
+        ({"categories": "billing"}, {"categories": ["Must be an object keyed by category."]}),
+    ):
+        answer = api.put(url, body, format="json")
+        assert answer.status_code == 400
+        assert answer.json()["fields"] == fields
+
+
 def _window_around_now(zone: str) -> tuple[dict[str, str], datetime]:
     """A window from an hour ago to an hour ahead on the zone's wall clock, and when it ends."""
     local = timezone.now().astimezone(zoneinfo.ZoneInfo(zone))
