@@ -271,7 +271,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.group = recipient_group(claims.recipient_id)
         try:
             # In this process's memory, plus one SUBSCRIBE when it is the recipient's first
-            # socket here (channels_app/layer.py).
+            # socket here; returns once Redis has confirmed it (channels_app/layer.py).
             await self.channel_layer.group_add(self.group, self.channel_name)
         except (RedisError, OSError):
             log.warning("channel layer unavailable; %s not joined", self.group)

@@ -14,6 +14,9 @@ with the map from group to sockets in memory. Three things are changed here:
   0.1 s, publishes run concurrently over the pool instead of one at a time, and a subscription
   that has heard nothing (not even the health check's PONG) for longer than its health check
   interval plus SILENCE_GRACE_SECONDS is taken for half-open and reconnected.
+- A group is joined when Redis has confirmed its SUBSCRIBE, not when the command was written:
+  a socket reads its backlog after joining, so a frame published between the two is in the
+  backlog or heard live, never in neither.
 - After the subscription was lost and has come back (redis-py re-subscribes every group on
   reconnect), every socket of the process is sent RECONNECTED_TYPE, so it fetches from the
   database what was published while it was not listening (pub/sub keeps nothing).
@@ -31,6 +34,7 @@ from channels_redis.pubsub import (
     RedisSingleShardConnection,
 )
 from channels_redis.utils import _wrap_close, decode_hosts
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import metrics
 
@@ -44,6 +48,8 @@ RECEIVE_WAIT_SECONDS = 1.0
 SILENCE_GRACE_SECONDS = 5.0
 # How often the depth of the sockets' queues is sampled for /metrics.
 SEND_QUEUE_SAMPLE_SECONDS = 1.0
+# How long joining a group waits for Redis to confirm the SUBSCRIBE.
+SUBSCRIBE_CONFIRM_SECONDS = 5.0
 # Waits between tries at reaching Redis again, doubling up to the second.
 RETRY_FIRST_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
@@ -59,6 +65,8 @@ class LiveShard(RedisSingleShardConnection):
         self.health_check_interval = float(host.get("health_check_interval") or 0)
         # Set when something is subscribed, so an idle reader sleeps until then.
         self._wanted = asyncio.Event()
+        # Per group channel, done once Redis has confirmed the subscription.
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
 
     async def publish(self, channel: str, message: bytes) -> None:
         # The library holds the shard's lock around every publish, so a process published one
@@ -67,8 +75,36 @@ class LiveShard(RedisSingleShardConnection):
         await self._redis.publish(channel, message)
 
     async def subscribe(self, channel: str) -> None:
+        """Returns once Redis has confirmed the subscription: a PUBLISH it handles after that
+        reaches this process. Raises redis's TimeoutError when no confirmation comes."""
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
         await super().subscribe(channel)
         self._wanted.set()
+        if not confirmed.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_CONFIRM_SECONDS)
+            except TimeoutError:
+                raise RedisTimeoutError(f"no confirmation of SUBSCRIBE {channel}") from None
+
+    async def unsubscribe(self, channel: str) -> None:
+        await super().unsubscribe(channel)
+        confirmed = self._confirmed.pop(channel, None)
+        if confirmed is not None and not confirmed.done():
+            confirmed.cancel()
+
+    async def flush(self) -> None:
+        await super().flush()
+        for confirmed in self._confirmed.values():
+            confirmed.cancel()
+        self._confirmed.clear()
+
+    def _confirm(self, message: dict[str, Any]) -> None:
+        name = message["channel"]
+        confirmed = self._confirmed.get(name.decode() if isinstance(name, bytes) else name)
+        if confirmed is not None and not confirmed.done():
+            confirmed.set_result(None)
 
     async def _do_receiving(self) -> None:
         lost = False
@@ -80,9 +116,7 @@ class LiveShard(RedisSingleShardConnection):
                     self._wanted.clear()
                     await self._wanted.wait()
                     continue
-                message = await self._pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=RECEIVE_WAIT_SECONDS
-                )
+                message = await self._pubsub.get_message(timeout=RECEIVE_WAIT_SECONDS)
                 if lost:
                     # A read went through, so the connection is back and redis-py has
                     # subscribed it again to every group (PubSub.on_connect).
@@ -91,7 +125,10 @@ class LiveShard(RedisSingleShardConnection):
                     log.warning("channel layer subscription restored; sockets catch up")
                     metrics.websocket_layer_reconnected()
                     self.channel_layer.reconnected()
-                self._receive_message(message)
+                if message is not None and message["type"] == "subscribe":
+                    self._confirm(message)
+                elif message is not None and message["type"] == "message":
+                    self._receive_message(message)
                 self.channel_layer.send_queue_sample(loop.time())
                 connection = self._pubsub.connection
                 if (

@@ -86,6 +86,36 @@ def test_a_group_frame_reaches_every_subscribed_process_and_sockets_stay_in_memo
     run(scenario)
 
 
+def test_a_group_is_joined_once_redis_has_confirmed_the_subscription() -> None:
+    """A socket reads its backlog after joining its group: a frame published as soon as the join
+    returns must be heard, however slow the road to Redis (here 0.3 s for every chunk on the
+    way up, while the publisher's road is direct)."""
+    prefix = f"clarion-ws-test-{uuid.uuid4().hex[:8]}:"
+    db = int(settings.REDIS_URL.rsplit("/", 1)[-1] or 0)
+
+    with forwarding(port_of(settings.REDIS_URL)) as forwarder:
+        forwarder.lag = 0.3
+
+        async def scenario() -> None:
+            layer = layer_on(forwarder.url(db), prefix)
+            sender = layer_on(settings.REDIS_URL, prefix)
+            try:
+                channel = await layer.new_channel()
+                await layer.group_add("g", channel)
+                await sender.group_send("g", {"type": "inbox.notification", "n": 1})
+                assert await received(layer, channel) == {"type": "inbox.notification", "n": 1}
+                # A second socket of the process joins the subscribed group at once.
+                other = await layer.new_channel()
+                await layer.group_add("g", other)
+                await sender.group_send("g", {"type": "inbox.notification", "n": 2})
+                assert await received(layer, other) == {"type": "inbox.notification", "n": 2}
+            finally:
+                await layer.flush()
+                await sender.flush()
+
+        run(scenario)
+
+
 async def reconnected_then_live(
     layer: LiveChannelLayer, sender: LiveChannelLayer, channel: str, timeout: float
 ) -> None:

@@ -32,6 +32,8 @@ class Forwarder:
     target_port: int
     host: str = "127.0.0.1"
     port: int = 0
+    # Seconds every chunk from a client waits before it goes on to the target (a slow path).
+    lag: float = 0.0
     flows: list[_Flow] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
@@ -68,13 +70,17 @@ class Forwarder:
         flow = _Flow(writer, target_writer)
         self.flows.append(flow)
         await asyncio.gather(
-            self._pump(reader, target_writer, flow),
-            self._pump(target_reader, writer, flow),
+            self._pump(reader, target_writer, flow, upstream=True),
+            self._pump(target_reader, writer, flow, upstream=False),
             return_exceptions=True,
         )
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: _Flow
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        flow: _Flow,
+        upstream: bool,
     ) -> None:
         while True:
             data = await reader.read(65536)
@@ -84,6 +90,8 @@ class Forwarder:
                 return
             if flow.silent:
                 continue  # swallowed: the sender's TCP saw it acknowledged
+            if upstream and self.lag:
+                await asyncio.sleep(self.lag)
             writer.write(data)
             await writer.drain()
 
