@@ -1,5 +1,5 @@
 """Acks and reads from every socket of one server process, gathered for WS_ACK_WINDOW_SECONDS
-and written together (notifications.services.inbox_record: one locking SELECT, one UPDATE,
+and written together (workers.transitions.inbox_record: one locking SELECT, one UPDATE,
 one insert of events per kind), in a thread of their own so the event loop and the sockets'
 connects never wait for them.
 
@@ -17,7 +17,7 @@ from django.conf import settings
 
 from channels_app.database import in_thread_pool
 from core import metrics
-from notifications import services
+from workers import transitions
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ Entry = tuple[int, uuid.UUID]
 
 @in_thread_pool
 def _write(acks: list[Entry], reads: list[Entry]) -> tuple[int, int]:
-    return services.inbox_record(acks=acks, reads=reads, source="websocket")
+    return transitions.inbox_record(acks=acks, reads=reads, source="websocket")
 
 
 class InboxWriter:

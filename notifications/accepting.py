@@ -6,11 +6,10 @@ commands call these; the views only adapt HTTP."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -19,7 +18,7 @@ from django.db import IntegrityError, connection, connections, models, transacti
 
 from core import db_clock, metrics, outbox
 from core.logs import scoped_log_context
-from notifications import idempotency, templating, unsubscribe
+from notifications import idempotency, routing, templating, unsubscribe
 from notifications.frequency_caps import CapCheck, caps_give_back, caps_take
 from notifications.models import (
     CHANNEL_ORDER,
@@ -33,124 +32,18 @@ from notifications.models import (
     Priority,
     SkipReason,
 )
-from notifications.schedules import EscalationStep, quiet_until
+from notifications.schedules import EscalationStep
 from notifications.selectors import (
     RecipientContext,
     TemplateSnapshot,
-    devices_active_get,
     recipient_context_get,
     recipient_contexts_get_many,
     template_snapshot_get,
 )
 from notifications.services import ValidationFailed, recipient_upsert
-from notifications.suppressions import suppression_binds
 from notifications.webhooks import completion_checks_add
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Route:
-    channel: str
-    status: str
-    reason: str = ""
-    address: str = ""
-    # When a scheduled delivery falls due: send_at, the end of quiet hours, or an
-    # escalation's deadline.
-    due_at: datetime | None = None
-    # An escalation step: "read" or "delivered" (schedules.ESCALATION_CONDITIONS).
-    escalate_unless: str = ""
-    # A digest member, held until its window ends.
-    digest: bool = False
-
-
-def _address(channel: str, recipient: RecipientContext) -> str:
-    if channel == Channel.EMAIL:
-        return recipient.email
-    if channel == Channel.SMS:
-        return recipient.phone
-    if channel == Channel.PUSH:
-        return "devices" if devices_active_get(recipient_id=recipient.id) else ""
-    return recipient.external_id
-
-
-def channels_route(
-    *,
-    requested: list[str] | None,
-    template: TemplateSnapshot,
-    recipient: RecipientContext,
-    priority: str,
-    now: datetime,
-    send_at: datetime | None = None,
-    digest_wanted: bool = True,
-    escalation: list[EscalationStep] | None = None,
-) -> list[Route]:
-    """requested ∩ template ∩ preferences ∩ addresses, each exclusion with its reason; then
-    the time rules: a channel the template escalates to waits for its deadline, and a
-    non-critical delivery due inside the recipient's quiet hours waits for their end."""
-    template_channels = [c for c in CHANNEL_ORDER if c in template.content]
-    wanted = requested if requested is not None else template_channels
-    due = send_at if send_at is not None and send_at > now else now
-    steps = template.escalation if escalation is None else escalation
-    escalations = {step.channel: step for step in steps}
-    critical = priority == Priority.CRITICAL
-    digest = template.digest if not critical and digest_wanted else None
-    routes = []
-    for channel in wanted:
-        if channel not in template.content:
-            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NOT_IN_TEMPLATE))
-            continue
-        if not critical and not recipient.allows(channel=channel, category=template.category):
-            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.OPTED_OUT))
-            continue
-        address = _address(channel, recipient)
-        if not address:
-            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.NO_ADDRESS))
-            continue
-        suppressed = recipient.suppressed.get(channel)
-        if suppressed and suppression_binds(reason=suppressed, priority=priority):
-            routes.append(Route(channel, DeliveryStatus.SKIPPED, SkipReason.SUPPRESSED))
-            continue
-        step = escalations.get(channel)
-        digested = (
-            digest is not None
-            and step is None
-            and not (channel == Channel.WEB and digest.web_at_once)
-        )
-        channel_due = due
-        if step is not None:
-            channel_due = due + step.after
-        elif digested and digest is not None:
-            channel_due = due + digest.window
-        held = (
-            None
-            if critical
-            else quiet_until(
-                recipient.quiet_hours,
-                timezone_name=recipient.timezone,
-                channel=channel,
-                at=channel_due,
-            )
-        )
-        if held is not None:
-            channel_due = held
-        if channel_due > now:
-            status = DeliveryStatus.SCHEDULED
-            reason = SkipReason.QUIET_HOURS if held else SkipReason.DIGEST if digested else ""
-        else:
-            status, reason, channel_due = DeliveryStatus.QUEUED, "", None  # type: ignore[assignment]
-        routes.append(
-            Route(
-                channel,
-                status,
-                reason,
-                address if channel != Channel.PUSH else "",
-                due_at=channel_due,
-                escalate_unless=step.unless if step is not None else "",
-                digest=digested,
-            )
-        )
-    return routes
 
 
 @dataclass(frozen=True)
@@ -167,7 +60,7 @@ class PreparedNotification:
 
     notification: Notification
     deliveries: list[Delivery]
-    routes: list[Route]
+    routes: list[routing.Route]
     recipient_external_id: str
     idempotency: IdempotencyClaim | None
     # Frequency-cap places this notification's deliveries take (or took).
@@ -180,19 +73,8 @@ class PreparedNotification:
         return {
             "id": str(self.notification.pk),
             "status": "accepted",
-            "deliveries": [_route_answer(route) for route in self.routes],
+            "deliveries": [routing.route_answer(route) for route in self.routes],
         }
-
-
-def _route_answer(route: Route) -> dict[str, Any]:
-    answer: dict[str, Any] = {"channel": route.channel, "status": route.status}
-    if route.reason:
-        answer["reason"] = route.reason
-    if route.status == DeliveryStatus.SCHEDULED and route.due_at is not None:
-        answer["scheduled_for"] = route.due_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    if route.escalate_unless:
-        answer["unless"] = route.escalate_unless
-    return answer
 
 
 @dataclass(frozen=True)
@@ -213,17 +95,6 @@ class NotificationRequest:
     # template's digest; steps (or none) instead of the template's escalation.
     digest: bool = True
     escalation: list[EscalationStep] | None = None
-
-
-def _escalation_check(template: TemplateSnapshot, steps: list[EscalationStep]) -> None:
-    """A request's own escalation steps name channels its template has."""
-    errors = {
-        f"escalation.{index}.channel": [f"The template has no {step.channel} content."]
-        for index, step in enumerate(steps)
-        if step.channel not in template.content
-    }
-    if errors:
-        raise ValidationFailed(errors)
 
 
 def notification_prepare(
@@ -265,8 +136,8 @@ def notification_prepare(
 
     send_at = request.send_at
     if request.escalation is not None:
-        _escalation_check(template, request.escalation)
-    routes = channels_route(
+        routing.escalation_check(template, request.escalation)
+    routes = routing.channels_route(
         requested=request.channels,
         template=template,
         recipient=context,
@@ -358,37 +229,15 @@ def notification_prepare(
         routes=routes,
         recipient_external_id=context.external_id,
         idempotency=request.idempotency,
-        caps=_cap_checks(owner, template, context, request.priority, notification, routes),
-    )
-
-
-def _cap_checks(
-    owner: Owner,
-    template: TemplateSnapshot,
-    recipient: RecipientContext,
-    priority: str,
-    notification: Notification,
-    routes: list[Route],
-) -> list[CapCheck]:
-    """The frequency caps this notification's routed deliveries fall under."""
-    if not template.frequency_caps:
-        return []
-    return [
-        CapCheck(
+        caps=routing.cap_checks(
             owner_id=owner.pk,
-            recipient_id=recipient.id,
-            scope=template.cap_scope_key,
-            channel=route.channel,
-            limit=cap.limit,
-            window=cap.window,
-            member=f"{notification.pk}:{route.channel}",
-            force=priority == Priority.CRITICAL,
-        )
-        for route in routes
-        if route.status != DeliveryStatus.SKIPPED
-        and not route.digest  # digest members are not capped
-        and (cap := template.frequency_caps.get(route.channel)) is not None
-    ]
+            template=template,
+            recipient_id=context.id,
+            priority=request.priority,
+            member=str(notification.pk),
+            routes=routes,
+        ),
+    )
 
 
 def caps_apply(prepared: list[PreparedNotification]) -> None:
@@ -410,14 +259,7 @@ def caps_apply(prepared: list[PreparedNotification]) -> None:
         p.caps = taken
         if not capped:
             continue
-        p.routes = [
-            replace(
-                r, status=DeliveryStatus.SKIPPED, reason=SkipReason.FREQUENCY_CAPPED, due_at=None
-            )
-            if r.channel in capped
-            else r
-            for r in p.routes
-        ]
+        p.routes = routing.routes_capped(p.routes, capped)
         for delivery in p.deliveries:
             if delivery.channel in capped:
                 delivery.status = DeliveryStatus.SKIPPED
@@ -694,40 +536,11 @@ def _log_accepted(prepared: PreparedNotification) -> None:
     )
 
 
-def notification_create(
-    *,
-    owner: Owner,
-    recipient: str | dict[str, Any],
-    template_key: str,
-    data: dict[str, Any],
-    channels: list[str] | None = None,
-    priority: str = Priority.NORMAL,
-    send_at: datetime | None = None,
-    idempotency: IdempotencyClaim | None = None,
-) -> dict[str, Any]:
-    """notification_accept() with the request given field by field (admin, commands)."""
-    return notification_accept(
-        owner=owner,
-        request=NotificationRequest(
-            recipient=recipient,
-            template_key=template_key,
-            data=data,
-            channels=channels,
-            priority=priority,
-            send_at=send_at,
-            idempotency=idempotency,
-        ),
-    )
-
-
 @scoped_log_context
 def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[str, Any]:
-    """Accept one notification: render it, route it, write it with its deliveries in one
-    transaction, and enqueue the deliveries after commit. Returns the 202 body."""
-    if request.topic:
-        from notifications.fanout import topic_notification_accept
-
-        return topic_notification_accept(owner=owner, request=request)
+    """Accept one notification to one recipient: render it, route it, write it with its
+    deliveries in one transaction, and enqueue the deliveries after commit. Returns the 202
+    body. (A topic's is notifications.fanout's; notifications.sending picks.)"""
     # Routing sets due times (send_at, escalation, digest, quiet hours) that the relay will
     # judge on the database's clock: they are computed on it (core/db_clock.py).
     now = db_clock.now()
@@ -840,163 +653,3 @@ def idempotency_records_purge(*, older_than_seconds: int | None = None) -> int:
         created_at__lt=db_clock.db_now_plus(-ttl)
     ).delete()
     return deleted
-
-
-# --- The Idempotency-Key protocol -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """What the API answers for one accepted notification: 202 when it was written now, 200
-    with the first answer's body when its Idempotency-Key was seen before."""
-
-    status_code: int
-    body: dict[str, Any]
-
-    @property
-    def replayed(self) -> bool:
-        return self.status_code == 200
-
-
-def _claim_from(taken: idempotency.Proceed | None) -> IdempotencyClaim | None:
-    if taken is None:
-        return None
-    return IdempotencyClaim(key=taken.key, fingerprint=taken.fingerprint)
-
-
-def notification_accept_once(
-    *,
-    owner: Owner,
-    request: NotificationRequest,
-    idempotency_key: str | None = None,
-    fingerprint: str = "",
-    limit: idempotency.RateLimit | None = None,
-) -> Accepted:
-    """Accept one notification under an optional Idempotency-Key, through idempotency.once():
-    the key taken in one Redis round trip (with `limit`'s token), the record written in the
-    notification's own statement, the answer remembered; or the first answer replayed. Raises
-    ValidationFailed (the key is given back), idempotency.InFlight (409),
-    idempotency.Mismatch (422) and idempotency.RateLimited (429; only with a key)."""
-    if idempotency_key is None:
-        return Accepted(202, notification_accept(owner=owner, request=request))
-
-    def accept(claim: idempotency.Proceed) -> idempotency.Done:
-        keyed = replace(request, idempotency=_claim_from(claim))
-        return idempotency.Done(202, notification_accept(owner=owner, request=keyed))
-
-    done = idempotency.once(
-        owner_id=owner.pk, key=idempotency_key, fp=fingerprint, operation=accept, limit=limit
-    )
-    # A replay answers 200 with the first body (the send endpoints' documented contract).
-    return Accepted(200 if done.replayed else done.status_code, done.body)
-
-
-@dataclass(frozen=True)
-class BulkItem:
-    """One valid item of a bulk request, with its own optional Idempotency-Key."""
-
-    request: NotificationRequest
-    idempotency_key: str | None = None
-    fingerprint: str = ""
-
-
-@dataclass(frozen=True)
-class BulkResult:
-    """An item's answer: `accepted`, or the error that refused it (ValidationFailed,
-    idempotency.InFlight, idempotency.Mismatch)."""
-
-    accepted: Accepted | None = None
-    error: Exception | None = None
-
-
-def notifications_accept_bulk(*, owner: Owner, items: list[BulkItem]) -> list[BulkResult]:
-    """notification_accept_once() for many: keys taken in one Redis round trip and
-    remembered in another, every new item written in one transaction. An item repeating the
-    key of an earlier item of the same request answers as that item (422 for another body)."""
-    results: list[BulkResult | None] = [None] * len(items)
-    first_with_key: dict[str, tuple[int, str]] = {}
-    twins: list[tuple[int, int]] = []
-    keyed: list[tuple[int, tuple[str, str]]] = []
-    for index, item in enumerate(items):
-        key = item.idempotency_key
-        if key is None:
-            continue
-        if key in first_with_key:
-            first, first_fp = first_with_key[key]
-            if first_fp != item.fingerprint:
-                results[index] = BulkResult(error=idempotency.Mismatch())
-            else:
-                twins.append((index, first))
-            continue
-        first_with_key[key] = (index, item.fingerprint)
-        keyed.append((index, (key, item.fingerprint)))
-    answers = dict(
-        zip(
-            [index for index, _ in keyed],
-            idempotency.begin_many(owner_id=owner.pk, claims=[pair for _, pair in keyed]),
-            strict=True,
-        )
-    )
-    twin_indexes = {index for index, _ in twins}
-    pending: list[tuple[int, NotificationRequest, idempotency.Proceed | None]] = []
-    for index, item in enumerate(items):
-        if results[index] is not None or index in twin_indexes:
-            continue
-        answer = answers.get(index)
-        if isinstance(answer, idempotency.Replay):
-            results[index] = BulkResult(accepted=Accepted(200, answer.body))
-        elif isinstance(answer, (idempotency.InFlight, idempotency.Mismatch)):
-            results[index] = BulkResult(error=answer)
-        else:
-            pending.append((index, replace(item.request, idempotency=_claim_from(answer)), answer))
-    try:
-        outcomes = notifications_create_bulk(
-            owner=owner, requests=[request for _, request, _ in pending]
-        )
-    except BaseException:
-        for _, _, taken in pending:
-            if taken is not None:
-                idempotency.release(owner_id=owner.pk, claim=taken)
-        raise
-    done: list[tuple[idempotency.Proceed, int, Any]] = []
-    for (index, _, taken), outcome in zip(pending, outcomes, strict=True):
-        if outcome.body is not None:
-            results[index] = BulkResult(accepted=Accepted(202, outcome.body))
-            if taken is not None:
-                done.append((taken, 202, outcome.body))
-        else:
-            results[index] = _bulk_not_written(owner, taken, outcome)
-    # Remembered once committed: under a transaction of the caller's (an Idempotency-Key on
-    # the whole bulk request, api/idempotent.py), a rollback must not leave Redis replaying
-    # notifications that were never written. With none open, this runs at once.
-    transaction.on_commit(
-        functools.partial(idempotency.complete_many, owner_id=owner.pk, done=done)
-    )
-    for index, first in twins:
-        first_result = results[first]
-        if first_result is not None and first_result.accepted is not None:
-            results[index] = BulkResult(accepted=Accepted(200, first_result.accepted.body))
-        else:
-            results[index] = first_result
-    return [result or BulkResult(error=idempotency.InFlight()) for result in results]
-
-
-def _bulk_not_written(
-    owner: Owner, taken: idempotency.Proceed | None, outcome: BulkOutcome
-) -> BulkResult:
-    """An item the bulk write refused, or found already recorded in the database."""
-    if outcome.error is not None:
-        if taken is not None:
-            idempotency.release(owner_id=owner.pk, claim=taken)
-        return BulkResult(error=outcome.error)
-    if taken is None or not outcome.idempotency_record_exists:
-        return BulkResult(error=idempotency.InFlight())
-    try:
-        replay = idempotency.recorded(owner_id=owner.pk, claim=taken)
-    except idempotency.Mismatch as exc:
-        return BulkResult(error=exc)
-    if replay is None:
-        # The record had expired; the item was not written. Sent again, it will be.
-        idempotency.release(owner_id=owner.pk, claim=taken)
-        return BulkResult(error=idempotency.InFlight())
-    return BulkResult(accepted=Accepted(200, replay.body))

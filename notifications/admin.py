@@ -19,7 +19,6 @@ from django.utils.safestring import SafeString
 
 from core import cache as keys
 from notifications import admin_views, services, templating, webhooks
-from notifications.fanout import topic_notification_status
 from notifications.models import (
     ApiKey,
     Channel,
@@ -38,9 +37,9 @@ from notifications.models import (
     WebhookMessage,
 )
 from notifications.schedules import RuleError, quiet_hours_parse
-from notifications.selectors import notification_summary_status
+from notifications.selectors import notification_summary_status, topic_notification_status
 from notifications.suppressions import suppression_delete
-from workers import erasure
+from workers import erasure, transitions
 
 
 @admin.register(Owner)
@@ -537,7 +536,7 @@ class NotificationAdmin(admin.ModelAdmin):
         for notification in queryset.select_related("owner"):
             by_owner.setdefault(notification.owner_id, []).append(notification)
         for notifications in by_owner.values():
-            answers = services.notifications_cancel(
+            answers = transitions.notifications_cancel(
                 owner=notifications[0].owner,
                 notifications=notifications,
                 detail=f"cancelled in the admin by {request.user}",

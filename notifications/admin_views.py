@@ -19,7 +19,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from notifications import accepting, services, templating, unsubscribe
+from notifications import sending, services, templating, unsubscribe
 from notifications.models import CHANNEL_ORDER, ApiKey, Channel, Delivery, Recipient, Template
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ def template_send_test_view(
         form = SendTestForm(request.POST, template=template)
         if form.is_valid():
             try:
-                body = accepting.notification_create(
+                body = sending.notification_create(
                     owner=template.owner,
                     recipient=form.cleaned_data["recipient"],
                     template_key=template.key,

@@ -300,6 +300,18 @@ def notification_summary_status(statuses: list[str]) -> str:
     return "sent"
 
 
+# A topic notification's `status` in the API and the admin.
+FANNING_OUT = "fanning_out"
+FANNED_OUT = "fanned_out"
+FANOUT_CANCELLED = "cancelled"
+
+
+def topic_notification_status(notification: Notification) -> str:
+    if notification.fanout_cancelled_at is not None:
+        return FANOUT_CANCELLED
+    return FANNING_OUT if notification.fanout_finished_at is None else FANNED_OUT
+
+
 def notification_detail(*, notification: Notification) -> dict[str, Any]:
     from notifications.delivery_log import get_delivery_log
 
@@ -308,8 +320,6 @@ def notification_detail(*, notification: Notification) -> dict[str, Any]:
         notification_id=str(notification.pk), delivery_ids=[d.pk for d in deliveries]
     )
     if notification.topic_id is not None or notification.recipients_total is not None:
-        from notifications.fanout import topic_notification_status
-
         status = topic_notification_status(notification)
     else:
         status = notification_summary_status([d.status for d in deliveries])

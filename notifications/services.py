@@ -7,9 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-import uuid
 import zoneinfo
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +18,8 @@ from django.utils import timezone
 from core import cache as keys
 from notifications import templating
 from notifications.models import (
-    OUTBOX_STATUSES,
-    UNACKNOWLEDGED_STATUSES,
-    UNREAD_STATUSES,
     ApiKey,
-    Delivery,
-    DeliveryStatus,
     Device,
-    Notification,
     Owner,
     Preference,
     Recipient,
@@ -40,7 +32,6 @@ from notifications.schedules import (
     digest_parse,
     escalation_parse,
 )
-from workers import transitions
 
 API_KEY_PREFIX = "clr_"
 
@@ -315,129 +306,7 @@ def template_delete(*, template: Template) -> None:
         template.delete()
 
 
-# --- In-app inbox ---------------------------------------------------------------------------
-
-
-def inbox_acknowledge(*, recipient_id: int, notification_id: uuid.UUID, source: str) -> bool:
-    """A browser received the notification (WebSocket ack): `delivered`. Only the
-    recipient's own web delivery moves; an id of anyone else's does nothing."""
-    changed = transitions.deliveries_inbox_advance(
-        recipient_id=recipient_id,
-        notification_id=notification_id,
-        from_statuses=UNACKNOWLEDGED_STATUSES,
-        to_status=DeliveryStatus.DELIVERED,
-        source=source,
-    )
-    return changed > 0
-
-
-def inbox_mark_read(*, recipient_id: int, notification_id: uuid.UUID, source: str) -> bool:
-    changed = transitions.deliveries_inbox_advance(
-        recipient_id=recipient_id,
-        notification_id=notification_id,
-        from_statuses=UNREAD_STATUSES,
-        to_status=DeliveryStatus.READ,
-        source=source,
-    )
-    return changed > 0
-
-
-def inbox_record(
-    *,
-    acks: Collection[tuple[int, uuid.UUID]],
-    reads: Collection[tuple[int, uuid.UUID]],
-    source: str,
-) -> tuple[int, int]:
-    """Acks and reads of many sockets, as (recipient_id, notification_id) pairs, written
-    together: acks first, so a frame read at once is delivered, then read. Each pair moves
-    only its recipient's own web delivery. Returns how many deliveries each moved."""
-    delivered = transitions.deliveries_inbox_advance_many(
-        entries=acks,
-        from_statuses=UNACKNOWLEDGED_STATUSES,
-        to_status=DeliveryStatus.DELIVERED,
-        source=source,
-    )
-    read = transitions.deliveries_inbox_advance_many(
-        entries=reads, from_statuses=UNREAD_STATUSES, to_status=DeliveryStatus.READ, source=source
-    )
-    return delivered, read
-
-
-def inbox_mark_all_read(*, recipient_id: int, source: str) -> int:
-    return transitions.deliveries_inbox_advance(
-        recipient_id=recipient_id,
-        notification_id=None,
-        from_statuses=UNREAD_STATUSES,
-        to_status=DeliveryStatus.READ,
-        source=source,
-    )
-
-
-def inbox_archive(*, recipient_id: int, notification_id: uuid.UUID) -> bool:
-    """Hide an entry from the inbox (it stays readable under ?archived=true); idempotent."""
-    return transitions.deliveries_inbox_archive(
-        recipient_id=recipient_id, notification_id=notification_id
-    )
-
-
 def recipient_contact_normalise(*, values: dict[str, Any]) -> dict[str, str]:
     """Contact fields as recipient_upsert stores them (E.164 phone, a known time zone), or
     ValidationFailed; for write paths that save a Recipient themselves, as the admin does."""
     return _normalise_contact(values)
-
-
-# --- Cancel ---------------------------------------------------------------------------------
-
-
-def notifications_cancel(
-    *, owner: Owner, notifications: list[Notification], detail: str
-) -> list[dict[str, Any]]:
-    """Cancel what has not gone out of each of the owner's `notifications` (see
-    workers.transitions.deliveries_cancel), and say per notification which deliveries this
-    call cancelled and where the others stand. Repeating it cancels nothing more."""
-    ids = [n.pk for n in notifications if n.owner_id == owner.pk]
-    # A topic notification: its fan-out stops, and its children written so far are cancelled.
-    topic_children = _topic_fanouts_cancel(ids)
-    cancelled = transitions.deliveries_cancel(
-        notification_ids=list({*ids, *(c for cs in topic_children.values() for c in cs)}),
-        detail=detail,
-    )
-    deliveries: dict[uuid.UUID, list[Delivery]] = {pk: [] for pk in ids}
-    for delivery in Delivery.objects.filter(notification_id__in=ids).order_by("pk"):
-        deliveries[delivery.notification_id].append(delivery)
-    answers = []
-    for pk in ids:
-        done, left = [], []
-        for delivery in deliveries[pk]:
-            if delivery.pk in cancelled:
-                done.append({"channel": delivery.channel, "status": delivery.status})
-                continue
-            entry: dict[str, Any] = {"channel": delivery.channel, "status": delivery.status}
-            if delivery.lease_token is not None and delivery.status in OUTBOX_STATUSES:
-                entry["reason"] = "being_sent"
-            left.append(entry)
-        answer: dict[str, Any] = {"id": str(pk), "cancelled": done, "not_cancelled": left}
-        if pk in topic_children:
-            children = set(topic_children[pk])
-            answer["children_cancelled"] = Delivery.objects.filter(
-                pk__in=cancelled, notification_id__in=children
-            ).count()
-        answers.append(answer)
-    return answers
-
-
-def _topic_fanouts_cancel(ids: list[uuid.UUID]) -> dict[uuid.UUID, list[uuid.UUID]]:
-    """Stop the fan-out of the topic notifications among `ids`; their children, by topic
-    notification."""
-    from notifications.fanout import topic_fanouts_stop
-
-    topic_fanouts_stop(notification_ids=ids)
-    topics = Notification.objects.filter(pk__in=ids, recipients_total__isnull=False)
-    children: dict[uuid.UUID, list[uuid.UUID]] = {
-        pk: [] for pk in topics.values_list("pk", flat=True)
-    }
-    for child, parent in Notification.objects.filter(parent_id__in=list(children)).values_list(
-        "pk", "parent_id"
-    ):
-        children[parent].append(child)
-    return children

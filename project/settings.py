@@ -429,7 +429,7 @@ RELAY_POLL_SECONDS = env.float("RELAY_POLL_SECONDS", default=5.0)
 RELAY_UNHEALTHY_SECONDS = env.float("RELAY_UNHEALTHY_SECONDS", default=60.0)
 # Rows one relay claims per round: one broker round trip publishes them all.
 RELAY_CLAIM_SIZE = env.int("RELAY_CLAIM_SIZE", default=1000)
-# Subscribers a topic fan-out turns into notifications per transaction (notifications/fanout.py):
+# Subscribers a topic fan-out turns into notifications per transaction (workers/fanout.py):
 # large enough that the per-chunk claim, cursor update and commit are noise (at 500 they cost
 # a third of the fan-out's time; docs/benchmarks.md), small enough that one transaction stays
 # well under a second and a crash redoes little.

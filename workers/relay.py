@@ -2,7 +2,7 @@
 outbox (Delivery.enqueued_at NULL: new, retrying, deferred, and scheduled ones once due),
 publishes one task per batch of ids of a channel in one broker round trip, and marks them
 published in the same transaction. It also fans out topic notifications, a chunk of
-subscribers per round (notifications/fanout.py), publishing the children due now with the
+subscribers per round (workers/fanout.py), publishing the children due now with the
 chunk that writes them. It wakes on the signal writers send at
 commit, or after RELAY_POLL_SECONDS, or when the next row falls due, whichever comes first.
 
@@ -16,7 +16,6 @@ import functools
 import logging
 import signal
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from types import FrameType
 
@@ -31,10 +30,10 @@ from redis.exceptions import RedisError
 from core import db_clock, metrics
 from core.db_clock import db_now
 from core.outbox import RELAY_WAKE_KEY
-from notifications.fanout import topic_fanout_step
 from notifications.models import Delivery, DeliveryStatus
-from workers import transitions
-from workers.dispatch import batches_publish_rollback_unsafe
+from workers import digests, transitions
+from workers.dispatch import deliveries_publish
+from workers.fanout import topic_fanout_step
 from workers.liveness import liveness_check_register, liveness_server_start
 
 log = logging.getLogger(__name__)
@@ -75,19 +74,13 @@ def outbox_publish_due(*, limit: int | None = None) -> int:
             delivery_ids=[row[0] for row in scheduled if row[0] not in digested], now=now
         )
         # Digest members are not published: their group goes out as one new delivery.
-        flushed = transitions.digests_flush(delivery_ids=sorted(digested), now=now)
+        flushed = digests.digests_flush(delivery_ids=sorted(digested), now=now)
         rows = [row for row in rows if row[0] not in not_needed and row[0] not in digested]
-        by_channel: dict[str, list[int]] = defaultdict(list)
-        for delivery_id, channel, *_ in rows:
-            by_channel[channel].append(delivery_id)
-        for channel, ids in flushed.items():
-            by_channel[channel].extend(ids)
-        # Marked before the publish, inside the same transaction: should the publish fail,
-        # the rollback puts every row back in the outbox.
-        Delivery.objects.filter(
-            pk__in=[row[0] for row in rows] + [pk for ids in flushed.values() for pk in ids]
-        ).update(enqueued_at=db_now())
-        messages = batches_publish_rollback_unsafe(by_channel)
+        # Marked and published inside this transaction: should the publish fail, the
+        # rollback puts every row back in the outbox.
+        published = deliveries_publish(
+            [row[0] for row in rows] + [pk for ids in flushed.values() for pk in ids]
+        )
     # The lag runs from a due time (the database's clock) or an accept's stamp (the API
     # host's), measured on the database's clock: a relay whose own clock is off reports no lag
     # of its own making.
@@ -98,7 +91,10 @@ def outbox_publish_due(*, limit: int | None = None) -> int:
             for _, _, _, created_at, next_attempt_at, _ in rows
         )
     )
-    log.debug("relay published %s deliveries in %s messages", len(rows), messages)
+    log.debug(
+        "relay published %s deliveries",
+        ", ".join(f"{len(ids)} {channel}" for channel, ids in published.items()) or "no",
+    )
     # Escalation steps cancelled on release count as handled: the drain goes on.
     return claimed
 

@@ -29,20 +29,23 @@ from notifications.delivery_log import (
     delivery_status_events,
     get_delivery_log,
 )
+from notifications.fanout import topic_fanouts_stop
 from notifications.models import (
     CHANNEL_ORDER,
     FINAL_STATUSES,
     INBOX_STATUSES,
     OUTBOX_STATUSES,
+    UNACKNOWLEDGED_STATUSES,
+    UNREAD_STATUSES,
     Channel,
     Delivery,
     DeliveryStatus,
     Device,
     InboxCounter,
     Notification,
+    Owner,
     ProviderEventKind,
     SkipReason,
-    Template,
 )
 from notifications.webhooks import webhook_events_emit
 from workers.models import DeadLetter
@@ -499,7 +502,7 @@ def deliveries_release_due(*, delivery_ids: list[int], now: datetime) -> set[int
             if channel is not None:
                 not_needed[pk] = f"escalation not needed: {channel} {unless} in time"
     if not_needed:
-        _deliveries_cancel_locked(
+        deliveries_cancel_locked(
             list(
                 Delivery.objects.filter(pk__in=list(not_needed)).select_related(
                     "notification__recipient"
@@ -541,7 +544,7 @@ def _escalation_conditions_met(notification_ids: set[Any]) -> dict[tuple[Any, st
     return met
 
 
-def _deliveries_cancel_locked(
+def deliveries_cancel_locked(
     rows: list[Delivery], now: datetime, *, detail: str | dict[int, str]
 ) -> None:
     """Cancel rows the caller holds locked (loaded with notification__recipient), with one
@@ -590,135 +593,70 @@ def escalations_cancel(*, notification_ids: list[Any], reached: str, channel: st
         why = {
             d.pk: f"escalation not needed: {channel} {d.escalate_unless} in time" for d in waiting
         }
-        _deliveries_cancel_locked(waiting, timezone.now(), detail=why)
+        deliveries_cancel_locked(waiting, timezone.now(), detail=why)
     return len(waiting)
 
 
-# --- Digests ---------------------------------------------------------------------------------
+# --- Digests (workers/digests.py) -----------------------------------------------------------
 
 
-def digests_flush(*, delivery_ids: list[int], now: datetime) -> dict[str, list[int]]:
-    """Digest members whose window has ended (the relay holds their rows locked): each group
-    (recipient and digest key: the template and the rendered key) becomes ONE notification
-    with one queued delivery per channel, rendered over every member of the group that is
-    still waiting, due or not (an event that came late in the window rides along); the
-    members become `skipped` (`digested`), each with an event naming the digest. All in the
-    relay's transaction: a crash before it commits leaves every member waiting, so an event
-    is neither lost nor sent twice. Returns the new deliveries' ids by channel, for the relay
-    to publish in the same round. Which windows have ended the relay judged on the database's
-    clock; `now` only stamps updated_at."""
-    from notifications import templating, unsubscribe
-
-    if not delivery_ids:
-        return {}
-    groups = sorted(
-        set(
-            Delivery.objects.filter(pk__in=delivery_ids).values_list(
-                "notification__recipient_id", "digest_key"
-            )
-        )
+def deliveries_digest(
+    *,
+    members: list[Delivery],
+    data: dict[str, Any],
+    rendered: dict[str, dict[str, str]],
+    now: datetime,
+) -> list[Delivery]:
+    """Digest members (held locked, oldest first, loaded with notification__recipient) become
+    ONE notification, the newest member's in all but its data, with one queued delivery per
+    channel holding `rendered[channel]`; the members become `skipped` (`digested`), each
+    with an event naming the digest. Returns the new deliveries, to be published."""
+    newest = members[-1].notification
+    addresses = {member.channel: member.address for member in members}  # the newest's
+    digest = Notification.objects.create(
+        owner_id=newest.owner_id,
+        recipient_id=newest.recipient_id,
+        template_id=newest.template_id,
+        template_key=newest.template_key,
+        category=newest.category,
+        priority=newest.priority,
+        locale=newest.locale,
+        data=data,
     )
-    published: dict[str, list[int]] = {}
-    for recipient_id, digest_key in groups:
-        members = list(
-            Delivery.objects.filter(
-                notification__recipient_id=recipient_id,
-                digest_key=digest_key,
-                status=DeliveryStatus.SCHEDULED,
-                lease_token__isnull=True,
+    created = Delivery.objects.bulk_create(
+        [
+            Delivery(
+                notification=digest,
+                channel=channel,
+                status=DeliveryStatus.QUEUED,
+                address=addresses[channel],
+                content=rendered[channel],
             )
-            .select_for_update(skip_locked=True, of=("self",))
-            .select_related("notification__recipient")
-            .order_by("notification__created_at", "pk")
-        )
-        if not members:
-            continue
-        newest = members[-1].notification
-        template = (
-            Template.objects.filter(pk=newest.template_id).first()
-            if newest.template_id is not None
-            else None
-        )
-        key = digest_key.partition(":")[2]
-        by_channel: dict[str, list[Delivery]] = {}
-        for member in members:
-            by_channel.setdefault(member.channel, []).append(member)
-        events_of = {m.notification_id: m.notification.data for m in members}
-        rendered: dict[str, dict[str, str]] = {}
-        problem = "" if template is not None else "the template was deleted"
-        if template is not None:
-            _, content = templating.pick_locale_content(
-                default_locale=template.locale,
-                content=template.content,
-                translations=template.translations,
-                wanted=newest.locale,
-            )
-            for channel, rows in by_channel.items():
-                events = [r.notification.data for r in rows]
-                try:
-                    rendered[channel] = templating.render_channel(
-                        channel,
-                        content[channel],
-                        unsubscribe.render_data(
-                            channel=channel,
-                            fields=content[channel],
-                            data=templating.digest_data(events, key),
-                            owner_id=newest.owner_id,
-                            recipient_id=recipient_id,
-                            category=newest.category,
-                        ),
-                    )
-                except (templating.TemplateError, KeyError) as exc:
-                    problem = f"the digest could not be rendered: {exc}"
-                    break
-        if problem:
-            _deliveries_cancel_locked(members, now, detail=problem)
-            continue
-        digest = Notification.objects.create(
-            owner_id=newest.owner_id,
-            recipient_id=recipient_id,
-            template_id=newest.template_id,
-            template_key=newest.template_key,
-            category=newest.category,
-            priority=newest.priority,
-            locale=newest.locale,
-            data=templating.digest_data(list(events_of.values()), key),
-        )
-        created = Delivery.objects.bulk_create(
-            [
-                Delivery(
-                    notification=digest,
-                    channel=channel,
-                    status=DeliveryStatus.QUEUED,
-                    address=by_channel[channel][-1].address,
-                    content=rendered[channel],
-                )
-                for channel in CHANNEL_ORDER
-                if channel in by_channel
-            ]
-        )
-        for delivery in created:
-            delivery.notification = digest
-            digest.recipient = newest.recipient
-            published.setdefault(delivery.channel, []).append(delivery.pk)
-        Delivery.objects.filter(pk__in=[m.pk for m in members]).update(
-            status=DeliveryStatus.SKIPPED,
-            skip_reason=SkipReason.DIGESTED,
-            next_attempt_at=None,
-            updated_at=now,
-        )
-        count = len(events_of)
-        _statuses_record(
-            [
-                *delivery_status_events(
-                    created, DeliveryStatus.QUEUED, detail=f"digest of {count} notifications"
-                ),
-                *delivery_status_events(
-                    members, DeliveryStatus.SKIPPED, detail=f"digested into {digest.pk}"
-                ),
-            ]
-        )
-    return published
+            for channel in CHANNEL_ORDER
+            if channel in addresses
+        ]
+    )
+    digest.recipient = newest.recipient
+    for delivery in created:
+        delivery.notification = digest
+    Delivery.objects.filter(pk__in=[m.pk for m in members]).update(
+        status=DeliveryStatus.SKIPPED,
+        skip_reason=SkipReason.DIGESTED,
+        next_attempt_at=None,
+        updated_at=now,
+    )
+    count = len({m.notification_id for m in members})
+    _statuses_record(
+        [
+            *delivery_status_events(
+                created, DeliveryStatus.QUEUED, detail=f"digest of {count} notifications"
+            ),
+            *delivery_status_events(
+                members, DeliveryStatus.SKIPPED, detail=f"digested into {digest.pk}"
+            ),
+        ]
+    )
+    return created
 
 
 # --- What providers report after sending (workers/provider_events.py) -----------------------
@@ -922,5 +860,123 @@ def deliveries_cancel(*, notification_ids: list[uuid.UUID], detail: str) -> set[
         )
         if not rows:
             return set()
-        _deliveries_cancel_locked(rows, now, detail=detail)
+        deliveries_cancel_locked(rows, now, detail=detail)
     return {d.pk for d in rows}
+
+
+# --- In-app inbox ---------------------------------------------------------------------------
+
+
+def inbox_acknowledge(*, recipient_id: int, notification_id: uuid.UUID, source: str) -> bool:
+    """A browser received the notification (WebSocket ack): `delivered`. Only the
+    recipient's own web delivery moves; an id of anyone else's does nothing."""
+    changed = deliveries_inbox_advance(
+        recipient_id=recipient_id,
+        notification_id=notification_id,
+        from_statuses=UNACKNOWLEDGED_STATUSES,
+        to_status=DeliveryStatus.DELIVERED,
+        source=source,
+    )
+    return changed > 0
+
+
+def inbox_mark_read(*, recipient_id: int, notification_id: uuid.UUID, source: str) -> bool:
+    changed = deliveries_inbox_advance(
+        recipient_id=recipient_id,
+        notification_id=notification_id,
+        from_statuses=UNREAD_STATUSES,
+        to_status=DeliveryStatus.READ,
+        source=source,
+    )
+    return changed > 0
+
+
+def inbox_record(
+    *,
+    acks: Collection[tuple[int, uuid.UUID]],
+    reads: Collection[tuple[int, uuid.UUID]],
+    source: str,
+) -> tuple[int, int]:
+    """Acks and reads of many sockets, as (recipient_id, notification_id) pairs, written
+    together: acks first, so a frame read at once is delivered, then read. Each pair moves
+    only its recipient's own web delivery. Returns how many deliveries each moved."""
+    delivered = deliveries_inbox_advance_many(
+        entries=acks,
+        from_statuses=UNACKNOWLEDGED_STATUSES,
+        to_status=DeliveryStatus.DELIVERED,
+        source=source,
+    )
+    read = deliveries_inbox_advance_many(
+        entries=reads, from_statuses=UNREAD_STATUSES, to_status=DeliveryStatus.READ, source=source
+    )
+    return delivered, read
+
+
+def inbox_mark_all_read(*, recipient_id: int, source: str) -> int:
+    return deliveries_inbox_advance(
+        recipient_id=recipient_id,
+        notification_id=None,
+        from_statuses=UNREAD_STATUSES,
+        to_status=DeliveryStatus.READ,
+        source=source,
+    )
+
+
+def inbox_archive(*, recipient_id: int, notification_id: uuid.UUID) -> bool:
+    """Hide an entry from the inbox (it stays readable under ?archived=true); idempotent."""
+    return deliveries_inbox_archive(recipient_id=recipient_id, notification_id=notification_id)
+
+
+# --- Cancel ---------------------------------------------------------------------------------
+
+
+def notifications_cancel(
+    *, owner: Owner, notifications: list[Notification], detail: str
+) -> list[dict[str, Any]]:
+    """Cancel what has not gone out of each of the owner's `notifications` (see
+    deliveries_cancel), and say per notification which deliveries this
+    call cancelled and where the others stand. Repeating it cancels nothing more."""
+    ids = [n.pk for n in notifications if n.owner_id == owner.pk]
+    # A topic notification: its fan-out stops, and its children written so far are cancelled.
+    topic_children = _topic_fanouts_cancel(ids)
+    cancelled = deliveries_cancel(
+        notification_ids=list({*ids, *(c for cs in topic_children.values() for c in cs)}),
+        detail=detail,
+    )
+    deliveries: dict[uuid.UUID, list[Delivery]] = {pk: [] for pk in ids}
+    for delivery in Delivery.objects.filter(notification_id__in=ids).order_by("pk"):
+        deliveries[delivery.notification_id].append(delivery)
+    answers = []
+    for pk in ids:
+        done, left = [], []
+        for delivery in deliveries[pk]:
+            if delivery.pk in cancelled:
+                done.append({"channel": delivery.channel, "status": delivery.status})
+                continue
+            entry: dict[str, Any] = {"channel": delivery.channel, "status": delivery.status}
+            if delivery.lease_token is not None and delivery.status in OUTBOX_STATUSES:
+                entry["reason"] = "being_sent"
+            left.append(entry)
+        answer: dict[str, Any] = {"id": str(pk), "cancelled": done, "not_cancelled": left}
+        if pk in topic_children:
+            children = set(topic_children[pk])
+            answer["children_cancelled"] = Delivery.objects.filter(
+                pk__in=cancelled, notification_id__in=children
+            ).count()
+        answers.append(answer)
+    return answers
+
+
+def _topic_fanouts_cancel(ids: list[uuid.UUID]) -> dict[uuid.UUID, list[uuid.UUID]]:
+    """Stop the fan-out of the topic notifications among `ids`; their children, by topic
+    notification."""
+    topic_fanouts_stop(notification_ids=ids)
+    topics = Notification.objects.filter(pk__in=ids, recipients_total__isnull=False)
+    children: dict[uuid.UUID, list[uuid.UUID]] = {
+        pk: [] for pk in topics.values_list("pk", flat=True)
+    }
+    for child, parent in Notification.objects.filter(parent_id__in=list(children)).values_list(
+        "pk", "parent_id"
+    ):
+        children[parent].append(child)
+    return children

@@ -17,7 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from notifications import selectors, services
+from notifications import selectors
 from notifications.api import serializers as s
 from notifications.api.common import recipient_or_404, request_owner, validated
 from notifications.api.idempotent import idempotent
@@ -26,6 +26,7 @@ from notifications.auth import RecipientTokenAuthentication
 from notifications.models import Recipient
 from notifications.selectors import InboxRecipient
 from notifications.tokens import recipient_token_issue
+from workers import transitions
 
 INBOX_ERRORS = {
     401: OpenApiResponse(description="Missing, invalid or expired recipient token"),
@@ -136,7 +137,7 @@ class InboxReadView(_InboxView):
     )
     def post(self, request: Request, notification_id: str) -> Response:
         entry = _entry_or_404(request, notification_id)
-        services.inbox_mark_read(
+        transitions.inbox_mark_read(
             recipient_id=_recipient(request).recipient_id,
             notification_id=uuid.UUID(entry["id"]),
             source="inbox api",
@@ -152,7 +153,7 @@ class InboxReadAllView(_InboxView):
         description="Mark every unread entry read, archived ones included.",
     )
     def post(self, request: Request) -> Response:
-        count = services.inbox_mark_all_read(
+        count = transitions.inbox_mark_all_read(
             recipient_id=_recipient(request).recipient_id, source="inbox api"
         )
         return Response({"marked_read": count})
@@ -212,7 +213,7 @@ class InboxArchiveView(_InboxView):
     )
     def post(self, request: Request, notification_id: str) -> Response:
         entry = _entry_or_404(request, notification_id)
-        services.inbox_archive(
+        transitions.inbox_archive(
             recipient_id=_recipient(request).recipient_id, notification_id=uuid.UUID(entry["id"])
         )
         return Response(entry)

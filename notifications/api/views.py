@@ -14,14 +14,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from notifications import accepting, idempotency, selectors, services
+from notifications import accepting, idempotency, selectors, sending, services
 from notifications.api import serializers as s
 from notifications.api import throttling
 from notifications.api.common import recipient_or_404, request_owner, validated
 from notifications.api.errors import FieldErrors, describe, error_body
 from notifications.api.idempotent import documented, idempotent, key_of, refusal, replayed
 from notifications.models import Owner, Recipient
-from workers import erasure
+from workers import erasure, transitions
 
 ERRORS = {
     400: OpenApiResponse(description="Invalid body: {error, detail, fields}"),
@@ -78,7 +78,7 @@ def _api_error(exc: Exception) -> APIException:
 class NotificationCreateView(APIView):
     # With an Idempotency-Key, the API key's rate-limit token is taken in the same Redis
     # round trip as the key (throttling.deferred_limit). The key's protocol runs in
-    # accepting.notification_accept_once rather than through @idempotent: there the record
+    # sending.notification_accept_once rather than through @idempotent: there the record
     # is written in the notification's own statement, not in a transaction of its own.
     rate_limit_with_claim = True
 
@@ -108,7 +108,7 @@ class NotificationCreateView(APIView):
                 throttling.take_or_throttle(limit)
             raise
         try:
-            accepted = accepting.notification_accept_once(
+            accepted = sending.notification_accept_once(
                 owner=request_owner(request),
                 request=_notification_request(payload),
                 idempotency_key=idem_key,
@@ -144,7 +144,7 @@ class NotificationBulkView(APIView):
     def post(self, request: Request) -> Response:
         items = validated(s.BulkCreateSerializer, request.data)["notifications"]
         results: list[dict[str, Any] | None] = [None] * len(items)
-        valid: list[tuple[int, accepting.BulkItem]] = []
+        valid: list[tuple[int, sending.BulkItem]] = []
         for index, item in enumerate(items):
             try:
                 payload = validated(s.BulkItemSerializer, item)
@@ -154,9 +154,9 @@ class NotificationBulkView(APIView):
             key = payload.get("idempotency_key")
             fp = idempotency.fingerprint(method="POST", path="bulk-item", body=item) if key else ""
             valid.append(
-                (index, accepting.BulkItem(_notification_request(payload), key, fingerprint=fp))
+                (index, sending.BulkItem(_notification_request(payload), key, fingerprint=fp))
             )
-        answers = accepting.notifications_accept_bulk(
+        answers = sending.notifications_accept_bulk(
             owner=request_owner(request), items=[item for _, item in valid]
         )
         for (index, _), answer in zip(valid, answers, strict=True):
@@ -216,7 +216,7 @@ class NotificationCancelView(APIView):
         notification = selectors.notification_get(owner=owner, notification_id=pk)
         if notification is None:
             raise Http404
-        [answer] = services.notifications_cancel(
+        [answer] = transitions.notifications_cancel(
             owner=owner, notifications=[notification], detail="cancelled by request"
         )
         return Response(answer)
@@ -242,7 +242,7 @@ class NotificationCancelByKeyView(APIView):
                 owner=owner, idempotency_key=payload["idempotency_key"]
             )
             detail = "cancelled by Idempotency-Key"
-        answers = services.notifications_cancel(owner=owner, notifications=found, detail=detail)
+        answers = transitions.notifications_cancel(owner=owner, notifications=found, detail=detail)
         return Response({"notifications": answers})
 
 

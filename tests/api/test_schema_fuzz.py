@@ -28,8 +28,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from notifications.accepting import notification_create
 from notifications.models import Delivery, DeliveryStatus, Suppression, Topic, TopicSubscription
+from notifications.sending import notification_create
 from notifications.suppressions import suppression_add
 from notifications.tokens import recipient_token_issue
 from notifications.webhooks import webhook_create

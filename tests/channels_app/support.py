@@ -14,7 +14,7 @@ from django.test import override_settings
 
 from channels_app import broadcast
 from channels_app.inbox_writer import inbox_writer
-from notifications import accepting, services
+from notifications import sending, services
 from notifications.models import Delivery, Notification, Owner, Recipient
 from notifications.tokens import recipient_token_issue
 from project.asgi import application
@@ -35,7 +35,7 @@ def create_web_notification(owner: Owner, external_id: str, order_id: str) -> No
     """Accepted through the creation service, not pushed yet (its delivery is queued, in the
     outbox: this process does not push it at accept, so a test pushes it when it wants)."""
     with override_settings(WEB_PUSH_AT_ACCEPT=False):
-        body = accepting.notification_create(
+        body = sending.notification_create(
             owner=owner,
             recipient=external_id,
             template_key="order_shipped",

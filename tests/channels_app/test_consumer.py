@@ -27,6 +27,7 @@ from tests.channels_app.support import (
     push,
     recipient_with_token,
 )
+from workers import transitions
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -283,20 +284,19 @@ def test_twenty_sent_while_offline_arrive_in_order_once_on_reconnect(
 def test_without_since_every_unread_not_archived_entry_oldest_first(
     owner: Any, template: Any
 ) -> None:
-    from notifications import services
 
     recipient, token = recipient_with_token(owner, "user-a")
     recipient_with_token(owner, "user-b")
     pending = create_web_notification(owner, "user-a", "A-1")  # queued: not pushed yet
     acked = create_web_notification(owner, "user-a", "A-2")
     push(acked)
-    services.inbox_acknowledge(recipient_id=recipient.pk, notification_id=acked.pk, source="t")
+    transitions.inbox_acknowledge(recipient_id=recipient.pk, notification_id=acked.pk, source="t")
     read = create_web_notification(owner, "user-a", "A-3")
     push(read)
-    services.inbox_mark_read(recipient_id=recipient.pk, notification_id=read.pk, source="t")
+    transitions.inbox_mark_read(recipient_id=recipient.pk, notification_id=read.pk, source="t")
     archived = create_web_notification(owner, "user-a", "A-4")
     push(archived)
-    services.inbox_archive(recipient_id=recipient.pk, notification_id=archived.pk)
+    transitions.inbox_archive(recipient_id=recipient.pk, notification_id=archived.pk)
     create_web_notification(owner, "user-b", "B-1")
     sent = create_web_notification(owner, "user-a", "A-5")
     push(sent)

@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 
 from channels_app import inbox_writer as writer_module
 from channels_app.inbox_writer import InboxWriter
-from notifications import accepting, services
+from notifications import sending, services
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
 from tests.channels_app.support import (
     communicator,
@@ -26,6 +26,7 @@ from tests.channels_app.support import (
     recipient_with_token,
 )
 from tests.factories import TemplateFactory
+from workers import transitions
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,7 +47,7 @@ def _pushed(owner: Any, count: int, prefix: str = "user") -> list[tuple[int, Not
 
 def _queries(acks: list[tuple[int, uuid.UUID]], reads: list[tuple[int, uuid.UUID]]) -> int:
     with CaptureQueriesContext(connection) as queries:
-        services.inbox_record(acks=acks, reads=reads, source="websocket")
+        transitions.inbox_record(acks=acks, reads=reads, source="websocket")
     return len(queries)
 
 
@@ -69,7 +70,7 @@ def test_a_batch_costs_the_same_statements_whatever_its_size(owner: Any, templat
 
 def test_a_pair_with_someone_elses_notification_moves_nothing(owner: Any, template: Any) -> None:
     (mine_recipient, mine), (theirs_recipient, theirs) = _pushed(owner, 2)
-    delivered, read = services.inbox_record(
+    delivered, read = transitions.inbox_record(
         acks=[(mine_recipient, theirs.pk), (mine_recipient, mine.pk)],
         reads=[(theirs_recipient, mine.pk)],
         source="websocket",
@@ -92,7 +93,7 @@ def test_a_read_in_a_batch_cancels_only_its_own_notifications_escalation(owner: 
         )
         # Every channel of the template: web now, the SMS as the escalation step.
         with override_settings(WEB_PUSH_AT_ACCEPT=False):
-            body = accepting.notification_create(
+            body = sending.notification_create(
                 owner=owner,
                 recipient=f"user-{n}",
                 template_key="order_shipped",
@@ -104,9 +105,9 @@ def test_a_read_in_a_batch_cancels_only_its_own_notifications_escalation(owner: 
     steps = Delivery.objects.filter(channel="sms", status=DeliveryStatus.SCHEDULED)
     assert steps.count() == 3
     # Acks alone meet no `unless: read`; reads of two notifications cancel their two steps.
-    services.inbox_record(acks=[(r, n.pk) for r, n in pushed], reads=[], source="websocket")
+    transitions.inbox_record(acks=[(r, n.pk) for r, n in pushed], reads=[], source="websocket")
     assert steps.count() == 3
-    services.inbox_record(acks=[], reads=[(r, n.pk) for r, n in pushed[:2]], source="websocket")
+    transitions.inbox_record(acks=[], reads=[(r, n.pk) for r, n in pushed[:2]], source="websocket")
     assert set(steps.values_list("notification_id", flat=True)) == {pushed[2][1].pk}
     cancelled = Delivery.objects.filter(channel="sms", status=DeliveryStatus.CANCELLED)
     assert set(cancelled.values_list("notification_id", flat=True)) == {

@@ -25,7 +25,7 @@ from django.urls import reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from notifications import accepting
+from notifications import sending
 from notifications.delivery_log import AttemptRecord, StatusEvent
 from notifications.models import (
     ApiKey,
@@ -241,7 +241,7 @@ def _dead_letters(owner: Any, channel: str, error: str, count: int) -> list[Dead
     letters = []
     for _ in range(count):
         recipient = RecipientFactory(owner=owner)
-        body = accepting.notification_create(
+        body = sending.notification_create(
             owner=owner,
             recipient=recipient.external_id,
             template_key="order_shipped",
@@ -464,7 +464,7 @@ def test_notification_changelist_queries_do_not_grow_with_rows(
 
 def test_notification_filters_and_search(owner: Any, template: Any, staff: Client) -> None:
     RecipientFactory(owner=owner, external_id="user-7", phone="")
-    skipped = accepting.notification_create(
+    skipped = sending.notification_create(
         owner=owner, recipient="user-7", template_key="order_shipped", data={"order_id": "1"}
     )["id"]
     other = OwnerFactory(name="globex")
@@ -472,7 +472,7 @@ def test_notification_filters_and_search(owner: Any, template: Any, staff: Clien
         owner=other, key="welcome", content={"web": {"title": "t", "body": "b"}}
     )
     RecipientFactory(owner=other, external_id="user-8")
-    high = accepting.notification_create(
+    high = sending.notification_create(
         owner=other, recipient="user-8", template_key="welcome", data={}, priority="high"
     )["id"]
     url = reverse("admin:notifications_notification_changelist")
@@ -841,7 +841,7 @@ def test_notification_page_shows_the_timeline_from_the_delivery_log(
     owner: Any, template: Any, staff: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     RecipientFactory(owner=owner, external_id="user-42", phone="")
-    nid = accepting.notification_create(
+    nid = sending.notification_create(
         owner=owner,
         recipient="user-42",
         template_key="order_shipped",

@@ -11,9 +11,9 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
 
-from notifications import fanout
 from notifications.models import Notification, Topic, TopicSubscription
 from tests.factories import OwnerFactory, RecipientFactory
+from workers import fanout
 
 pytestmark = pytest.mark.django_db
 

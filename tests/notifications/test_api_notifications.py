@@ -316,7 +316,7 @@ class TestIdempotency:
     def test_unique_record_stops_a_twin_that_redis_let_through(
         self, owner: Any, template: Any
     ) -> None:
-        from notifications import accepting, idempotency
+        from notifications import accepting, idempotency, sending
 
         claim = accepting.IdempotencyClaim(key="k4", fingerprint="f" * 64)
         args = {
@@ -326,9 +326,9 @@ class TestIdempotency:
             "data": {"order_id": "1"},
             "idempotency": claim,
         }
-        accepting.notification_create(**args)
+        sending.notification_create(**args)
         with pytest.raises(idempotency.RecordExists):
-            accepting.notification_create(**args)
+            sending.notification_create(**args)
         assert Notification.objects.count() == 1
 
 

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from notifications import fanout
-from notifications.accepting import NotificationRequest, notification_accept
+from notifications.accepting import NotificationRequest
 from notifications.models import (
     Delivery,
     Notification,
@@ -21,7 +20,9 @@ from notifications.models import (
     Topic,
     TopicSubscription,
 )
+from notifications.sending import notification_send
 from notifications.topics import topic_subscribers_add, topic_subscribers_remove
+from workers import dispatch, fanout
 
 pytestmark = pytest.mark.django_db
 
@@ -42,7 +43,7 @@ def topic(owner: Any, template: Any) -> Topic:
 
 
 def send(owner: Any, **fields: Any) -> Notification:
-    body = notification_accept(
+    body = notification_send(
         owner=owner,
         request=NotificationRequest(
             recipient="",
@@ -217,7 +218,7 @@ def test_a_topic_send_wakes_the_relay_after_commit_and_an_empty_one_does_not(
         send(owner)
     assert [c for c in callbacks if c is outbox.outbox_wake] == [outbox.outbox_wake]
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        notification_accept(
+        notification_send(
             owner=owner,
             request=NotificationRequest(
                 recipient="", topic="empty", template_key="order_shipped", data={"order_id": "1"}
@@ -234,7 +235,7 @@ def test_children_pass_the_frequency_caps_and_quiet_hours(
     template.frequency_caps = {"sms": "1/1h"}
     template.save()
     capped = Recipient.objects.get(external_id="sub-001")
-    notification_accept(
+    notification_send(
         owner=owner,
         request=NotificationRequest(
             recipient="sub-001", template_key="order_shipped", data={"order_id": "v1"}
@@ -276,7 +277,7 @@ def test_the_children_due_now_are_published_once_their_chunk_commits(
         published.append(by_channel)
         return 1
 
-    monkeypatch.setattr(fanout, "batches_publish_rollback_unsafe", publish)
+    monkeypatch.setattr(dispatch, "batches_publish_rollback_unsafe", publish)
     parent = send(owner)
     while fanout.topic_fanout_step(chunk_size=10):
         pass
@@ -299,7 +300,7 @@ def test_children_the_broker_refused_stay_in_the_outbox_for_the_relay(
     def refuse(by_channel: dict[str, list[int]]) -> int:
         raise OperationalError("broker down")
 
-    monkeypatch.setattr(fanout, "batches_publish_rollback_unsafe", refuse)
+    monkeypatch.setattr(dispatch, "batches_publish_rollback_unsafe", refuse)
     parent = send(owner)
     with pytest.raises(OperationalError):  # the relay's loop backs off and goes on
         fanout.topic_fanout_step(chunk_size=10)
@@ -310,7 +311,7 @@ def test_children_the_broker_refused_stay_in_the_outbox_for_the_relay(
 
     published: list[int] = []
     monkeypatch.setattr(
-        relay, "batches_publish_rollback_unsafe", lambda by: published.extend(by["sms"]) or 1
+        dispatch, "batches_publish_rollback_unsafe", lambda by: published.extend(by["sms"]) or 1
     )
     assert relay.outbox_publish_due() == 10
     assert sorted(published) == sorted(

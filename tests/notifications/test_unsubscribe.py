@@ -12,11 +12,11 @@ import pytest
 from django.test import Client
 from rest_framework.test import APIClient
 
-from notifications import fanout
 from notifications.models import Delivery, Preference, Recipient, Topic, TopicSubscription
 from tests.conftest import SmtpSink
 from tests.emulators.sendgrid import SendGridEmulator
 from tests.factories import RecipientFactory, TemplateFactory
+from workers import fanout
 from workers.providers import provider_for
 from workers.services import ProcessOutcome, deliveries_process
 

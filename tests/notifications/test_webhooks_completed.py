@@ -24,7 +24,6 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from notifications import fanout, services
 from notifications.models import (
     CompletionCheck,
     Delivery,
@@ -41,6 +40,7 @@ from tests.emulators.sendgrid import SendGridEmulator
 from tests.emulators.twilio import TwilioEmulator
 from tests.emulators.webhook_receiver import WebhookReceiver
 from tests.factories import TemplateFactory
+from workers import fanout, transitions
 from workers.provider_events import provider_events_apply
 from workers.providers import provider_for
 from workers.relay import outbox_publish_due
@@ -180,7 +180,7 @@ def test_an_in_app_delivery_acknowledged_or_read_before_it_was_sent_completes_it
     read = accept(api, "user-2", ["web"])
     # The browser has them from the inbox before the worker pushed them.
     person = Recipient.objects.get(external_id="user-1")
-    assert services.inbox_acknowledge(
+    assert transitions.inbox_acknowledge(
         recipient_id=person.pk, notification_id=uuid.UUID(acked), source="websocket"
     )
     answer = browser(api, "user-2").post(f"/api/v1/inbox/{read}/read")

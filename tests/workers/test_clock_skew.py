@@ -27,7 +27,6 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from core.shared_state import redis_client
-from notifications.fanout import topic_fanout_step
 from notifications.models import (
     Delivery,
     DeliveryEvent,
@@ -44,6 +43,7 @@ from tests.factories import TemplateFactory, api_key_for
 from tests.project.api_server import http, start_api_server
 from workers import services
 from workers.dispatch import deliver_task_name
+from workers.fanout import topic_fanout_step
 from workers.models import ProviderEvent
 from workers.provider_events import provider_events_apply
 from workers.relay import outbox_next_due, outbox_publish_due

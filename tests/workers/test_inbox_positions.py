@@ -59,10 +59,10 @@ def test_a_delivery_claimed_again_keeps_its_position(owner: Any, template: Any) 
 
 @pytest.mark.django_db
 def test_other_channels_get_no_position(owner: Any, template: Any) -> None:
-    from notifications import accepting
+    from notifications import sending
 
     recipient_with_token(owner, "user-a")
-    accepting.notification_create(
+    sending.notification_create(
         owner=owner,
         recipient="user-a",
         template_key="order_shipped",

@@ -173,20 +173,20 @@ def test_a_crash_between_publish_and_commit_gives_a_duplicate_message_and_one_se
 ) -> None:
     """The relay published, then died before its commit: the rows are still in the outbox, the
     next round publishes them again, and the second message finds nothing to send."""
-    from workers import relay
+    from workers import dispatch
     from workers.models import SandboxMessage
     from workers.services import ProcessOutcome, deliveries_process
 
     accept(api, 2, channels=["email"])
     ids = sorted(Delivery.objects.values_list("pk", flat=True))
-    publish = relay.batches_publish_rollback_unsafe
+    publish = dispatch.batches_publish_rollback_unsafe
 
     def publish_then_die(by_channel: dict[str, list[int]]) -> int:
         publish(by_channel)
         raise ConnectionResetError("the relay's database connection dropped before commit")
 
     with monkeypatch.context() as patch:
-        patch.setattr(relay, "batches_publish_rollback_unsafe", publish_then_die)
+        patch.setattr(dispatch, "batches_publish_rollback_unsafe", publish_then_die)
         with pytest.raises(ConnectionResetError):
             outbox_publish_due()
     assert Delivery.objects.outbox().count() == 2

@@ -17,6 +17,7 @@ from notifications import services
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
 from tests.channels_app.support import GroupListener, create_web_notification, expected_frame
 from tests.conftest import free_port
+from workers import transitions
 from workers.providers import BatchProvider, OutboundMessage, Outcome, SendResult, provider_for
 from workers.providers.sandbox import SandboxProvider
 from workers.providers.web import WebSocketProvider
@@ -161,7 +162,7 @@ def test_an_ack_that_beats_the_workers_sent_is_kept(
         self: WebSocketProvider, messages: list[OutboundMessage]
     ) -> Any:
         results = publish(self, messages)
-        assert services.inbox_acknowledge(
+        assert transitions.inbox_acknowledge(
             recipient_id=recipient.pk, notification_id=notification.pk, source="websocket"
         )
         return results
