@@ -29,3 +29,18 @@ def validated(serializer_class: type, data: Any, **kwargs: Any) -> dict[str, Any
     serializer = serializer_class(data=data, **kwargs)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
+
+
+# Where idempotency_header keeps the header on the request once read.
+_IDEMPOTENCY_HEADER = "clarion_idempotency_header"
+_UNREAD = object()
+
+
+def idempotency_header(request: Request) -> str | None:
+    """The Idempotency-Key header as sent (None without one), read once per request: the
+    throttle, the view and the protocol all ask for it."""
+    header = getattr(request, _IDEMPOTENCY_HEADER, _UNREAD)
+    if header is _UNREAD:
+        header = request.headers.get("Idempotency-Key")
+        setattr(request, _IDEMPOTENCY_HEADER, header)
+    return cast(str | None, header)

@@ -21,6 +21,7 @@ from rest_framework.utils.encoders import JSONEncoder
 from rest_framework.views import APIView
 
 from notifications import idempotency
+from notifications.api.common import idempotency_header
 from notifications.api.errors import Conflict, FieldErrors, IdempotencyMismatch
 from notifications.models import Owner
 
@@ -59,7 +60,7 @@ def _replayed_header(statuses: list[int]) -> OpenApiParameter:
 
 def key_of(request: Request) -> str | None:
     """The request's Idempotency-Key; None without one, 400 for an empty or overlong one."""
-    key = request.headers.get("Idempotency-Key")
+    key = idempotency_header(request)
     if key is None:
         return None
     if not key or len(key) > idempotency.MAX_KEY_LENGTH:

@@ -14,6 +14,7 @@ from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
 from core.rate_limiter import token_bucket_take
+from notifications.api.common import idempotency_header
 from notifications.idempotency import MAX_KEY_LENGTH, RateLimit
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def deferred_limit(request: Request, view: Any) -> RateLimit | None:
     """The limit that the throttle left to the view: a view with `rate_limit_with_claim`
     takes the token in the same Redis round trip as the request's Idempotency-Key (see
     notifications.idempotency.begin). None when the throttle took it itself."""
-    key = request.headers.get("Idempotency-Key")
+    key = idempotency_header(request)
     if not getattr(view, "rate_limit_with_claim", False) or not key:
         return None
     if len(key) > MAX_KEY_LENGTH:

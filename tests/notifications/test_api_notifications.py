@@ -6,6 +6,7 @@ import json
 import threading
 from datetime import timedelta
 from typing import Any
+from unittest import mock
 
 import pytest
 from django.conf import settings
@@ -219,6 +220,23 @@ class TestErrors:
 
 @pytest.mark.django_db
 class TestIdempotency:
+    def test_the_header_is_read_once_per_request(self, api: Any, template: Any) -> None:
+        # The throttle (the limit deferred to the claim), the view and the protocol all ask.
+        from django.http.request import HttpHeaders
+
+        reads: list[str] = []
+        read = HttpHeaders.__getitem__
+
+        def counted(headers: HttpHeaders, name: str) -> str:
+            if name.lower() == "idempotency-key":
+                reads.append(name)
+            return read(headers, name)
+
+        with mock.patch.object(HttpHeaders, "__getitem__", counted):
+            response = post(api, body_for(), HTTP_IDEMPOTENCY_KEY="read-once-1")
+        assert response.status_code == 202
+        assert reads == ["Idempotency-Key"]
+
     def test_replay_answers_200_with_the_original_body(self, api: Any, template: Any) -> None:
         first = post(api, body_for(), HTTP_IDEMPOTENCY_KEY="order-A-1001")
         second = post(api, body_for(), HTTP_IDEMPOTENCY_KEY="order-A-1001")
