@@ -303,12 +303,11 @@ def _idempotency_records(
 ) -> list[IdempotencyRecord]:
     """The database backstop of each keyed notification: its key and its 202 answer."""
     return [
-        IdempotencyRecord(
-            owner=owner,
+        idempotency.accepted_record(
+            owner_id=owner.pk,
             key=p.idempotency.key,
             fingerprint=p.idempotency.fingerprint,
-            status_code=202,
-            response=p.body,
+            body=p.body,
         )
         for p in prepared
         if p.idempotency is not None
@@ -552,7 +551,7 @@ def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[s
     except IntegrityError as exc:
         caps_give_back(prepared.caps)
         claim = request.idempotency
-        if claim is not None and _idempotency_record_exists(owner, [claim.key]):
+        if claim is not None and idempotency.records_exist(owner_id=owner.pk, keys=[claim.key]):
             raise idempotency.RecordExists from exc
         raise
     except BaseException:
@@ -560,10 +559,6 @@ def notification_accept(*, owner: Owner, request: NotificationRequest) -> dict[s
         raise
     _log_accepted(prepared)
     return prepared.body
-
-
-def _idempotency_record_exists(owner: Owner, keys_: list[str]) -> bool:
-    return IdempotencyRecord.objects.filter(owner=owner, key__in=keys_).exists()
 
 
 @dataclass(frozen=True)
@@ -615,7 +610,7 @@ def notifications_create_bulk(
             notifications_write(owner=owner, prepared=[p for _, p in prepared], now=now)
         except IntegrityError:
             claimed = [p.idempotency.key for _, p in prepared if p.idempotency is not None]
-            if not claimed or not _idempotency_record_exists(owner, claimed):
+            if not claimed or not idempotency.records_exist(owner_id=owner.pk, keys=claimed):
                 caps_give_back([c for _, p in prepared for c in p.caps])
                 raise
             log.info("an idempotency record already exists; writing the bulk one by one")
@@ -640,16 +635,8 @@ def _bulk_write_one(owner: Owner, item: PreparedNotification, now: datetime) -> 
     except IntegrityError:
         caps_give_back(item.caps)
         claim = item.idempotency
-        if claim is not None and _idempotency_record_exists(owner, [claim.key]):
+        if claim is not None and idempotency.records_exist(owner_id=owner.pk, keys=[claim.key]):
             return BulkOutcome(idempotency_record_exists=True)
         raise
     _log_accepted(item)
     return BulkOutcome(body=item.body)
-
-
-def idempotency_records_purge(*, older_than_seconds: int | None = None) -> int:
-    ttl = older_than_seconds if older_than_seconds is not None else settings.IDEMPOTENCY_TTL_SECONDS
-    deleted, _ = IdempotencyRecord.objects.filter(
-        created_at__lt=db_clock.db_now_plus(-ttl)
-    ).delete()
-    return deleted

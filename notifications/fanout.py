@@ -32,7 +32,6 @@ from notifications.accepting import (
 )
 from notifications.models import (
     CHANNEL_ORDER,
-    IdempotencyRecord,
     Notification,
     Owner,
     Topic,
@@ -151,21 +150,17 @@ def topic_notification_accept(*, owner: Owner, request: NotificationRequest) -> 
             )
             body = _topic_body(notification, topic.key)
             if request.idempotency is not None:
-                IdempotencyRecord.objects.create(
-                    owner=owner,
+                idempotency.accepted_record(
+                    owner_id=owner.pk,
                     key=request.idempotency.key,
                     fingerprint=request.idempotency.fingerprint,
-                    status_code=202,
-                    response=body,
-                )
+                    body=body,
+                ).save(force_insert=True)
             if subscribers["count"]:
                 outbox_wake_on_commit()
     except IntegrityError as exc:
         claim = request.idempotency
-        if (
-            claim is not None
-            and IdempotencyRecord.objects.filter(owner=owner, key=claim.key).exists()
-        ):
+        if claim is not None and idempotency.records_exist(owner_id=owner.pk, keys=[claim.key]):
             raise idempotency.RecordExists from exc
         raise
     log.info(

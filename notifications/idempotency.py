@@ -104,7 +104,7 @@ def _cache_key(owner_id: int, key: str) -> str:
 
 
 def _from_database(owner_id: int, key: str, fp: str) -> Replay | None:
-    # On the clock the purge judges the TTL on (idempotency_records_purge).
+    # On the clock the purge judges the TTL on (records_purge).
     cutoff = db_clock.now() - timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
     record = IdempotencyRecord.objects.filter(owner_id=owner_id, key=key).first()
     if record is None:
@@ -284,6 +284,28 @@ def record_hold(*, owner_id: int, claim: Proceed) -> IdempotencyRecord:
         )
     except IntegrityError as exc:
         raise RecordExists from exc
+
+
+def accepted_record(*, owner_id: int, key: str, fingerprint: str, body: Any) -> IdempotencyRecord:
+    """The record of a key whose request was accepted (202), unsaved: the send paths write it
+    in the statement that writes the notification."""
+    return IdempotencyRecord(
+        owner_id=owner_id, key=key, fingerprint=fingerprint, status_code=202, response=body
+    )
+
+
+def records_exist(*, owner_id: int, keys: list[str]) -> bool:
+    """Whether any of these keys has its record (after the database refused a write)."""
+    return IdempotencyRecord.objects.filter(owner_id=owner_id, key__in=keys).exists()
+
+
+def records_purge(*, older_than_seconds: int | None = None) -> int:
+    """Delete the records older than IDEMPOTENCY_TTL_SECONDS (by the database's clock)."""
+    ttl = older_than_seconds if older_than_seconds is not None else settings.IDEMPOTENCY_TTL_SECONDS
+    deleted, _ = IdempotencyRecord.objects.filter(
+        created_at__lt=db_clock.db_now_plus(-ttl)
+    ).delete()
+    return deleted
 
 
 def record_answer(*, record: IdempotencyRecord, status_code: int, body: Any) -> None:

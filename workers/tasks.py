@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from celery import Task
 
+from notifications.idempotency import records_purge
 from notifications.models import CHANNEL_ORDER
 from project.celery import app
 from workers import services
@@ -36,9 +37,7 @@ def sweep_deliveries() -> int:
 
 @app.task(name="clarion.purge_idempotency_records", ignore_result=True)
 def purge_idempotency_records() -> int:
-    from notifications.accepting import idempotency_records_purge
-
-    return idempotency_records_purge()
+    return records_purge()
 
 
 @app.task(name="clarion.provider_events_apply", ignore_result=True)

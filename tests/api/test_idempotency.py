@@ -571,3 +571,21 @@ def test_an_answer_echoing_a_nul_character_is_kept_and_replayed_as_sent(
     assert (retry.json(), retry["Idempotent-Replayed"]) == (first.json(), "true")
     assert IdempotencyRecord.objects.get().response == first.json()
     assert Notification.objects.count() == 1
+
+
+def test_the_purge_deletes_the_records_past_the_ttl_and_keeps_the_others(owner: Owner) -> None:
+    from workers.tasks import purge_idempotency_records
+
+    for key in ("old", "fresh"):
+        idempotency.accepted_record(
+            owner_id=owner.pk, key=key, fingerprint="f" * 64, body={"id": key}
+        ).save(force_insert=True)
+    ttl = settings.IDEMPOTENCY_TTL_SECONDS
+    IdempotencyRecord.objects.filter(key="old").update(
+        created_at=timezone.now() - timedelta(seconds=ttl + 60)
+    )
+    IdempotencyRecord.objects.filter(key="fresh").update(
+        created_at=timezone.now() - timedelta(seconds=ttl - 60)
+    )
+    assert purge_idempotency_records() == 1
+    assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["fresh"]
