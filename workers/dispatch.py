@@ -6,15 +6,11 @@ Tasks are published by name, so nothing here imports the tasks."""
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Iterable
 
 from django.conf import settings
-from django.db import connection
 
 from core import metrics
-from core.db_clock import db_now
-from notifications.models import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -63,32 +59,3 @@ def batches_publish_rollback_unsafe(by_channel: dict[str, list[int]]) -> int:
         chunks = -(-len(ids) // max(1, settings.DISPATCH_BATCH_SIZE))
         metrics.relay_published(channel=channel, deliveries=len(ids), messages=chunks)
     return len(messages)
-
-
-def deliveries_publish(delivery_ids: list[int]) -> dict[str, list[int]]:
-    """Mark published those of these outbox rows no one has published yet, and publish them,
-    in the caller's transaction: should the publish fail, the rollback puts them back in the
-    outbox; a row another relay published meanwhile is not published twice. The mark is the
-    database's time: the sweeper compares it with that clock (core/db_clock.py). Returns the
-    ids published, by channel."""
-    if not delivery_ids:
-        return {}
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {connection.ops.quote_name(Delivery._meta.db_table)} "  # noqa: S608
-                # STATEMENT_TIMESTAMP(): what Now() is on PostgreSQL.
-                "SET enqueued_at = STATEMENT_TIMESTAMP() "
-                "WHERE id = ANY(%s) AND enqueued_at IS NULL RETURNING id, channel",
-                [delivery_ids],
-            )
-            marked = cursor.fetchall()
-    else:
-        rows = Delivery.objects.filter(pk__in=delivery_ids, enqueued_at__isnull=True)
-        marked = list(rows.select_for_update().values_list("pk", "channel"))
-        Delivery.objects.filter(pk__in=[pk for pk, _ in marked]).update(enqueued_at=db_now())
-    by_channel: dict[str, list[int]] = defaultdict(list)
-    for pk, channel in sorted(marked):
-        by_channel[channel].append(pk)
-    batches_publish_rollback_unsafe(by_channel)
-    return by_channel

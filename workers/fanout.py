@@ -24,7 +24,7 @@ from notifications.frequency_caps import CapCheck, caps_give_back
 from notifications.models import DeliveryStatus, Notification, Owner
 from notifications.selectors import RecipientContext, TemplateSnapshot, topic_subscriber_contexts
 from notifications.services import ValidationFailed
-from workers.dispatch import deliveries_publish
+from workers.transitions import deliveries_publish
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from core.db_clock import db_now
 from core.outbox import RELAY_WAKE_KEY
 from notifications.models import Delivery, DeliveryStatus
 from workers import digests, transitions
-from workers.dispatch import deliveries_publish
 from workers.fanout import topic_fanout_step
 from workers.liveness import liveness_check_register, liveness_server_start
 
@@ -78,7 +77,7 @@ def outbox_publish_due(*, limit: int | None = None) -> int:
         rows = [row for row in rows if row[0] not in not_needed and row[0] not in digested]
         # Marked and published inside this transaction: should the publish fail, the
         # rollback puts every row back in the outbox.
-        published = deliveries_publish(
+        published = transitions.deliveries_publish(
             [row[0] for row in rows] + [pk for ids in flushed.values() for pk in ids]
         )
     # The lag runs from a due time (the database's clock) or an accept's stamp (the API

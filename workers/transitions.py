@@ -1,14 +1,19 @@
-"""The Delivery lifecycle as named transitions. The worker's side: claim a batch, then settle
-each claimed delivery as sent, retrying, deferred or dead, all in one transaction that also
-writes the attempts and the status events. Around it: back to the outbox (lost messages),
-released when due (scheduled), replayed from a dead letter, and the inbox's delivered, read
-and archived. Every status change here writes its status event; nothing else updates a
-delivery's status."""
+"""The Delivery lifecycle as named transitions. Published: marked and handed to the broker
+(the relay's round, the fan-out's chunks). The worker's side: claim a batch, then settle each
+claimed delivery as sent, retrying, deferred or dead, all in one transaction that also writes
+the attempts and the status events. Around it: back to the outbox (lost messages), released
+when due (scheduled), digested into a new notification (workers/digests.py), replayed from a
+dead letter, cancelled (by the API and the admin, an escalation no longer needed, a digest
+that cannot be rendered), and the inbox's delivered, read and archived. Every status change
+here writes its status event; nothing else updates a delivery's status. A delivery is
+created, with its first status, by notifications.accepting.notifications_write (single sends,
+bulk, the fan-out's children) or by deliveries_digest."""
 
 from __future__ import annotations
 
 import enum
 import uuid
+from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,6 +53,7 @@ from notifications.models import (
     SkipReason,
 )
 from notifications.webhooks import webhook_events_emit
+from workers import dispatch
 from workers.models import DeadLetter
 from workers.providers import SendResult
 
@@ -83,6 +89,35 @@ def _statuses_record(
     completed, when the caller knows some of its deliveries were final already."""
     get_delivery_log().record_statuses(events)
     webhook_events_emit(events, completing=completing)
+
+
+def deliveries_publish(delivery_ids: list[int]) -> dict[str, list[int]]:
+    """Mark published those of these outbox rows no one has published yet, and publish them,
+    in the caller's transaction: should the publish fail, the rollback puts them back in the
+    outbox; a row another relay published meanwhile is not published twice. The mark is the
+    database's time: the sweeper compares it with that clock (core/db_clock.py). Returns the
+    ids published, by channel."""
+    if not delivery_ids:
+        return {}
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {connection.ops.quote_name(Delivery._meta.db_table)} "  # noqa: S608
+                # STATEMENT_TIMESTAMP(): what Now() is on PostgreSQL.
+                "SET enqueued_at = STATEMENT_TIMESTAMP() "
+                "WHERE id = ANY(%s) AND enqueued_at IS NULL RETURNING id, channel",
+                [delivery_ids],
+            )
+            marked = cursor.fetchall()
+    else:
+        rows = Delivery.objects.filter(pk__in=delivery_ids, enqueued_at__isnull=True)
+        marked = list(rows.select_for_update().values_list("pk", "channel"))
+        Delivery.objects.filter(pk__in=[pk for pk, _ in marked]).update(enqueued_at=db_now())
+    by_channel: dict[str, list[int]] = defaultdict(list)
+    for pk, channel in sorted(marked):
+        by_channel[channel].append(pk)
+    dispatch.batches_publish_rollback_unsafe(by_channel)
+    return by_channel
 
 
 def deliveries_claim(*, delivery_ids: list[int]) -> list[Delivery]:
