@@ -14,7 +14,6 @@ from typing import Any
 
 from django.db import transaction
 
-from core.logs import scoped_log_context
 from notifications import idempotency
 from notifications.accepting import (
     BulkOutcome,
@@ -27,7 +26,6 @@ from notifications.fanout import topic_notification_accept
 from notifications.models import Owner, Priority
 
 
-@scoped_log_context
 def notification_send(*, owner: Owner, request: NotificationRequest) -> dict[str, Any]:
     """Accept one notification, to its recipient or to its topic. Returns the 202 body."""
     if request.topic:

@@ -89,8 +89,9 @@ def topic_fanout_step(*, chunk_size: int | None = None) -> bool:
         caps_give_back(taken)  # the chunk was rolled back: its places under the caps too
         raise
     # Committed: should this fail, the children wait in the outbox for the relay's round.
-    with transaction.atomic():
-        deliveries_publish(due)
+    if due:
+        with transaction.atomic():
+            deliveries_publish(due)
     return stepped
 
 
